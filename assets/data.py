@@ -1,0 +1,241 @@
+"""The data half of one spec's asset graph: landing files -> training set.
+
+Thin wiring: each asset reads from the lake, calls mlops/, writes one partition and
+returns metadata. Keys are prefixed with the spec name (e.g. machine_failure/features).
+"""
+
+
+import datetime as dt
+
+import dagster as dg
+import polars as pl
+
+from mlops import features as feats
+from mlops import ingest, labels, training_set, validation
+from mlops.lake import sha256_bytes
+from mlops.spec import Spec
+from orchestration.partitions import daily_partitions, lookback_mapping
+from resources.lake import LakeResource
+
+ROWS_RECONCILE_CHECK = "rows_reconcile_check"
+QUARANTINE_RATE_CHECK = "quarantine_rate_check"
+
+
+def _day(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> dt.date:
+    return dt.date.fromisoformat(context.partition_key)
+
+
+def _preview(df: pl.DataFrame, n: int = 5) -> dg.MetadataValue:
+    with pl.Config(tbl_formatting="MARKDOWN", tbl_hide_dataframe_shape=True,
+                   tbl_hide_column_data_types=True, tbl_cols=12, fmt_str_lengths=40):
+        return dg.MetadataValue.md(str(df.head(n)))
+
+
+def build_data_assets(spec: Spec) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
+    name = spec.name
+    daily = daily_partitions(spec)
+    version = spec.content_hash[:12]
+    key = {a: dg.AssetKey([name, a]) for a in
+           ("raw_data", "validated_data", "quarantine", "labels", "features", "training_set")}
+    common = {"group_name": name, "code_version": version}
+
+    @dg.asset(key=key["raw_data"], partitions_def=daily, kinds={"parquet"}, **common)
+    def raw_data(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
+        """The day's landing files as they arrived (all values kept as text)."""
+        day = _day(context)
+        batch = ingest.load_day(spec.source, spec.landing_dir, day)
+        if not batch.files:
+            raise dg.Failure(
+                f"no landing file for {day} in {spec.landing_dir} matching "
+                f"'{spec.source.file_pattern}'. Land the day's file(s), or pick a day that has "
+                "them (`mlops generate` writes the demo's)."
+            )
+        written = lake.get().write(name, "raw_data", batch.frame, context.partition_key)
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(batch.content_hash),
+            metadata={
+                "rows": written.rows,
+                "source_files": dg.MetadataValue.json(batch.file_rows),
+                "content_hash": batch.content_hash,
+                "path": dg.MetadataValue.path(written.path),
+            },
+        )
+
+    @dg.multi_asset(
+        specs=[
+            dg.AssetSpec(key["validated_data"], deps=[key["raw_data"]], kinds={"parquet"},
+                         description="Rows that passed the spec's schema, typed.", **common),
+            dg.AssetSpec(key["quarantine"], deps=[key["raw_data"]], kinds={"parquet"},
+                         description="Rejected rows with column, check, value, file and row.",
+                         **common),
+        ],
+        partitions_def=daily,
+        name=f"{name}__validate",
+    )
+    def validate(context: dg.AssetExecutionContext, lake: LakeResource):
+        """Split the day's raw rows into valid rows and quarantine (pandera, from the spec)."""
+        store = lake.get()
+        raw = store.read(name, "raw_data", context.partition_key)
+        try:
+            result = validation.validate(spec, raw, _day(context))
+        except validation.SchemaMismatchError as e:
+            raise dg.Failure(str(e)) from None
+        valid_w = store.write(name, "validated_data", result.valid, context.partition_key)
+        quar_w = store.write(name, "quarantine", result.quarantine, context.partition_key)
+        rate = result.rows_quarantined / result.rows_in if result.rows_in else 0.0
+        yield dg.MaterializeResult(
+            asset_key=key["validated_data"],
+            data_version=dg.DataVersion(valid_w.content_hash),
+            metadata={
+                "rows_in": result.rows_in,
+                "rows_valid": result.rows_valid,
+                "rows_quarantined": result.rows_quarantined,
+                "dagster/row_count": result.rows_valid,
+                "path": dg.MetadataValue.path(valid_w.path),
+            },
+        )
+        yield dg.MaterializeResult(
+            asset_key=key["quarantine"],
+            data_version=dg.DataVersion(quar_w.content_hash),
+            metadata={
+                "rows_quarantined": result.rows_quarantined,
+                "quarantine_rate": rate,
+                "reasons": dg.MetadataValue.json(result.reasons()),
+                "preview": _preview(result.quarantine.select(
+                    ingest.SOURCE_FILE, ingest.ROW_NUMBER, "column", "check", "value")),
+                "path": dg.MetadataValue.path(quar_w.path),
+            },
+        )
+
+    @dg.asset_check(asset=key["validated_data"], name=ROWS_RECONCILE_CHECK, blocking=True,
+                    partitions_def=daily, additional_deps=[key["quarantine"], key["raw_data"]])
+    def rows_reconcile_check(
+        context: dg.AssetCheckExecutionContext, lake: LakeResource
+    ) -> dg.AssetCheckResult:
+        """Every raw row is either valid or quarantined, exactly once."""
+        store = lake.get()
+        ident = [ingest.SOURCE_FILE, ingest.ROW_NUMBER]
+        raw = store.read(name, "raw_data", context.partition_key).select(ident)
+        valid = store.read(name, "validated_data", context.partition_key).select(ident)
+        quar = store.read(name, "quarantine", context.partition_key).select(ident)
+        both = valid.join(quar, on=ident).height
+        accounted = pl.concat([valid, quar]).unique()
+        lost = raw.join(accounted, on=ident, how="anti").height
+        invented = accounted.join(raw, on=ident, how="anti").height
+        ok = raw.height == valid.height + quar.height and both == lost == invented == 0
+        return dg.AssetCheckResult(
+            passed=ok,
+            metadata={"rows_in": raw.height, "rows_valid": valid.height,
+                      "rows_quarantined": quar.height, "in_both": both, "lost": lost,
+                      "unknown": invented},
+        )
+
+    @dg.asset_check(asset=key["validated_data"], name=QUARANTINE_RATE_CHECK, blocking=True,
+                    partitions_def=daily, additional_deps=[key["quarantine"]])
+    def quarantine_rate_check(
+        context: dg.AssetCheckExecutionContext, lake: LakeResource
+    ) -> dg.AssetCheckResult:
+        """Quarantined share of the day's rows stays under the spec's max_quarantine_rate."""
+        store = lake.get()
+        n_valid = store.read(name, "validated_data", context.partition_key).height
+        n_quar = store.read(name, "quarantine", context.partition_key).height
+        rate = n_quar / (n_valid + n_quar) if n_valid + n_quar else 0.0
+        limit = spec.schema_.max_quarantine_rate
+        return dg.AssetCheckResult(
+            passed=rate <= limit,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=None if rate <= limit else (
+                f"{rate:.2%} of rows quarantined, above schema.max_quarantine_rate {limit:.2%}: "
+                f"inspect {name}/quarantine for {context.partition_key}"),
+            metadata={"quarantine_rate": rate, "threshold": limit},
+        )
+
+    @dg.asset(key=key["labels"], partitions_def=daily, deps=[key["validated_data"]],
+              kinds={"parquet"}, **common)
+    def labels_asset(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
+        """Label per prediction point (event within the horizon), with label maturity."""
+        store = lake.get()
+        valid = store.read(name, "validated_data", context.partition_key)
+        rows, info = labels.build_labels(spec, valid, _day(context))
+        written = store.write(name, "labels", rows, context.partition_key)
+        mature = int(rows[labels.MATURE].sum()) if rows.height else 0
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(written.content_hash),
+            metadata={
+                "rows": rows.height,
+                "rows_mature": mature,
+                "mature": rows.height > 0 and mature == rows.height,
+                "positive_rate": float(rows[spec.labels.name].cast(pl.Float64).mean() or 0.0),
+                "label_source": dg.MetadataValue.json(info),
+                "path": dg.MetadataValue.path(written.path),
+            },
+        )
+
+    @dg.asset(key=key["features"], partitions_def=daily, kinds={"parquet"},
+              deps=[dg.AssetDep(key["validated_data"], partition_mapping=lookback_mapping(spec))],
+              **common)
+    def features_asset(
+        context: dg.AssetExecutionContext, lake: LakeResource
+    ) -> dg.MaterializeResult:
+        """Per-entity rolling-window features for the day, from its lookback window."""
+        store = lake.get()
+        day = _day(context)
+        needed = [d.isoformat() for d in feats.lookback_days(spec, day)]
+        missing = [d for d in needed if not store.exists(name, "validated_data", d)]
+        if missing:
+            raise dg.Failure(
+                f"features for {day} need validated_data for {missing}: materialize "
+                f"{name}/validated_data for those days first"
+            )
+        rows = store.read_many(name, "validated_data", needed)
+        out = feats.compute_features(spec, rows, *feats.day_bounds(day))
+        written = store.write(name, "features", out, context.partition_key)
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(written.content_hash),
+            metadata={
+                "rows": out.height,
+                "features": len(feats.feature_names(spec)),
+                "lookback_partitions": dg.MetadataValue.json(needed),
+                "preview": _preview(out),
+                "path": dg.MetadataValue.path(written.path),
+            },
+        )
+
+    @dg.asset(key=key["training_set"], deps=[key["features"], key["labels"]],
+              kinds={"parquet", "duckdb"}, **common)
+    def training_set_asset(
+        context: dg.AssetExecutionContext, lake: LakeResource
+    ) -> dg.MaterializeResult:
+        """Point-in-time correct features + mature labels over the window, split by time."""
+        store = lake.get()
+        label_days = store.partitions(name, "labels")
+        window = training_set.choose_window(
+            spec, label_days, store.partitions(name, "features"),
+            training_set.label_maturity(spec, store, label_days),
+        )
+        df = training_set.build_training_set(spec, store, window)
+        written = store.write(name, "training_set", df)
+        # Versioned copy: a model can always be traced (and retrained) from its exact set.
+        store.write(name, "training_set", df, partition=written.content_hash[:16])
+        inputs = {
+            a: {d: store.content_hash(name, a, d) for d in parts}
+            for a, parts in (("labels", window.days), ("features", window.feature_partitions))
+        }
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(written.content_hash),
+            metadata={
+                "rows": df.height,
+                "training_set_hash": written.content_hash,
+                "window": dg.MetadataValue.json(window.days),
+                "splits": dg.MetadataValue.json(training_set.summarize(spec, df)),
+                "input_data_versions": dg.MetadataValue.json(inputs),
+                "input_data_version_digest": sha256_bytes(repr(sorted(inputs.items())).encode()),
+                "skipped_immature_days": dg.MetadataValue.json(window.skipped_immature),
+                "path": dg.MetadataValue.path(written.path),
+                "versioned_path": dg.MetadataValue.path(
+                    store.url(name, "training_set", written.content_hash[:16])),
+            },
+        )
+
+    return [raw_data, validate, rows_reconcile_check, quarantine_rate_check, labels_asset,
+            features_asset, training_set_asset]

@@ -1,0 +1,310 @@
+"""Raw rows -> valid rows + quarantine, with pandera schemas built from the spec.
+
+Two pandera schemas, applied in order: a parse schema (coerce each raw string to its type)
+and a rules schema (nullability, ranges, categories, the partition day, duplicates) on the
+rows that parsed. Two passes because range checks on a column that failed to parse would
+fail as a whole instead of naming the bad rows. Every rejected row is kept with its first
+failure (column, check, value), all of its failures, the raw record, file and row number,
+and rows_in == rows_valid + rows_quarantined always holds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import warnings
+from dataclasses import dataclass
+
+import pandas as pd
+import pandera.pandas as pa
+import polars as pl
+from pandera.engines import pandas_engine
+
+from mlops.ingest import FILE_COLUMNS, ROW_NUMBER, SOURCE_FILE
+from mlops.spec import ColumnSpec, Spec
+
+QUARANTINE_SCHEMA = {
+    SOURCE_FILE: pl.String,
+    ROW_NUMBER: pl.Int64,
+    "column": pl.String,
+    "check": pl.String,
+    "value": pl.String,
+    "reason": pl.String,
+    "errors": pl.String,  # JSON list of every failure of the row
+    "record": pl.String,  # JSON of the raw row as it arrived
+}
+_TRUE = {"true", "t", "yes", "y", "1"}
+_FALSE = {"false", "f", "no", "n", "0"}
+
+
+class SchemaMismatchError(ValueError):
+    """A landing file lacks a required column, or has one the spec forbids."""
+
+
+@dataclass
+class ValidationResult:
+    valid: pl.DataFrame
+    quarantine: pl.DataFrame
+    rows_in: int
+
+    @property
+    def rows_valid(self) -> int:
+        return self.valid.height
+
+    @property
+    def rows_quarantined(self) -> int:
+        return self.quarantine.height
+
+    def reasons(self) -> dict[str, int]:
+        counts = self.quarantine.group_by("check").len().sort("check")
+        return dict(zip(counts["check"].to_list(), counts["len"].to_list(), strict=True))
+
+
+def _pandas_dtype(col: ColumnSpec, spec: Spec):
+    if col.type == "timestamp":
+        fmt = spec.source.timestamp_format or "ISO8601"
+        return pandas_engine.DateTime(to_datetime_kwargs={"format": fmt})
+    return {
+        "float": "float64",
+        "int": "Int64",
+        "string": "string",
+        "category": "string",
+        "bool": "boolean",
+    }[col.type]
+
+
+def parse_schema(spec: Spec, present: list[str]) -> pa.DataFrameSchema:
+    """Coerce raw strings to the spec's types; nulls are allowed here (rules check them)."""
+    return pa.DataFrameSchema(
+        {
+            c.name: pa.Column(_pandas_dtype(c, spec), nullable=True, coerce=True)
+            for c in spec.schema_.columns
+            if c.name in present
+        },
+        strict=False,
+    )
+
+
+def rules_schema(spec: Spec, day: dt.date | None) -> pa.DataFrameSchema:
+    """The spec's rules on typed rows: nulls, ranges, categories, partition day, duplicates."""
+    columns: dict[str, pa.Column] = {}
+    for c in spec.schema_.columns:
+        checks: list[pa.Check] = []
+        if c.min is not None:
+            checks.append(pa.Check.greater_than_or_equal_to(c.min))
+        if c.max is not None:
+            checks.append(pa.Check.less_than_or_equal_to(c.max))
+        if c.categories:
+            checks.append(pa.Check.isin(c.categories))
+        if c.name == spec.source.timestamp_column and day is not None:
+            start = pd.Timestamp(day)
+            end = start + pd.Timedelta(days=1)
+            checks.append(
+                pa.Check(lambda s, a=start, b=end: (s >= a) & (s < b), name="partition_day")
+            )
+        columns[c.name] = pa.Column(
+            _pandas_dtype(c, spec), checks=checks, nullable=c.nullable, coerce=False
+        )
+    key = (
+        [spec.source.entity_column, spec.source.timestamp_column]
+        if spec.source.entity_column
+        else [c.name for c in spec.schema_.columns]
+    )
+    return pa.DataFrameSchema(columns, strict=False, unique=key, report_duplicates="exclude_first")
+
+
+def check_file_columns(spec: Spec, raw: pl.DataFrame) -> None:
+    """Fail on a file that misses a required column (or has a forbidden one): name both."""
+    if raw.height == 0:
+        return
+    files = raw.select(SOURCE_FILE, FILE_COLUMNS).unique(maintain_order=True)
+    names = {c.name for c in spec.schema_.columns}
+    problems: list[str] = []
+    for source_file, cols in files.iter_rows():
+        present = set(cols.split(",")) if cols else set()
+        for c in spec.schema_.columns:
+            if c.name not in present and not c.nullable:
+                problems.append(
+                    f"required column '{c.name}' is missing from landing file {source_file}"
+                )
+        if spec.schema_.unknown_columns == "fail":
+            problems.extend(
+                f"column '{u}' in landing file {source_file} is not in the spec's schema "
+                "(schema.unknown_columns: fail)"
+                for u in sorted(present - names)
+            )
+    if problems:
+        raise SchemaMismatchError(
+            "; ".join(problems) + ". Fix the file and land it again, or change the spec's schema."
+        )
+
+
+def check_name(pandera_check: str) -> str:
+    """pandera's check text -> the quarantine's short, stable vocabulary (CHECKS)."""
+    for prefix, name in (
+        ("coerce_dtype", "type"),
+        ("dtype", "type"),
+        ("not_nullable", "not_null"),
+        ("greater_than", "min"),
+        ("less_than", "max"),
+        ("isin", "category"),
+        ("partition_day", "partition_day"),
+        ("multiple_fields_uniqueness", "duplicate"),
+    ):
+        if pandera_check.startswith(prefix):
+            return name
+    return pandera_check
+
+
+CHECKS = ("type", "not_null", "min", "max", "category", "partition_day", "duplicate")
+
+
+def _reason(column: str, check: str, value: str | None, col: ColumnSpec | None) -> str:
+    shown = "missing" if value is None else repr(value)
+    if check == "type":
+        return f"{column}: {shown} is not a valid {col.type if col else 'value'}"
+    if check == "not_null":
+        return f"{column}: required value is missing"
+    if check == "min":
+        return f"{column}: {shown} is below the minimum {col.min if col else ''}"
+    if check == "max":
+        return f"{column}: {shown} is above the maximum {col.max if col else ''}"
+    if check == "category":
+        return f"{column}: {shown} is not one of the allowed categories {col.categories if col else ''}"
+    if check == "partition_day":
+        return f"{column}: {shown} is not in the file's partition day"
+    if check == "duplicate":
+        return f"duplicate of an earlier row with the same {column}"
+    return f"{column}: {shown} fails {check}"
+
+
+def _failures(schema: pa.DataFrameSchema, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(validated frame, or the input when some rows failed; failures: column/check/value/index)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = schema.validate(frame, lazy=True)
+        return out, pd.DataFrame(columns=["column", "check", "pandera_check", "index"])
+    except pa.errors.SchemaErrors as e:
+        fc = e.failure_cases
+    unexpected = fc[fc["index"].isna()]
+    if len(unexpected):
+        # A check that failed without naming rows is a bug in the schema, not bad data.
+        raise RuntimeError(
+            "validation could not attribute failures to rows:\n"
+            + unexpected[["column", "check", "failure_case"]].to_string()
+        )
+    fc = fc.rename(columns={"failure_case": "value"})
+    fc["pandera_check"] = fc["check"].astype(str)
+    fc["check"] = fc["pandera_check"].map(check_name)
+    dupes = fc["check"] == "duplicate"
+    fc.loc[dupes, "column"] = ", ".join(schema.unique or [])
+    # pandera reports a coercion failure twice (coerce_dtype and dtype): keep one.
+    fc = fc.drop_duplicates(subset=["column", "check", "index"])
+    fc = fc[["column", "check", "pandera_check", "index"]].astype({"index": "int64"})
+    return frame, fc
+
+
+def validate(spec: Spec, raw: pl.DataFrame, day: dt.date | None = None) -> ValidationResult:
+    """Split one partition's raw rows into valid, typed rows and quarantined rows."""
+    check_file_columns(spec, raw)
+    schema_names = [c.name for c in spec.schema_.columns]
+    for name in schema_names:  # nullable columns a file did not have
+        if name not in raw.columns:
+            raw = raw.with_columns(pl.lit(None, dtype=pl.String).alias(name))
+    raw_pd = raw.select([*schema_names, SOURCE_FILE, ROW_NUMBER]).to_pandas()
+    raw_pd.index = pd.RangeIndex(len(raw_pd))
+    bools = [c.name for c in spec.schema_.columns if c.type == "bool"]
+    for name in bools:
+        lowered = raw_pd[name].str.strip().str.lower()
+        mapped = lowered.map(lambda v: "True" if v in _TRUE else "False" if v in _FALSE else v)
+        raw_pd[name] = mapped
+
+    parser = parse_schema(spec, schema_names)
+    _, parse_fc = _failures(parser, raw_pd.copy())
+    # pandera returns no coerced frame when any row fails, so coerce the rows that parse.
+    parsed_ok, _ = _failures(parser, raw_pd.drop(index=parse_fc["index"].unique()))
+    _, rule_fc = _failures(rules_schema(spec, day), parsed_ok)
+    failures = pd.concat([parse_fc, rule_fc], ignore_index=True)
+
+    bad_idx = sorted(set(failures["index"].tolist()))
+    cols = {c.name: c for c in spec.schema_.columns}
+    quarantine = _quarantine_frame(raw, failures, bad_idx, cols)
+    valid_pd = parsed_ok.drop(index=[i for i in bad_idx if i in parsed_ok.index])
+    valid = _typed_polars(spec, valid_pd)
+    result = ValidationResult(valid=valid, quarantine=quarantine, rows_in=raw.height)
+    if result.rows_valid + result.rows_quarantined != result.rows_in:  # pragma: no cover
+        raise RuntimeError(
+            f"row counts do not reconcile: {result.rows_in} in, {result.rows_valid} valid, "
+            f"{result.rows_quarantined} quarantined"
+        )
+    return result
+
+
+def _quarantine_frame(
+    raw: pl.DataFrame, failures: pd.DataFrame, bad_idx: list[int], cols: dict[str, ColumnSpec]
+) -> pl.DataFrame:
+    if not bad_idx:
+        return pl.DataFrame(schema=QUARANTINE_SCHEMA)
+    order = {name: i for i, name in enumerate(cols)}
+    failures = failures.assign(
+        _order=failures["column"].map(lambda c: order.get(c, len(order)))
+    ).sort_values(["index", "_order", "check"], kind="stable")
+    records = raw.select(pl.exclude(FILE_COLUMNS)).to_dicts()
+    rows = []
+    for idx, group in failures.groupby("index", sort=True):
+        rec = records[int(idx)]
+        errs = []
+        for c, k, pk in zip(group["column"], group["check"], group["pandera_check"], strict=True):
+            # The offending value as it arrived (for a duplicate: its key).
+            v = (
+                ", ".join(str(rec.get(n)) for n in c.split(", "))
+                if k == "duplicate"
+                else rec.get(c)
+            )
+            errs.append(
+                {
+                    "column": c,
+                    "check": k,
+                    "value": v,
+                    "pandera_check": pk,
+                    "reason": _reason(c, k, v, cols.get(c)),
+                }
+            )
+        first = errs[0]
+        rows.append(
+            {
+                SOURCE_FILE: rec[SOURCE_FILE],
+                ROW_NUMBER: rec[ROW_NUMBER],
+                "column": first["column"],
+                "check": first["check"],
+                "value": first["value"],
+                "reason": "; ".join(e["reason"] for e in errs),
+                "errors": json.dumps(errs),
+                "record": json.dumps(
+                    {k: v for k, v in rec.items() if k not in (SOURCE_FILE, ROW_NUMBER)}
+                ),
+            }
+        )
+    return pl.DataFrame(rows, schema=QUARANTINE_SCHEMA)
+
+
+def _typed_polars(spec: Spec, valid_pd: pd.DataFrame) -> pl.DataFrame:
+    polars_types = {
+        "float": pl.Float64,
+        "int": pl.Int64,
+        "string": pl.String,
+        "category": pl.String,
+        "bool": pl.Boolean,
+        "timestamp": pl.Datetime("us"),
+    }
+    names = [c.name for c in spec.schema_.columns]
+    df = pl.from_pandas(valid_pd[[*names, SOURCE_FILE, ROW_NUMBER]].reset_index(drop=True))
+    df = df.with_columns(
+        [pl.col(c.name).cast(polars_types[c.type]) for c in spec.schema_.columns]
+        + [pl.col(ROW_NUMBER).cast(pl.Int64), pl.col(SOURCE_FILE).cast(pl.String)]
+    )
+    sort = [spec.source.timestamp_column]
+    if spec.source.entity_column:
+        sort.append(spec.source.entity_column)
+    return df.sort([*sort, SOURCE_FILE, ROW_NUMBER])

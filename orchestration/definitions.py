@@ -1,0 +1,45 @@
+"""The one Definitions: one asset graph, job set and resource set per spec in specs/.
+
+Set MLOPS_SPECS_DIR to load another folder of specs and MLOPS_LAKE_URL to move the lake
+(any fsspec URL); both default to this project's specs/ and .mlops/lake.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from assets.data import build_data_assets
+from mlops.spec import find_specs
+from orchestration.jobs import build_jobs
+from resources.lake import LakeResource
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def specs_dir() -> Path:
+    return Path(os.environ.get("MLOPS_SPECS_DIR", PROJECT_ROOT / "specs"))
+
+
+def lake_url() -> str:
+    return os.environ.get("MLOPS_LAKE_URL", str(PROJECT_ROOT / ".mlops" / "lake"))
+
+
+def build_definitions(specs_path: Path | None = None, lake_base_url: str | None = None):
+    specs = find_specs(specs_path or specs_dir())
+    assets, checks, jobs = [], [], []
+    for spec in specs:
+        for d in build_data_assets(spec):
+            (checks if isinstance(d, dg.AssetChecksDefinition) else assets).append(d)
+        jobs.extend(build_jobs(spec))
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=jobs,
+        resources={"lake": LakeResource(base_url=lake_base_url or lake_url())},
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,35 @@
+"""Jobs per spec: the daily data job (one partition per run) and the training-set job."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from mlops.spec import Spec
+from orchestration.partitions import daily_partitions
+
+DAILY_ASSETS = ("raw_data", "validated_data", "quarantine", "labels", "features")
+
+
+def data_job_name(spec: Spec) -> str:
+    return f"{spec.name}_data_job"
+
+
+def training_set_job_name(spec: Spec) -> str:
+    return f"{spec.name}_training_set_job"
+
+
+def build_jobs(spec: Spec) -> list[dg.UnresolvedAssetJobDefinition]:
+    daily = dg.AssetSelection.assets(*[dg.AssetKey([spec.name, a]) for a in DAILY_ASSETS])
+    return [
+        dg.define_asset_job(
+            data_job_name(spec),
+            selection=daily,
+            partitions_def=daily_partitions(spec),
+            description=f"{spec.name}: one day from landing files to features (with checks).",
+        ),
+        dg.define_asset_job(
+            training_set_job_name(spec),
+            selection=dg.AssetSelection.assets(dg.AssetKey([spec.name, "training_set"])),
+            description=f"{spec.name}: rebuild the point-in-time training set.",
+        ),
+    ]
