@@ -246,9 +246,9 @@ def _onset_hazard(
         overload = 0.0012 * ((rpm - _RPM[t]) / (0.05 * _RPM[t])) ** 2
         return np.stack([leak + 0.0002, overload])
     hot_and_shaky = (temp > _TEMP[t] + 8.0) & (vib > _VIB[t] * 2.6)
-    overheat = 0.02 * hot_and_shaky
-    bearing = 0.012 * (vib > _VIB[t] * 3.4) + 0.0002
-    electrical = 0.004 * ((volt - _VOLT) / 6.0) ** 2
+    overheat = 0.015 * hot_and_shaky
+    bearing = 0.008 * (vib > _VIB[t] * 3.4) + 0.0002
+    electrical = 0.0028 * ((volt - _VOLT) / 6.0) ** 2
     return np.stack([overheat, bearing, electrical])
 
 
@@ -261,7 +261,7 @@ def _apply_symptoms(
     volt: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Degrading machines drift towards failure: the signal a good model picks up."""
-    s = np.where(f.remaining >= 0, 1.0 - f.remaining / f.duration, 0.0)
+    s = np.sqrt(np.where(f.remaining >= 0, 1.0 - f.remaining / f.duration, 0.0))
     overheat, bearing, electrical, leak, overload = (s * (f.mode == k) for k in range(5))
     t = f.type_idx
     temp = temp + 10.0 * overheat
@@ -331,7 +331,7 @@ def _simulate_day(
             mode = (share < u[h, 1, starts]).sum(axis=0)
             mode = np.minimum(mode, len(hazard) - 1)
             f.mode[starts] = mode + (_FIRST_DRIFTED_MODE if concept else 0)
-            f.duration[starts] = 6 + (u[h, 2, starts] * 25).astype(np.int64)  # 6..30 h
+            f.duration[starts] = 16 + (u[h, 2, starts] * 17).astype(np.int64)  # 16..32 h
             f.remaining[starts] = f.duration[starts]
     return out
 
