@@ -4,7 +4,6 @@ Thin wiring: each asset reads from the lake, calls mlops/, writes one partition 
 returns metadata. Keys are prefixed with the spec name (e.g. machine_failure/features).
 """
 
-
 import datetime as dt
 
 import dagster as dg
@@ -26,8 +25,13 @@ def _day(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> d
 
 
 def _preview(df: pl.DataFrame, n: int = 5) -> dg.MetadataValue:
-    with pl.Config(tbl_formatting="MARKDOWN", tbl_hide_dataframe_shape=True,
-                   tbl_hide_column_data_types=True, tbl_cols=12, fmt_str_lengths=40):
+    with pl.Config(
+        tbl_formatting="MARKDOWN",
+        tbl_hide_dataframe_shape=True,
+        tbl_hide_column_data_types=True,
+        tbl_cols=12,
+        fmt_str_lengths=40,
+    ):
         return dg.MetadataValue.md(str(df.head(n)))
 
 
@@ -35,8 +39,10 @@ def build_data_assets(spec: Spec) -> list[dg.AssetsDefinition | dg.AssetChecksDe
     name = spec.name
     daily = daily_partitions(spec)
     version = spec.content_hash[:12]
-    key = {a: dg.AssetKey([name, a]) for a in
-           ("raw_data", "validated_data", "quarantine", "labels", "features", "training_set")}
+    key = {
+        a: dg.AssetKey([name, a])
+        for a in ("raw_data", "validated_data", "quarantine", "labels", "features", "training_set")
+    }
     common = {"group_name": name, "code_version": version}
 
     @dg.asset(key=key["raw_data"], partitions_def=daily, kinds={"parquet"}, **common)
@@ -63,11 +69,20 @@ def build_data_assets(spec: Spec) -> list[dg.AssetsDefinition | dg.AssetChecksDe
 
     @dg.multi_asset(
         specs=[
-            dg.AssetSpec(key["validated_data"], deps=[key["raw_data"]], kinds={"parquet"},
-                         description="Rows that passed the spec's schema, typed.", **common),
-            dg.AssetSpec(key["quarantine"], deps=[key["raw_data"]], kinds={"parquet"},
-                         description="Rejected rows with column, check, value, file and row.",
-                         **common),
+            dg.AssetSpec(
+                key["validated_data"],
+                deps=[key["raw_data"]],
+                kinds={"parquet"},
+                description="Rows that passed the spec's schema, typed.",
+                **common,
+            ),
+            dg.AssetSpec(
+                key["quarantine"],
+                deps=[key["raw_data"]],
+                kinds={"parquet"},
+                description="Rejected rows with column, check, value, file and row.",
+                **common,
+            ),
         ],
         partitions_def=daily,
         name=f"{name}__validate",
@@ -101,14 +116,22 @@ def build_data_assets(spec: Spec) -> list[dg.AssetsDefinition | dg.AssetChecksDe
                 "rows_quarantined": result.rows_quarantined,
                 "quarantine_rate": rate,
                 "reasons": dg.MetadataValue.json(result.reasons()),
-                "preview": _preview(result.quarantine.select(
-                    ingest.SOURCE_FILE, ingest.ROW_NUMBER, "column", "check", "value")),
+                "preview": _preview(
+                    result.quarantine.select(
+                        ingest.SOURCE_FILE, ingest.ROW_NUMBER, "column", "check", "value"
+                    )
+                ),
                 "path": dg.MetadataValue.path(quar_w.path),
             },
         )
 
-    @dg.asset_check(asset=key["validated_data"], name=ROWS_RECONCILE_CHECK, blocking=True,
-                    partitions_def=daily, additional_deps=[key["quarantine"], key["raw_data"]])
+    @dg.asset_check(
+        asset=key["validated_data"],
+        name=ROWS_RECONCILE_CHECK,
+        blocking=True,
+        partitions_def=daily,
+        additional_deps=[key["quarantine"], key["raw_data"]],
+    )
     def rows_reconcile_check(
         context: dg.AssetCheckExecutionContext, lake: LakeResource
     ) -> dg.AssetCheckResult:
@@ -125,13 +148,23 @@ def build_data_assets(spec: Spec) -> list[dg.AssetsDefinition | dg.AssetChecksDe
         ok = raw.height == valid.height + quar.height and both == lost == invented == 0
         return dg.AssetCheckResult(
             passed=ok,
-            metadata={"rows_in": raw.height, "rows_valid": valid.height,
-                      "rows_quarantined": quar.height, "in_both": both, "lost": lost,
-                      "unknown": invented},
+            metadata={
+                "rows_in": raw.height,
+                "rows_valid": valid.height,
+                "rows_quarantined": quar.height,
+                "in_both": both,
+                "lost": lost,
+                "unknown": invented,
+            },
         )
 
-    @dg.asset_check(asset=key["validated_data"], name=QUARANTINE_RATE_CHECK, blocking=True,
-                    partitions_def=daily, additional_deps=[key["quarantine"]])
+    @dg.asset_check(
+        asset=key["validated_data"],
+        name=QUARANTINE_RATE_CHECK,
+        blocking=True,
+        partitions_def=daily,
+        additional_deps=[key["quarantine"]],
+    )
     def quarantine_rate_check(
         context: dg.AssetCheckExecutionContext, lake: LakeResource
     ) -> dg.AssetCheckResult:
@@ -144,14 +177,22 @@ def build_data_assets(spec: Spec) -> list[dg.AssetsDefinition | dg.AssetChecksDe
         return dg.AssetCheckResult(
             passed=rate <= limit,
             severity=dg.AssetCheckSeverity.ERROR,
-            description=None if rate <= limit else (
+            description=None
+            if rate <= limit
+            else (
                 f"{rate:.2%} of rows quarantined, above schema.max_quarantine_rate {limit:.2%}: "
-                f"inspect {name}/quarantine for {context.partition_key}"),
+                f"inspect {name}/quarantine for {context.partition_key}"
+            ),
             metadata={"quarantine_rate": rate, "threshold": limit},
         )
 
-    @dg.asset(key=key["labels"], partitions_def=daily, deps=[key["validated_data"]],
-              kinds={"parquet"}, **common)
+    @dg.asset(
+        key=key["labels"],
+        partitions_def=daily,
+        deps=[key["validated_data"]],
+        kinds={"parquet"},
+        **common,
+    )
     def labels_asset(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
         """Label per prediction point (event within the horizon), with label maturity."""
         store = lake.get()
@@ -171,9 +212,13 @@ def build_data_assets(spec: Spec) -> list[dg.AssetsDefinition | dg.AssetChecksDe
             },
         )
 
-    @dg.asset(key=key["features"], partitions_def=daily, kinds={"parquet"},
-              deps=[dg.AssetDep(key["validated_data"], partition_mapping=lookback_mapping(spec))],
-              **common)
+    @dg.asset(
+        key=key["features"],
+        partitions_def=daily,
+        kinds={"parquet"},
+        deps=[dg.AssetDep(key["validated_data"], partition_mapping=lookback_mapping(spec))],
+        **common,
+    )
     def features_asset(
         context: dg.AssetExecutionContext, lake: LakeResource
     ) -> dg.MaterializeResult:
@@ -201,8 +246,12 @@ def build_data_assets(spec: Spec) -> list[dg.AssetsDefinition | dg.AssetChecksDe
             },
         )
 
-    @dg.asset(key=key["training_set"], deps=[key["features"], key["labels"]],
-              kinds={"parquet", "duckdb"}, **common)
+    @dg.asset(
+        key=key["training_set"],
+        deps=[key["features"], key["labels"]],
+        kinds={"parquet", "duckdb"},
+        **common,
+    )
     def training_set_asset(
         context: dg.AssetExecutionContext, lake: LakeResource
     ) -> dg.MaterializeResult:
@@ -210,7 +259,9 @@ def build_data_assets(spec: Spec) -> list[dg.AssetsDefinition | dg.AssetChecksDe
         store = lake.get()
         label_days = store.partitions(name, "labels")
         window = training_set.choose_window(
-            spec, label_days, store.partitions(name, "features"),
+            spec,
+            label_days,
+            store.partitions(name, "features"),
             training_set.label_maturity(spec, store, label_days),
         )
         df = training_set.build_training_set(spec, store, window)
@@ -233,9 +284,17 @@ def build_data_assets(spec: Spec) -> list[dg.AssetsDefinition | dg.AssetChecksDe
                 "skipped_immature_days": dg.MetadataValue.json(window.skipped_immature),
                 "path": dg.MetadataValue.path(written.path),
                 "versioned_path": dg.MetadataValue.path(
-                    store.url(name, "training_set", written.content_hash[:16])),
+                    store.url(name, "training_set", written.content_hash[:16])
+                ),
             },
         )
 
-    return [raw_data, validate, rows_reconcile_check, quarantine_rate_check, labels_asset,
-            features_asset, training_set_asset]
+    return [
+        raw_data,
+        validate,
+        rows_reconcile_check,
+        quarantine_rate_check,
+        labels_asset,
+        features_asset,
+        training_set_asset,
+    ]

@@ -43,23 +43,53 @@ def spec_check(path: str) -> None:
 
 
 @main.command()
-@click.option("--spec", "spec_path", required=True, type=click.Path(dir_okay=False),
-              help="spec file whose landing directories receive the files")
+@click.option(
+    "--spec",
+    "spec_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="spec file whose landing directories receive the files",
+)
 @click.option("--days", type=click.IntRange(min=1), required=True)
 @click.option("--machines", type=click.IntRange(min=1), required=True)
 @click.option("--seed", type=int, required=True)
-@click.option("--start", type=click.DateTime(["%Y-%m-%d"]), default=None,
-              help="first day (default: the spec's source.start_date)")
-@click.option("--drift-from", type=click.IntRange(min=1), default=None,
-              help="1-based day index from which drift applies")
-@click.option("--drift", default=None,
-              help="covariate, concept, new-category, or a comma-separated combination")
-@click.option("--bad-rows", type=click.FloatRange(0, 1), default=0.0,
-              help="fraction of rows per day to corrupt, one problem per row")
-@click.option("--clean/--no-clean", default=False,
-              help="remove the landing directories' existing files first")
-def generate(spec_path: str, days: int, machines: int, seed: int, start: dt.datetime | None,
-             drift_from: int | None, drift: str | None, bad_rows: float, clean: bool) -> None:
+@click.option(
+    "--start",
+    type=click.DateTime(["%Y-%m-%d"]),
+    default=None,
+    help="first day (default: the spec's source.start_date)",
+)
+@click.option(
+    "--drift-from",
+    type=click.IntRange(min=1),
+    default=None,
+    help="1-based day index from which drift applies",
+)
+@click.option(
+    "--drift",
+    default=None,
+    help="covariate, concept, new-category, or a comma-separated combination",
+)
+@click.option(
+    "--bad-rows",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="fraction of rows per day to corrupt, one problem per row",
+)
+@click.option(
+    "--clean/--no-clean", default=False, help="remove the landing directories' existing files first"
+)
+def generate(
+    spec_path: str,
+    days: int,
+    machines: int,
+    seed: int,
+    start: dt.datetime | None,
+    drift_from: int | None,
+    drift: str | None,
+    bad_rows: float,
+    clean: bool,
+) -> None:
     """Write generated IoT readings and a late failure-event feed, one file per day."""
     from mlops import generate as gen
 
@@ -70,9 +100,17 @@ def generate(spec_path: str, days: int, machines: int, seed: int, start: dt.date
                 if p.is_file():
                     p.unlink()
     try:
-        report = gen.generate(s, days=days, machines=machines, seed=seed,
-                              start=start.date() if start else None, drift_from=drift_from,
-                              drift=drift, bad_rows=bad_rows, progress=True)
+        report = gen.generate(
+            s,
+            days=days,
+            machines=machines,
+            seed=seed,
+            start=start.date() if start else None,
+            drift_from=drift_from,
+            drift=drift,
+            bad_rows=bad_rows,
+            progress=True,
+        )
     except ValueError as e:
         click.echo(f"generate: {e}", err=True)
         sys.exit(1)

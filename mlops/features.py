@@ -71,9 +71,7 @@ def compute_features(
         for w in agg.windows:
             for col in agg.columns:
                 exprs += [
-                    _aggregate(col, fn, w, ts).over(ent).cast(pl.Float64).alias(
-                        f"{col}_{fn}_{w}"
-                    )
+                    _aggregate(col, fn, w, ts).over(ent).cast(pl.Float64).alias(f"{col}_{fn}_{w}")
                     for fn in agg.functions
                 ]
     exprs += [

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from tqdm import tqdm
 
 from mlops.spec import Spec
 
@@ -42,6 +43,7 @@ EVENT_EXTRA_COLUMNS = ("reported_at", "failure_mode")
 FAILURE_MODES = ("overheat", "bearing", "electrical", "seal_leak", "overload")
 _FIRST_DRIFTED_MODE = 3
 DECIMALS = 3
+ISO_FORMAT = "%Y-%m-%dT%H:%M:%S"  # used where the spec gives no timestamp_format
 MAX_LATENESS_S = 48 * 3600
 REPAIR_COOLDOWN_H = 24  # no new degradation may start this long after a repair
 NEW_CATEGORY_SHARE = 0.3
@@ -98,6 +100,8 @@ class _Layout:
     event_columns: list[str]
     date_format: str
     events_date_format: str
+    timestamp_format: str
+    events_timestamp_format: str
     bounds: dict[str, tuple[float | None, float | None]]
 
 
@@ -119,6 +123,17 @@ def _layout(spec: Spec) -> _Layout:
             f"spec '{spec.name}': {what}; labels must be kind 'event_feed' "
             f"(got '{spec.labels.kind}')"
         )
+    for where, feed in (("source", src), ("labels.events", events)):
+        if any(ch in feed.file_pattern for ch in "*?["):
+            raise ValueError(
+                f"spec '{spec.name}': {where}.file_pattern '{feed.file_pattern}' is a glob; "
+                "the generator writes files, so give a literal name such as 'readings_{date}.csv'"
+            )
+        if "," in (feed.timestamp_format or ""):
+            raise ValueError(
+                f"spec '{spec.name}': {where}.timestamp_format must not contain a comma "
+                "(the generator writes unquoted CSV)"
+            )
     entity = events.entity_column or src.entity_column
     bounds = {name: (spec.column(name).min, spec.column(name).max) for name in SENSORS}
     return _Layout(
@@ -132,6 +147,8 @@ def _layout(spec: Spec) -> _Layout:
         event_columns=[entity, events.timestamp_column, *EVENT_EXTRA_COLUMNS],
         date_format=src.date_format,
         events_date_format=events.date_format,
+        timestamp_format=src.timestamp_format or ISO_FORMAT,
+        events_timestamp_format=events.timestamp_format or ISO_FORMAT,
         bounds=bounds,
     )
 
@@ -184,8 +201,8 @@ def _new_fleet(machines: int, rng: np.random.Generator) -> _Fleet:
     type_idx = rng.choice(3, size=machines, p=[0.4, 0.35, 0.25])
     firmware_idx = rng.choice(3, size=machines, p=[0.3, 0.3, 0.4])
     minute = rng.integers(0, 60, size=machines)
-    # Machines wear out at different speeds: median ~10 days to the vibration threshold.
-    wear_rate = 0.75 / (24 * 10) * rng.lognormal(0.0, 0.35, size=machines)
+    # Machines wear out at different speeds: median ~14 days to the vibration threshold.
+    wear_rate = 0.75 / (24 * 14) * rng.lognormal(0.0, 0.35, size=machines)
     gets_new_category = rng.random(machines) < NEW_CATEGORY_SHARE
     return _Fleet(
         ids=ids,
@@ -210,17 +227,16 @@ def _sensors(
     f.ar = _PHI[:, None] * f.ar + np.sqrt(1.0 - _PHI**2)[:, None] * eps
     t = f.type_idx
     cycle = np.sin(2.0 * np.pi * (hour - 9) / 24.0)
-    if covariate:  # a second shift: heavier, more variable load and a hotter plant
-        load = 1.08 + 0.2 * cycle + 0.08 * f.ar[0]
-    else:
-        load = 1.0 + 0.12 * cycle + 0.05 * f.ar[0]
+    # Covariate drift: a second shift brings a heavier, more variable load.
+    mean, amplitude, spread = (1.08, 0.2, 0.08) if covariate else (1.0, 0.12, 0.05)
+    load = mean + amplitude * cycle + spread * f.ar[0]
     w = f.wear
     rpm = _RPM[t] * load + 40.0 * f.ar[5]
     temp = _TEMP[t] + 25.0 * (load - 1.0) + 10.0 * w + 2.0 * f.ar[1]
     vib = _VIB[t] * (1.5 + 1.2 * w + 5.0 * np.maximum(0.0, w - 0.75) + 0.25 * f.ar[2])
     pres = _PRES[t] * (0.92 + 0.08 * load) - 15.0 * w + 3.0 * f.ar[3]
     volt = _VOLT + 6.0 * f.ar[4]
-    if covariate:
+    if covariate:  # a hotter plant and a new mounting that shakes more
         temp = temp + 8.0
         vib = vib * 1.3
     return temp, vib, pres, rpm, volt
@@ -343,13 +359,13 @@ def _readings_frame(
     m = len(f.ids)
     order = np.lexsort((np.arange(m), f.minute))
     seconds = day_s + np.arange(24)[:, None] * 3600 + (f.minute[order] * 60)[None, :]
-    stamps = np.datetime_as_string(seconds.ravel().astype("datetime64[s]"), unit="s")
+    stamps = _format_times(seconds.ravel(), layout.timestamp_format)
     types = np.array(MACHINE_TYPES)[f.type_idx]
     firmware = np.array(FIRMWARES)[f.firmware_idx]
     if new_category:
         types = np.where(f.gets_new_category, NEW_MACHINE_TYPE, types)
         firmware = np.where(f.gets_new_category, NEW_FIRMWARE, firmware)
-    columns: dict[str, np.ndarray] = {
+    columns: dict[str, np.ndarray | pl.Series] = {
         layout.timestamp: stamps,
         layout.entity: np.tile(f.ids[order], 24),
         CATEGORIES[0]: np.tile(types[order], 24),
@@ -468,8 +484,8 @@ def _write_events(
     events = pl.DataFrame(
         {
             entity: f.ids[machine[order]].astype(str),
-            failure_col: _iso(time_s[order]),
-            reported_col: _iso(reported_s[order]),
+            failure_col: _format_times(time_s[order], layout.events_timestamp_format),
+            reported_col: _format_times(reported_s[order], layout.events_timestamp_format),
             mode_col: np.array(FAILURE_MODES, dtype=str)[mode[order]],
             "_arrival": arrival[order],
         },
@@ -495,8 +511,10 @@ def _write_events(
     return paths, written
 
 
-def _iso(seconds: np.ndarray) -> np.ndarray:
-    return np.datetime_as_string(seconds.astype("datetime64[s]"), unit="s")
+def _format_times(seconds: np.ndarray, fmt: str) -> pl.Series:
+    """Unix seconds -> text in the spec's timestamp format (ISO 8601 by default)."""
+    times = pl.Series(seconds.astype(np.int64) * 1000).cast(pl.Datetime("ms"))
+    return times.dt.to_string(fmt)
 
 
 def generate(
@@ -515,8 +533,6 @@ def generate(
     drift: one or more of DRIFT_KINDS, comma-separated, active from the 1-based day
     `drift_from`. bad_rows: the fraction of readings rows to corrupt (0..1).
     """
-    from tqdm import tqdm
-
     layout = _layout(spec)
     if days < 1 or machines < 1:
         raise ValueError(f"days and machines must be at least 1, got {days} and {machines}")
@@ -537,7 +553,9 @@ def generate(
     report = GenerationReport()
     layout.readings_dir.mkdir(parents=True, exist_ok=True)
 
-    for d in tqdm(range(days), desc="generating", unit="day", disable=not progress, file=sys.stderr):
+    for d in tqdm(
+        range(days), desc="generating", unit="day", disable=not progress, file=sys.stderr
+    ):
         day = start + dt.timedelta(days=d)
         day_s = start_s + d * 86400
         drifting = bool(kinds) and d >= drift_day
@@ -562,7 +580,5 @@ def generate(
         report.readings_files.append(path)
         report.rows += text.count("\n") - 1
 
-    report.event_files, report.events = _write_events(
-        fleet, layout, failures, start, start_s, days
-    )
+    report.event_files, report.events = _write_events(fleet, layout, failures, start, start_s, days)
     return report

@@ -106,9 +106,11 @@ def event_labels(
     ent, ts = entity_column(spec), spec.source.timestamp_column
     horizon = parse_duration(spec.labels.horizon)
     pts = points.select(ent, ts).sort(ts)
-    ev = events.rename({"event_time": "_next_event"}).with_columns(
-        pl.col("_next_event").alias("_event_key")
-    ).sort("_event_key")
+    ev = (
+        events.rename({"event_time": "_next_event"})
+        .with_columns(pl.col("_next_event").alias("_event_key"))
+        .sort("_event_key")
+    )
     joined = pts.join_asof(
         ev,
         left_on=ts,
@@ -139,9 +141,7 @@ def _finish(spec: Spec, rows: pl.DataFrame, as_of: dt.datetime | None) -> pl.Dat
     )
     return (
         rows.select(ent, ts, spec.labels.name)
-        .with_columns(
-            mature.alias(MATURE), pl.lit(as_of, dtype=pl.Datetime("us")).alias(AS_OF)
-        )
+        .with_columns(mature.alias(MATURE), pl.lit(as_of, dtype=pl.Datetime("us")).alias(AS_OF))
         .sort([ts, ent])
     )
 

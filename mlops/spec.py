@@ -257,9 +257,13 @@ class Spec(_Strict):
             yield f"source.entity_column '{src.entity_column}' is not in schema.columns"
         if self.labels.kind == "column" and self.labels.column not in cols:
             yield f"labels.column '{self.labels.column}' is not in schema.columns"
-        if self.labels.kind == "event_feed" and self.labels.events is not None:
-            if bool(self.labels.events.entity_column) != bool(src.entity_column):
-                yield "labels.events.entity_column and source.entity_column must both be set or unset"
+        events = self.labels.events
+        if (
+            self.labels.kind == "event_feed"
+            and events is not None
+            and bool(events.entity_column) != bool(src.entity_column)
+        ):
+            yield "labels.events.entity_column and source.entity_column must both be set or unset"
         numeric = {n for n, c in cols.items() if c.type in ("float", "int", "bool")}
         feats = self.features
         for name in feats.passthrough:
@@ -331,7 +335,7 @@ def load_spec(path: str | Path) -> Spec:
         raise SpecError(str(path), [("(file)", "does not exist")])
     text = path.read_text()
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise SpecError(str(path), [("(file)", f"is not valid YAML: {e}")]) from None
     if not isinstance(data, dict):

@@ -34,7 +34,10 @@ class TrainingWindow:
 
 
 def choose_window(
-    spec: Spec, label_days: list[str], feature_days: list[str], mature: dict[str, bool],
+    spec: Spec,
+    label_days: list[str],
+    feature_days: list[str],
+    mature: dict[str, bool],
     end: str | None = None,
 ) -> TrainingWindow:
     """The last `training_window_days` days whose labels are mature and whose features exist."""

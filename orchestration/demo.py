@@ -54,10 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     for folder in (spec.landing_dir, spec.resolve(spec.labels.events.path)):
         for f in folder.glob("*") if folder.exists() else []:
             f.unlink()
-    report = generate(spec, days=args.days, machines=args.machines, seed=args.seed,
-                      bad_rows=args.bad_rows, progress=True)
-    print(f"generated {report.rows} readings, {report.events} failure events, "
-          f"{len(report.bad_rows)} bad rows into {spec.landing_dir}")
+    report = generate(
+        spec,
+        days=args.days,
+        machines=args.machines,
+        seed=args.seed,
+        bad_rows=args.bad_rows,
+        progress=True,
+    )
+    print(
+        f"generated {report.rows} readings, {report.events} failure events, "
+        f"{len(report.bad_rows)} bad rows into {spec.landing_dir}"
+    )
 
     defs = build_definitions(Path(args.spec).resolve().parent)
     instance = _instance()
@@ -68,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     totals = [0, 0, 0, 0]
     for day in days:
         result = data_job.execute_in_process(
-            partition_key=day.isoformat(), instance=instance, run_config=QUIET,
+            partition_key=day.isoformat(),
+            instance=instance,
+            run_config=QUIET,
             raise_on_error=False,
         )
         if not result.success:
@@ -79,21 +89,25 @@ def main(argv: list[str] | None = None) -> int:
         lab = _meta(result, "labels", spec.name)
         row = [v["rows_in"], v["rows_valid"], v["rows_quarantined"], f["rows"]]
         totals = [a + b for a, b in zip(totals, row, strict=True)]
-        print(f"{day!s:<12}{row[0]:>9}{row[1]:>9}{row[2]:>10}{row[3]:>10}"
-              f"{lab['rows_mature']:>9}")
+        print(f"{day!s:<12}{row[0]:>9}{row[1]:>9}{row[2]:>10}{row[3]:>10}{lab['rows_mature']:>9}")
     print(f"{'total':<12}{totals[0]:>9}{totals[1]:>9}{totals[2]:>10}{totals[3]:>10}")
 
     ts = defs.resolve_job_def(training_set_job_name(spec)).execute_in_process(
         instance=instance, run_config=QUIET
     )
     m = _meta(ts, "training_set", spec.name)
-    splits = ", ".join(f"{k} {v['rows']} ({v['label_mean']:.1%} positive)"
-                       for k, v in m["splits"].items())
-    print(f"\ntraining set: {m['rows']} rows over {len(m['window'])} days "
-          f"{m['window'][0]}..{m['window'][-1]}: {splits}")
+    splits = ", ".join(
+        f"{k} {v['rows']} ({v['label_mean']:.1%} positive)" for k, v in m["splits"].items()
+    )
+    print(
+        f"\ntraining set: {m['rows']} rows over {len(m['window'])} days "
+        f"{m['window'][0]}..{m['window'][-1]}: {splits}"
+    )
     print(f"  hash {m['training_set_hash'][:16]}, lake {lake_url()}")
-    print(f"\ndone in {time.perf_counter() - t0:.0f} s. See it all: `make ui`, then open "
-          "http://127.0.0.1:3000 (Assets > machine_failure)")
+    print(
+        f"\ndone in {time.perf_counter() - t0:.0f} s. See it all: `make ui`, then open "
+        "http://127.0.0.1:3000 (Assets > machine_failure)"
+    )
     return 0
 
 

@@ -1,0 +1,72 @@
+"""Shared fixtures: a throwaway project root (specs/, landing files, lake) per test."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from mlops.generate import GenerationReport, generate
+from mlops.lake import Lake
+from mlops.spec import Spec, load_spec
+from orchestration.definitions import build_definitions
+from orchestration.jobs import data_job_name, training_set_job_name
+
+REPO = Path(__file__).resolve().parent.parent
+QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+
+
+@dataclass
+class Project:
+    root: Path
+    spec: Spec
+    lake: Lake
+    defs: dg.Definitions
+    instance: dg.DagsterInstance
+
+    def run_day(self, day: str, raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+        job = self.defs.resolve_job_def(data_job_name(self.spec))
+        return job.execute_in_process(
+            partition_key=day,
+            instance=self.instance,
+            run_config=QUIET,
+            raise_on_error=raise_on_error,
+        )
+
+    def run_training_set(self) -> dg.ExecuteInProcessResult:
+        job = self.defs.resolve_job_def(training_set_job_name(self.spec))
+        return job.execute_in_process(instance=self.instance, run_config=QUIET)
+
+
+def make_project(root: Path, spec_text: str | None = None, name: str = "machine_failure.yaml"):
+    (root / "specs").mkdir(parents=True, exist_ok=True)
+    if spec_text is None:
+        shutil.copy(REPO / "specs" / "machine_failure.yaml", root / "specs" / name)
+    else:
+        (root / "specs" / name).write_text(spec_text)
+    spec = load_spec(root / "specs" / name)
+    lake_url = str(root / ".mlops" / "lake")
+    defs = build_definitions(root / "specs", lake_url)
+    return Project(root, spec, Lake(lake_url), defs, dg.DagsterInstance.ephemeral())
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    return make_project(tmp_path)
+
+
+def materialization_meta(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict:
+    for event in result.get_asset_materialization_events():
+        mat = event.step_materialization_data.materialization
+        if mat.asset_key == key:
+            return {k: v.value for k, v in mat.metadata.items()}
+    raise AssertionError(f"{key.to_user_string()} was not materialized")
+
+
+def small_data(
+    p: Project, days: int = 6, machines: int = 8, bad_rows: float = 0.0, seed: int = 3
+) -> GenerationReport:
+    return generate(p.spec, days=days, machines=machines, seed=seed, bad_rows=bad_rows)

@@ -1,0 +1,129 @@
+"""The code location as Dagster loads it, the `dagster` CLI on it, and the demo at small scale."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from orchestration import demo
+from tests.conftest import make_project, small_data
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def test_definitions_hold_one_graph_per_spec():
+    from orchestration.definitions import defs
+
+    keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
+    assert keys == {
+        f"machine_failure/{a}"
+        for a in ("raw_data", "validated_data", "quarantine", "labels", "features", "training_set")
+    }
+    checks = {k.name for k in defs.resolve_asset_graph().asset_check_keys}
+    assert checks == {"rows_reconcile_check", "quarantine_rate_check"}
+    assert defs.resolve_job_def("machine_failure_data_job").partitions_def is not None
+    assert defs.resolve_job_def("machine_failure_training_set_job")
+    graph = defs.resolve_asset_graph()
+    features = graph.get(dg.AssetKey(["machine_failure", "features"]))
+    assert dg.AssetKey(["machine_failure", "validated_data"]) in features.parent_keys
+
+
+def test_two_specs_two_graphs(tmp_path):
+    make_project(tmp_path)
+    text = (REPO / "specs" / "machine_failure.yaml").read_text()
+    (tmp_path / "specs" / "other.yaml").write_text(
+        text.replace("name: machine_failure", "name: other_fleet")
+    )
+    from orchestration.definitions import build_definitions
+
+    defs = build_definitions(tmp_path / "specs", str(tmp_path / "lake"))
+    prefixes = {k.path[0] for k in defs.resolve_all_asset_keys()}
+    assert prefixes == {"machine_failure", "other_fleet"}
+    assert defs.resolve_job_def("other_fleet_data_job")
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return {
+        **os.environ,
+        "MLOPS_SPECS_DIR": str(tmp_path / "specs"),
+        "MLOPS_LAKE_URL": str(tmp_path / ".mlops" / "lake"),
+        "DAGSTER_HOME": str(home),
+    }
+
+
+def test_dagster_asset_materialize_cli(tmp_path):
+    p = make_project(tmp_path)
+    small_data(p, days=1, machines=3)
+    out = subprocess.run(
+        [
+            str(BIN / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "orchestration.definitions",
+            "--select",
+            "machine_failure/raw_data",
+            "--partition",
+            "2026-01-01",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_env(tmp_path),
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert p.lake.read("machine_failure", "raw_data", "2026-01-01").height == 3 * 24
+
+
+def test_mlops_generate_cli_is_deterministic(tmp_path):
+    p = make_project(tmp_path)
+    args = [
+        str(BIN / "mlops"),
+        "generate",
+        "--spec",
+        str(tmp_path / "specs/machine_failure.yaml"),
+        "--days",
+        "2",
+        "--machines",
+        "3",
+        "--seed",
+        "5",
+        "--bad-rows",
+        "0.05",
+    ]
+    first = subprocess.run(args, capture_output=True, text=True, check=True)
+    assert "wrote 2 readings file(s)" in first.stdout
+    files = sorted(p.spec.landing_dir.glob("*.csv"))
+    content = [f.read_bytes() for f in files]
+    subprocess.run([*args, "--clean"], capture_output=True, text=True, check=True)
+    assert [f.read_bytes() for f in sorted(p.spec.landing_dir.glob("*.csv"))] == content
+    bad = subprocess.run([*args, "--drift", "concept"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+
+
+def test_demo_small(tmp_path, monkeypatch, capsys):
+    p = make_project(tmp_path)
+    for key, value in _env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    assert (
+        demo.main(
+            ["--spec", str(p.root / "specs/machine_failure.yaml"), "--days", "6", "--machines", "4"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "2026-01-06" in out and "training set:" in out
+    instance = dg.DagsterInstance.get()
+    runs = instance.get_runs()
+    assert len(runs) == 7 and all(r.is_success for r in runs)
+    shutil.rmtree(p.root / "dagster_home", ignore_errors=True)
