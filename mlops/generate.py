@@ -5,9 +5,10 @@ failure mechanism that is non-linear in the sensors (so model choice matters), l
 arrive late, drift that starts on a chosen day, and bad rows at known positions. Shipping a
 data set would fix one of each; this module simulates a fleet instead.
 
-Same arguments give byte-identical files. The physics, the event lateness and the row
-corruption draw from separate random streams, so corrupting rows never changes the good rows
-or the events, and the first N days do not depend on how many days follow them.
+Same arguments give byte-identical files. The physics, the event lateness and the bad rows
+draw from separate random streams, and bad rows are added beside the good ones, so asking
+for bad rows never changes the good rows or the events. The first N days do not depend on
+how many days follow them.
 """
 
 from __future__ import annotations
@@ -42,11 +43,15 @@ EVENT_EXTRA_COLUMNS = ("reported_at", "failure_mode")
 # Failure modes: the first three before concept drift, the last two after it.
 FAILURE_MODES = ("overheat", "bearing", "electrical", "seal_leak", "overload")
 _FIRST_DRIFTED_MODE = 3
+# After concept drift, voltage swings go on but end without a failure: the sensors look the
+# same while what precedes a failure changes.
+_HARMLESS_SWINGS = len(FAILURE_MODES)
 DECIMALS = 3
 ISO_FORMAT = "%Y-%m-%dT%H:%M:%S"  # used where the spec gives no timestamp_format
 MAX_LATENESS_S = 48 * 3600
 REPAIR_COOLDOWN_H = 24  # no new degradation may start this long after a repair
 NEW_CATEGORY_SHARE = 0.3
+RUN_IN_DAYS = 28
 
 # Per machine type: nominal rpm, temperature, pressure and vibration scale.
 _RPM = np.array([2200.0, 1500.0, 3000.0])
@@ -60,7 +65,7 @@ _PHI = np.array([0.9, 0.85, 0.7, 0.8, 0.9, 0.6])
 
 @dataclass
 class BadRow:
-    """One injected bad row: where it is in the written file and what is wrong with it."""
+    """One added bad row: where it is in the written file and what is wrong with it."""
 
     file: str
     row_number: int
@@ -70,7 +75,7 @@ class BadRow:
 
 @dataclass
 class GenerationReport:
-    """What `generate` wrote; `rows` counts data rows written, duplicates included."""
+    """What `generate` wrote; `rows` counts the data rows written, bad rows included."""
 
     readings_files: list[Path] = field(default_factory=list)
     event_files: list[Path] = field(default_factory=list)
@@ -189,9 +194,9 @@ class _Fleet:
     gets_new_category: np.ndarray
     wear: np.ndarray
     ar: np.ndarray
-    remaining: np.ndarray  # hours until failure while degrading, -1 when healthy
+    remaining: np.ndarray  # hours until the episode ends (in a failure, mostly), -1 when none
     duration: np.ndarray  # length of the current degradation, hours
-    mode: np.ndarray  # failure mode index of the current degradation
+    mode: np.ndarray  # mode of the current episode, an index into FAILURE_MODES or harmless
     cooldown: np.ndarray  # hours left in which no degradation may start
 
 
@@ -251,21 +256,23 @@ def _onset_hazard(
     volt: np.ndarray,
     concept: bool,
 ) -> np.ndarray:
-    """Per-hour probability that degradation starts, one column per failure mode.
+    """Per-hour probability that an episode starts, one row per mode.
 
     Deliberately non-linear: an AND of two sensors, a squared deviation from nominal and a
-    threshold, so a linear model on the raw sensors misses much of the signal.
+    threshold, so a linear model on the raw sensors misses much of the signal. Rows map to
+    modes 0-2 (overheat, bearing, electrical) before concept drift and to modes 3-5
+    (seal_leak, overload, harmless swings) after it.
     """
     t = f.type_idx
+    swings = 0.0035 * ((volt - _VOLT) / 6.0) ** 2
     if concept:
-        leak = 0.03 * ((pres < _PRES[t] - 12.0) & (rpm > _RPM[t] * 1.03))
+        leak = 0.03 * ((pres < _PRES[t] - 12.0) & (rpm > _RPM[t] * 1.03)) + 0.0002
         overload = 0.0012 * ((rpm - _RPM[t]) / (0.05 * _RPM[t])) ** 2
-        return np.stack([leak + 0.0002, overload])
+        return np.stack([leak, overload, swings])
     hot_and_shaky = (temp > _TEMP[t] + 8.0) & (vib > _VIB[t] * 2.6)
-    overheat = 0.015 * hot_and_shaky
+    overheat = 0.01 * hot_and_shaky
     bearing = 0.008 * (vib > _VIB[t] * 3.4) + 0.0002
-    electrical = 0.0028 * ((volt - _VOLT) / 6.0) ** 2
-    return np.stack([overheat, bearing, electrical])
+    return np.stack([overheat, bearing, swings])
 
 
 def _apply_symptoms(
@@ -279,10 +286,12 @@ def _apply_symptoms(
     """Degrading machines drift towards failure: the signal a good model picks up."""
     s = np.sqrt(np.where(f.remaining >= 0, 1.0 - f.remaining / f.duration, 0.0))
     overheat, bearing, electrical, leak, overload = (s * (f.mode == k) for k in range(5))
+    electrical = electrical + s * (f.mode == _HARMLESS_SWINGS)
     t = f.type_idx
     temp = temp + 10.0 * overheat
     vib = vib + _VIB[t] * (0.5 * overheat + 4.0 * bearing)
     volt = volt + (volt - _VOLT) * 4.0 * electrical  # swings both ways: not monotone
+    rpm = rpm + 300.0 * bearing * f.ar[5]  # a failing bearing makes the speed hunt
     pres = pres - 30.0 * leak
     rpm = rpm + (rpm - _RPM[t]) * 2.0 * overload
     return temp, vib, pres, rpm, volt
@@ -296,6 +305,14 @@ class _Failures:
     time_s: list[np.ndarray] = field(default_factory=list)
     lateness_s: list[np.ndarray] = field(default_factory=list)
     mode: list[np.ndarray] = field(default_factory=list)
+
+
+def _bound(
+    bounds: dict[str, tuple[float | None, float | None]], column: str, side: int, default: float
+) -> float:
+    """The spec's min (side 0) or max (side 1) of a column, or `default` where it has none."""
+    value = bounds.get(column, (None, None))[side]
+    return default if value is None else value
 
 
 def _simulate_day(
@@ -317,8 +334,8 @@ def _simulate_day(
     eps = phys.standard_normal((24, len(_PHI), m))
     u = phys.random((24, 5, m))  # onset, mode, duration, failure second, wear after repair
     out = np.empty((24, len(SENSORS), m))
-    lo = np.array([-np.inf if bounds[c][0] is None else bounds[c][0] for c in SENSORS])
-    hi = np.array([np.inf if bounds[c][1] is None else bounds[c][1] for c in SENSORS])
+    lo = np.array([_bound(bounds, c, 0, -np.inf) for c in SENSORS])
+    hi = np.array([_bound(bounds, c, 1, np.inf) for c in SENSORS])
     for h in range(24):
         f.wear = np.minimum(f.wear + f.wear_rate, 2.0)
         values = _sensors(f, h, eps[h], covariate)
@@ -326,7 +343,7 @@ def _simulate_day(
         obs = np.clip(np.stack(values), lo[:, None], hi[:, None])
         out[h] = obs
 
-        failing = f.remaining == 0
+        failing = (f.remaining == 0) & (f.mode != _HARMLESS_SWINGS)
         if failing.any():
             idx = np.flatnonzero(failing)
             reading_s = day_s + h * 3600 + f.minute[idx] * 60
@@ -354,12 +371,13 @@ def _simulate_day(
 
 def _readings_frame(
     f: _Fleet, layout: _Layout, day_s: int, sensors: np.ndarray, new_category: bool
-) -> pl.DataFrame:
-    """One day's rows, sorted by timestamp then machine id."""
+) -> tuple[pl.DataFrame, np.ndarray]:
+    """One day's rows, sorted by timestamp then machine id, and their times in Unix seconds."""
     m = len(f.ids)
     order = np.lexsort((np.arange(m), f.minute))
     seconds = day_s + np.arange(24)[:, None] * 3600 + (f.minute[order] * 60)[None, :]
-    stamps = _format_times(seconds.ravel(), layout.timestamp_format)
+    seconds = seconds.ravel()
+    stamps = _format_times(seconds, layout.timestamp_format)
     types = np.array(MACHINE_TYPES)[f.type_idx]
     firmware = np.array(FIRMWARES)[f.firmware_idx]
     if new_category:
@@ -373,12 +391,18 @@ def _readings_frame(
     }
     for k, name in enumerate(SENSORS):
         columns[name] = np.round(sensors[:, k, order].ravel(), DECIMALS)
-    return pl.DataFrame(columns)
+    return pl.DataFrame(columns), seconds
 
 
 @dataclass
 class _Corruptor:
-    """Injects bad rows, kinds taken round-robin across days, from its own random stream."""
+    """Adds bad rows, kinds taken round-robin across days, from its own random stream.
+
+    Bad rows are added next to the good rows, never in their place: removing the reported
+    rows gives back exactly the file written without bad rows. Each bad row is a copy of a
+    good row with one problem; all but duplicates are stamped 30 s after their source, so
+    the only duplicate keys are the intended ones.
+    """
 
     rng: np.random.Generator
     fraction: float
@@ -386,52 +410,56 @@ class _Corruptor:
     kinds: tuple[str, ...]
     next_kind: int = 0
     rows_seen: int = 0
-    injected: int = 0
+    added: int = 0
 
-    def corrupt(self, text: str, file: str, day: dt.date) -> tuple[str, list[BadRow]]:
-        """Corrupt a share of the rows of one CSV text; return the new text and its bad rows."""
+    def corrupt(
+        self, text: str, seconds: np.ndarray, file: str, day: dt.date
+    ) -> tuple[str, list[BadRow]]:
+        """Add bad rows to one day's CSV text (rows at `seconds`); return it and its bad rows."""
         lines = text.split("\n")
         header, rows = lines[0], lines[1:-1]
         n = len(rows)
         self.rows_seen += n
         # Count against all rows so far, so small fractions still add up over many days.
-        n_bad = min(int(np.floor(self.fraction * self.rows_seen + 0.5)) - self.injected, n)
+        n_bad = min(int(np.floor(self.fraction * self.rows_seen + 0.5)) - self.added, n)
         if n_bad <= 0:
             return text, []
-        self.injected += n_bad
+        self.added += n_bad
         kinds = [self.kinds[(self.next_kind + i) % len(self.kinds)] for i in range(n_bad)]
         self.next_kind = (self.next_kind + n_bad) % len(self.kinds)
-        in_place = [k for k in kinds if k != "duplicate"]
-        n_dup = len(kinds) - len(in_place)
 
-        targets = self.rng.choice(n, size=len(in_place), replace=False)
-        changed: dict[int, tuple[str, str]] = {}
-        for row, kind in zip(targets.tolist(), in_place, strict=True):
-            rows[row], column = self._break(rows[row], kind, day)
-            changed[row] = (kind, column)
-        clean = np.setdiff1d(np.arange(n), targets)
-        sources = np.sort(self.rng.choice(clean, size=n_dup, replace=False))
-        # Insert each copy after a random later row, so the copy is the later occurrence.
-        after = sources + (self.rng.random(n_dup) * (n - sources)).astype(np.int64)
-        inserts = sorted(zip(after.tolist(), sources.tolist(), strict=True))
+        sources = self.rng.choice(n, size=n_bad, replace=False)
+        shifted = _format_times(seconds[sources] + 30, self.layout.timestamp_format)
+        # A broken row goes after its source's timestamp group, where its time sorts; a
+        # duplicate goes after a random row at or after its source: the later occurrence.
+        group_end = np.searchsorted(seconds, seconds[sources], side="right") - 1
+        anywhere_later = sources + (self.rng.random(n_bad) * (n - sources)).astype(np.int64)
+        inserts: list[tuple[int, int, str, str]] = []
+        for k, (src, kind) in enumerate(zip(sources.tolist(), kinds, strict=True)):
+            if kind == "duplicate":
+                line, column = rows[src], self.layout.entity
+                inserts.append((int(anywhere_later[k]), k, line, column))
+            else:
+                cells = rows[src].split(",")
+                cells[0] = shifted[k]  # the timestamp comes first
+                line, column = self._break(cells, kind, day)
+                inserts.append((int(group_end[k]), k, line, column))
+        inserts.sort()
 
         out = [header]
         bad: list[BadRow] = []
         j = 0
         for i, line in enumerate(rows):
             out.append(line)
-            if i in changed:
-                kind, column = changed[i]
-                bad.append(BadRow(file, len(out) - 1, kind, column))
             while j < len(inserts) and inserts[j][0] == i:
-                out.append(rows[inserts[j][1]])
-                bad.append(BadRow(file, len(out) - 1, "duplicate", self.layout.entity))
+                _, k, extra, column = inserts[j]
+                out.append(extra)
+                bad.append(BadRow(file, len(out) - 1, kinds[k], column))
                 j += 1
         return "\n".join(out) + "\n", bad
 
-    def _break(self, line: str, kind: str, day: dt.date) -> tuple[str, str]:
-        """Give one row exactly one problem of the given kind."""
-        cells = line.split(",")
+    def _break(self, cells: list[str], kind: str, day: dt.date) -> tuple[str, str]:
+        """Give one row's cells exactly one problem of the given kind."""
         pos = {name: i for i, name in enumerate(self.layout.columns)}
         if kind == "null":
             column = str(self.rng.choice([*CATEGORIES, *SENSORS]))
@@ -531,7 +559,8 @@ def generate(
     """Simulate `machines` machines for `days` days and write readings and failure events.
 
     drift: one or more of DRIFT_KINDS, comma-separated, active from the 1-based day
-    `drift_from`. bad_rows: the fraction of readings rows to corrupt (0..1).
+    `drift_from`. bad_rows: bad rows to add, as a fraction of the good rows (0..1); each
+    one is reported with its place in the file.
     """
     layout = _layout(spec)
     if days < 1 or machines < 1:
@@ -548,8 +577,16 @@ def generate(
     phys_seq, late_seq, bad_seq = np.random.SeedSequence(seed).spawn(3)
     phys, late = np.random.default_rng(phys_seq), np.random.default_rng(late_seq)
     fleet = _new_fleet(machines, phys)
+    # The fleet has been running before day 1: without this, wear starts out of balance
+    # and the first weeks drift on their own. Failures of the run-in are not written.
+    for d in range(-RUN_IN_DAYS, 0):
+        _simulate_day(
+            fleet, start_s + d * 86400, phys, late, _Failures(), False, False, layout.bounds
+        )
     failures = _Failures()
-    corruptor = _Corruptor(np.random.default_rng(bad_seq), bad_rows, layout, BAD_ROW_KINDS)
+    bounded = any(b is not None for c in SENSORS for b in layout.bounds[c])
+    bad_kinds = tuple(k for k in BAD_ROW_KINDS if bounded or k != "out_of_range")
+    corruptor = _Corruptor(np.random.default_rng(bad_seq), bad_rows, layout, bad_kinds)
     report = GenerationReport()
     layout.readings_dir.mkdir(parents=True, exist_ok=True)
 
@@ -569,11 +606,12 @@ def generate(
             concept=drifting and "concept" in kinds,
             bounds=layout.bounds,
         )
-        frame = _readings_frame(fleet, layout, day_s, sensors, drifting and "new-category" in kinds)
+        new_category = drifting and "new-category" in kinds
+        frame, seconds = _readings_frame(fleet, layout, day_s, sensors, new_category)
         text = frame.write_csv(float_precision=DECIMALS)
         name = layout.readings_pattern.replace("{date}", day.strftime(layout.date_format))
         if bad_rows > 0:
-            text, bad = corruptor.corrupt(text, name, day)
+            text, bad = corruptor.corrupt(text, seconds, name, day)
             report.bad_rows.extend(bad)
         path = layout.readings_dir / name
         path.write_text(text, newline="")
