@@ -12,10 +12,11 @@ import polars as pl
 from mlops import features as feats
 from mlops import ingest, labels, training_set, validation
 from mlops.lake import sha256_bytes
-from mlops.spec import Spec
+from mlops.spec import ASSET_NAMES, Spec
 from orchestration.partitions import daily_partitions, lookback_mapping
 from resources.lake import LakeResource
 
+EXTERNAL_ASSET_NAMES = ("landing_files", "label_events")
 ROWS_RECONCILE_CHECK = "rows_reconcile_check"
 QUARANTINE_RATE_CHECK = "quarantine_rate_check"
 
@@ -35,17 +36,43 @@ def _preview(df: pl.DataFrame, n: int = 5) -> dg.MetadataValue:
         return dg.MetadataValue.md(str(df.head(n)))
 
 
-def build_data_assets(spec: Spec) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
+def build_data_assets(
+    spec: Spec,
+) -> list[dg.AssetSpec | dg.AssetsDefinition | dg.AssetChecksDefinition]:
     name = spec.name
     daily = daily_partitions(spec)
     version = spec.content_hash[:12]
-    key = {
-        a: dg.AssetKey([name, a])
-        for a in ("raw_data", "validated_data", "quarantine", "labels", "features", "training_set")
-    }
+    key = {a: dg.AssetKey([name, a]) for a in (*ASSET_NAMES, *EXTERNAL_ASSET_NAMES)}
     common = {"group_name": name, "code_version": version}
 
-    @dg.asset(key=key["raw_data"], partitions_def=daily, kinds={"parquet"}, **common)
+    # The landing directories, as external assets: the UI's lineage starts at the files.
+    landing = dg.AssetSpec(
+        key["landing_files"],
+        group_name=name,
+        description=f"Landing files {spec.source.file_pattern} in {spec.source.path} (external).",
+        metadata={"path": dg.MetadataValue.path(str(spec.landing_dir))},
+    )
+    externals = [landing]
+    label_deps = [key["validated_data"]]
+    if spec.labels.events is not None:
+        events = spec.labels.events
+        externals.append(
+            dg.AssetSpec(
+                key["label_events"],
+                group_name=name,
+                description=f"Late-arriving label events {events.file_pattern} in {events.path} (external).",
+                metadata={"path": dg.MetadataValue.path(str(spec.resolve(events.path)))},
+            )
+        )
+        label_deps.append(key["label_events"])
+
+    @dg.asset(
+        key=key["raw_data"],
+        partitions_def=daily,
+        kinds={"parquet"},
+        deps=[key["landing_files"]],
+        **common,
+    )
     def raw_data(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
         """The day's landing files as they arrived (all values kept as text)."""
         day = _day(context)
@@ -189,7 +216,7 @@ def build_data_assets(spec: Spec) -> list[dg.AssetsDefinition | dg.AssetChecksDe
     @dg.asset(
         key=key["labels"],
         partitions_def=daily,
-        deps=[key["validated_data"]],
+        deps=label_deps,
         kinds={"parquet"},
         **common,
     )
@@ -290,6 +317,7 @@ def build_data_assets(spec: Spec) -> list[dg.AssetsDefinition | dg.AssetChecksDe
         )
 
     return [
+        *externals,
         raw_data,
         validate,
         rows_reconcile_check,

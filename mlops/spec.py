@@ -19,7 +19,7 @@ NAME_RE = r"^[a-z][a-z0-9_]*$"
 DURATION_RE = re.compile(r"^(\d+)([mhd])$")
 FileFormat = Literal["csv", "parquet", "jsonl"]
 ColumnType = Literal["float", "int", "string", "category", "bool", "timestamp"]
-AggFunction = Literal["mean", "std", "min", "max", "sum", "count", "last"]
+AggFunction = Literal["mean", "std", "min", "max", "sum", "count"]
 
 
 class SpecError(ValueError):

@@ -23,7 +23,16 @@ def test_definitions_hold_one_graph_per_spec():
     keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
     assert keys == {
         f"machine_failure/{a}"
-        for a in ("raw_data", "validated_data", "quarantine", "labels", "features", "training_set")
+        for a in (
+            "landing_files",
+            "label_events",
+            "raw_data",
+            "validated_data",
+            "quarantine",
+            "labels",
+            "features",
+            "training_set",
+        )
     }
     checks = {k.name for k in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"rows_reconcile_check", "quarantine_rate_check"}
@@ -32,6 +41,8 @@ def test_definitions_hold_one_graph_per_spec():
     graph = defs.resolve_asset_graph()
     features = graph.get(dg.AssetKey(["machine_failure", "features"]))
     assert dg.AssetKey(["machine_failure", "validated_data"]) in features.parent_keys
+    labels = graph.get(dg.AssetKey(["machine_failure", "labels"]))
+    assert dg.AssetKey(["machine_failure", "label_events"]) in labels.parent_keys
 
 
 def test_two_specs_two_graphs(tmp_path):
