@@ -98,3 +98,41 @@ def test_missing_required_column_names_column_and_file(project):
 def test_empty_day_reconciles(project):
     result = validate(project.spec, _raw([GOOD]).head(0), dt.date(2026, 1, 1))
     assert (result.rows_in, result.rows_valid, result.rows_quarantined) == (0, 0, 0)
+
+
+def test_type_parsing_of_every_column_type(tmp_path):
+    from tests.conftest import make_project
+
+    spec_text = """
+name: typed
+source: {path: in, file_pattern: "d_{date}.csv", timestamp_column: ts, start_date: 2026-01-01}
+schema:
+  columns:
+    - {name: ts, type: timestamp}
+    - {name: n, type: int, min: 0}
+    - {name: ok, type: bool}
+    - {name: x, type: float, nullable: true}
+labels: {kind: column, column: ok}
+features: {lookback_days: 0, passthrough: [n]}
+model: {candidates: [{estimator: logistic_regression}]}
+"""
+    spec = make_project(tmp_path, spec_text, name="typed.yaml").spec
+    rows = [
+        {"ts": "2026-01-01T00:00:00Z", "n": "1", "ok": "yes", "x": ""},
+        {"ts": "2026-01-01 01:00:00", "n": "1.5", "ok": "true", "x": "2"},
+        {"ts": "2026-01-01T02:00:00", "n": "2", "ok": "maybe", "x": "2"},
+        {"ts": "2026-01-01T03:00:00.250", "n": "-1", "ok": "0", "x": "nan"},
+        {"ts": "2026-01-01T04:00:00+02:00", "n": "3", "ok": "F", "x": "1e3"},
+    ]
+    raw = _raw(rows).with_columns(pl.col("x").replace("", None))
+    result = validate(spec, raw, dt.date(2026, 1, 1))
+    q = {r[ingest.ROW_NUMBER]: (r["column"], r["check"]) for r in result.quarantine.to_dicts()}
+    assert q == {2: ("n", "type"), 3: ("ok", "type"), 4: ("x", "type")}  # 'nan' is no value
+    row4 = result.quarantine.filter(pl.col(ingest.ROW_NUMBER) == 4)["errors"][0]
+    # Rules run on rows that parse: a row that does not is rejected for its parse failures.
+    assert [(e["column"], e["check"]) for e in json.loads(row4)] == [("x", "type")]
+    v = result.valid.sort(ingest.ROW_NUMBER)
+    assert v["ok"].to_list() == [True, False]
+    assert v["ts"].to_list() == [dt.datetime(2026, 1, 1, 0), dt.datetime(2026, 1, 1, 2)]
+    assert v["x"].to_list() == [None, 1000.0]
+    assert v.schema["n"] == pl.Int64
