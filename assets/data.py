@@ -21,6 +21,12 @@ ROWS_RECONCILE_CHECK = "rows_reconcile_check"
 QUARANTINE_RATE_CHECK = "quarantine_rate_check"
 
 
+class TrainingSetConfig(dg.Config):
+    """Pin the training window's last day (YYYY-MM-DD); default: the latest mature day."""
+
+    end_date: str | None = None
+
+
 def _day(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> dt.date:
     return dt.date.fromisoformat(context.partition_key)
 
@@ -280,17 +286,21 @@ def build_data_assets(
         **common,
     )
     def training_set_asset(
-        context: dg.AssetExecutionContext, lake: LakeResource
+        context: dg.AssetExecutionContext, config: TrainingSetConfig, lake: LakeResource
     ) -> dg.MaterializeResult:
         """Point-in-time correct features + mature labels over the window, split by time."""
         store = lake.get()
         label_days = store.partitions(name, "labels")
-        window = training_set.choose_window(
-            spec,
-            label_days,
-            store.partitions(name, "features"),
-            training_set.label_maturity(spec, store, label_days),
-        )
+        try:
+            window = training_set.choose_window(
+                spec,
+                label_days,
+                store.partitions(name, "features"),
+                training_set.label_maturity(spec, store, label_days),
+                end=config.end_date,
+            )
+        except training_set.TrainingSetError as e:
+            raise dg.Failure(str(e)) from None
         df = training_set.build_training_set(spec, store, window)
         written = store.write(name, "training_set", df)
         # Versioned copy: a model can always be traced (and retrained) from its exact set.

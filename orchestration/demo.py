@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 
 from mlops.generate import generate
+from mlops.lake import Lake
 from mlops.spec import load_spec
 from orchestration.definitions import PROJECT_ROOT, build_definitions, lake_url
 from orchestration.jobs import data_job_name, training_set_job_name
@@ -51,9 +52,14 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     spec = load_spec(args.spec)
+    # A fresh start: the demo's landing files and lake partitions are regenerated whole.
     for folder in (spec.landing_dir, spec.resolve(spec.labels.events.path)):
         for f in folder.glob("*") if folder.exists() else []:
             f.unlink()
+    lake = Lake(lake_url())
+    spec_folder = f"{lake.root}/{spec.name}"
+    if lake.fs.exists(spec_folder):
+        lake.fs.rm(spec_folder, recursive=True)
     report = generate(
         spec,
         days=args.days,
@@ -93,8 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'total':<12}{totals[0]:>9}{totals[1]:>9}{totals[2]:>10}{totals[3]:>10}")
 
     ts = defs.resolve_job_def(training_set_job_name(spec)).execute_in_process(
-        instance=instance, run_config=QUIET
+        instance=instance, run_config=QUIET, raise_on_error=False
     )
+    if not ts.success:
+        errors = [
+            e.event_specific_data.error.message.removeprefix(
+                "dagster._core.definitions.events.Failure: "
+            )
+            for e in ts.all_events
+            if e.is_step_failure
+        ]
+        print(f"\ntraining set not built: {' '.join(errors).strip()}", file=sys.stderr)
+        return 1
     m = _meta(ts, "training_set", spec.name)
     splits = ", ".join(
         f"{k} {v['rows']} ({v['label_mean']:.1%} positive)" for k, v in m["splits"].items()

@@ -36,9 +36,14 @@ class Project:
             raise_on_error=raise_on_error,
         )
 
-    def run_training_set(self) -> dg.ExecuteInProcessResult:
+    def run_training_set(
+        self, end_date: str | None = None, raise_on_error: bool = True
+    ) -> dg.ExecuteInProcessResult:
         job = self.defs.resolve_job_def(training_set_job_name(self.spec))
-        return job.execute_in_process(instance=self.instance, run_config=QUIET)
+        config = {"ops": {f"{self.spec.name}__training_set": {"config": {"end_date": end_date}}}}
+        return job.execute_in_process(
+            instance=self.instance, run_config={**QUIET, **config}, raise_on_error=raise_on_error
+        )
 
 
 def make_project(root: Path, spec_text: str | None = None, name: str = "machine_failure.yaml"):

@@ -58,6 +58,15 @@ def test_days_flow_to_a_training_set(project):
     assert project.lake.read(
         project.spec.name, "training_set", meta["training_set_hash"][:16]
     ).equals(df)
+    pinned = project.run_training_set(end_date="2026-01-03")
+    assert materialization_meta(pinned, _key(project, "training_set"))["window"] == [
+        "2026-01-01",
+        "2026-01-02",
+        "2026-01-03",
+    ]
+    too_early = project.run_training_set(end_date="2026-01-02", raise_on_error=False)
+    assert not too_early.success
+    assert "needs at least 3" in _failure_message(too_early)
 
 
 def test_rematerializing_a_partition_keeps_every_file_hash(project):
