@@ -6,26 +6,16 @@ Set MLOPS_SPECS_DIR to load another folder of specs and MLOPS_LAKE_URL to move t
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import dagster as dg
 
 from assets.data import build_data_assets
+from mlops.config import lake_url, specs_dir
 from mlops.spec import find_specs
 from orchestration.jobs import build_jobs
 from resources.lake import LakeResource
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def specs_dir() -> Path:
-    return Path(os.environ.get("MLOPS_SPECS_DIR", PROJECT_ROOT / "specs"))
-
-
-def lake_url() -> str:
-    return os.environ.get("MLOPS_LAKE_URL", str(PROJECT_ROOT / ".mlops" / "lake"))
 
 
 def build_definitions(specs_path: Path | None = None, lake_base_url: str | None = None):

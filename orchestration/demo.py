@@ -14,10 +14,11 @@ from pathlib import Path
 
 import dagster as dg
 
+from mlops.config import PROJECT_ROOT, lake_url
 from mlops.generate import generate
 from mlops.lake import Lake
 from mlops.spec import load_spec
-from orchestration.definitions import PROJECT_ROOT, build_definitions, lake_url
+from orchestration.definitions import build_definitions
 from orchestration.jobs import data_job_name, training_set_job_name
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
