@@ -39,14 +39,16 @@ class MatrixLayout:
         return cols
 
     def to_json(self) -> str:
-        return json.dumps({"numeric": self.numeric, "categorical": self.categorical})
+        # Categorical columns as [name, categories] pairs: MLmodel metadata is YAML, whose
+        # mappings come back with sorted keys, and column order is part of the model.
+        pairs = [[k, v] for k, v in self.categorical.items()]
+        return json.dumps({"numeric": self.numeric, "categorical": pairs})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MatrixLayout:
-        return cls(
-            numeric=list(d["numeric"]),
-            categorical={k: list(v) for k, v in d["categorical"].items()},
-        )
+        cats = d["categorical"]
+        pairs = cats.items() if isinstance(cats, dict) else cats
+        return cls(numeric=list(d["numeric"]), categorical={k: list(v) for k, v in pairs})
 
 
 def layout(spec: Spec) -> MatrixLayout:

@@ -235,6 +235,7 @@ class Spec(_Strict):
 
     # Set by load_spec, not by the YAML.
     root: Path = Field(default=Path("."), exclude=True)
+    path: Path = Field(default=Path("."), exclude=True)
     content_hash: str = Field(default="", exclude=True)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -343,7 +344,9 @@ def load_spec(path: str | Path) -> Spec:
     root = path.resolve().parent.parent
     digest = hashlib.sha256(text.encode()).hexdigest()
     try:
-        return Spec.model_validate({**data, "root": root, "content_hash": digest})
+        return Spec.model_validate(
+            {**data, "root": root, "path": path.resolve(), "content_hash": digest}
+        )
     except ValidationError as e:
         problems = []
         for err in e.errors():

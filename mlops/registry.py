@@ -1,0 +1,194 @@
+"""MLflow tracking and registry: experiments, aliases, lineage tags, deployment history.
+
+mlflow is imported inside functions: this module is imported by every Dagster process and
+the CLI, and mlflow takes seconds to import.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from mlops.lake import Lake
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+TAG = "mlops."  # every tag this project writes starts with it
+HISTORY_ASSET = "deployments"
+HISTORY_SCHEMA = {
+    "time": pl.Datetime("us", "UTC"),
+    "action": pl.String,  # promote | force_promote | rollback
+    "from_version": pl.Int64,
+    "to_version": pl.Int64,
+    "reason": pl.String,
+    "dagster_run_id": pl.String,
+    "mlflow_run_id": pl.String,
+    "actor": pl.String,
+}
+# Lineage tags every model version carries (DESIGN §5); data versions are one tag per input
+# partition: mlops.data_version.<asset>.<partition>.
+LINEAGE_TAGS = (
+    "spec_name",
+    "spec_hash",
+    "dagster_run_id",
+    "training_partitions",
+    "training_set_hash",
+    "code_version",
+    "seed",
+    "trials",
+)
+
+
+class RegistryError(ValueError):
+    pass
+
+
+def client(tracking_uri: str):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_root: str) -> str:
+    """The spec's experiment, with artifacts under artifact_root/<name> (created once)."""
+    import mlflow
+
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
+        location = artifact_root if "://" in artifact_root else Path(artifact_root).resolve().as_uri()
+        exp_id = c.create_experiment(name, artifact_location=f"{location.rstrip('/')}/{name}")
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def alias_version(tracking_uri: str, model_name: str, alias: str) -> int | None:
+    from mlflow.exceptions import MlflowException
+
+    c = client(tracking_uri)
+    try:
+        return int(c.get_model_version_by_alias(model_name, alias).version)
+    except MlflowException:
+        return None
+
+
+def set_alias(tracking_uri: str, model_name: str, alias: str, version: int) -> None:
+    client(tracking_uri).set_registered_model_alias(model_name, alias, str(version))
+
+
+def version_tags(tracking_uri: str, model_name: str, version: int) -> dict[str, str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client(tracking_uri).get_model_version(model_name, str(version))
+    except MlflowException:
+        raise RegistryError(f"model {model_name} has no version {version}") from None
+    return dict(mv.tags)
+
+
+def tag_version(tracking_uri: str, model_name: str, version: int, tags: dict[str, Any]) -> None:
+    c = client(tracking_uri)
+    for k, v in tags.items():
+        c.set_model_version_tag(model_name, str(version), k, _tag_value(v))
+
+
+def _tag_value(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+
+
+def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
+    """Flatten a lineage dict into MLflow tags (one tag per input partition's data version)."""
+    tags = {f"{TAG}{k}": _tag_value(lineage[k]) for k in LINEAGE_TAGS if k in lineage}
+    for asset, versions in lineage.get("data_versions", {}).items():
+        for part, h in versions.items():
+            tags[f"{TAG}data_version.{asset}.{part}"] = h
+    return tags
+
+
+def lineage_from_tags(tags: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    versions: dict[str, dict[str, str]] = {}
+    for k, v in tags.items():
+        if not k.startswith(TAG):
+            continue
+        key = k.removeprefix(TAG)
+        if key.startswith("data_version."):
+            _, asset, part = key.split(".", 2)
+            versions.setdefault(asset, {})[part] = v
+        elif key in ("training_partitions", "seed", "trials"):
+            out[key] = json.loads(v)
+        else:
+            out[key] = v
+    out["data_versions"] = {a: dict(sorted(p.items())) for a, p in sorted(versions.items())}
+    return out
+
+
+def search_versions(tracking_uri: str, model_name: str) -> list[Any]:
+    c = client(tracking_uri)
+    return sorted(
+        c.search_model_versions(f"name = '{model_name}'"), key=lambda mv: int(mv.version)
+    )
+
+
+# Deployment history --------------------------------------------------------------------------
+
+
+@dataclass
+class Deployment:
+    action: str
+    from_version: int | None
+    to_version: int
+    reason: str
+    dagster_run_id: str = ""
+    mlflow_run_id: str = ""
+    actor: str = "dagster"
+
+
+def deployment_history(lake: Lake, spec_name: str) -> pl.DataFrame:
+    if not lake.exists(spec_name, HISTORY_ASSET):
+        return pl.DataFrame(schema=HISTORY_SCHEMA)
+    return lake.read(spec_name, HISTORY_ASSET)
+
+
+def record_deployment(lake: Lake, spec_name: str, d: Deployment) -> pl.DataFrame:
+    """Append one alias move to the history (the lake write is atomic)."""
+    row = pl.DataFrame(
+        [{"time": dt.datetime.now(dt.UTC), "action": d.action, "from_version": d.from_version,
+          "to_version": d.to_version, "reason": d.reason, "dagster_run_id": d.dagster_run_id,
+          "mlflow_run_id": d.mlflow_run_id, "actor": d.actor}],
+        schema=HISTORY_SCHEMA,
+    )
+    history = pl.concat([deployment_history(lake, spec_name), row])
+    lake.write(spec_name, HISTORY_ASSET, history)
+    return history
+
+
+def move_champion(tracking_uri: str, lake: Lake, spec_name: str, model_name: str,
+                  d: Deployment) -> None:
+    """Point `champion` at d.to_version, tag the version, and write the history entry."""
+    set_alias(tracking_uri, model_name, CHAMPION, d.to_version)
+    tag_version(tracking_uri, model_name, d.to_version, {
+        f"{TAG}deployed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        f"{TAG}deployment_reason": f"{d.action}: {d.reason}",
+    })
+    record_deployment(lake, spec_name, d)
+
+
+def previous_champion(lake: Lake, spec_name: str, current: int | None) -> int | None:
+    """The version that was champion before the current one took over."""
+    h = deployment_history(lake, spec_name)
+    if current is None or h.height == 0:
+        return None
+    moves = h.filter(pl.col("to_version") == current).sort("time")
+    if moves.height == 0:
+        return None
+    return moves["from_version"][-1]
