@@ -147,3 +147,27 @@ class Lake:
 
 def _visible(name: str) -> bool:
     return name.endswith(".parquet") and not name.startswith(".")
+
+
+def write_json(lake: Lake, spec: str, asset: str, key: str, doc: dict) -> str:
+    """Atomically write a small JSON document next to an asset's partitions."""
+    import json
+
+    folder = f"{lake.root}/{spec}/{asset}"
+    final = f"{folder}/{key}.json"
+    tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{key}.json"
+    lake.fs.makedirs(folder, exist_ok=True)
+    with lake.fs.open(tmp, "w") as f:
+        f.write(json.dumps(doc, indent=2, sort_keys=True, default=str))
+    lake.fs.mv(tmp, final)
+    return final
+
+
+def read_json(lake: Lake, spec: str, asset: str, key: str) -> dict | None:
+    import json
+
+    path = f"{lake.root}/{spec}/{asset}/{key}.json"
+    if not lake.fs.exists(path):
+        return None
+    with lake.fs.open(path, "r") as f:
+        return json.loads(f.read())

@@ -47,8 +47,9 @@ class LoadedModel:
         return (scores >= (self.threshold if self.threshold is not None else 0.5)).astype("int8")
 
 
-def load_model(tracking_uri: str, name: str, version: int | None = None,
-               alias: str | None = None) -> LoadedModel:
+def load_model(
+    tracking_uri: str, name: str, version: int | None = None, alias: str | None = None
+) -> LoadedModel:
     """Load `models:/<name>/<version>` or `models:/<name>@<alias>` in its native flavor."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -56,8 +57,11 @@ def load_model(tracking_uri: str, name: str, version: int | None = None,
 
     c = client(tracking_uri)
     try:
-        mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(
-            name, str(version))
+        mv = (
+            c.get_model_version_by_alias(name, alias)
+            if alias
+            else c.get_model_version(name, str(version))
+        )
     except MlflowException as e:
         what = f"alias '{alias}'" if alias else f"version {version}"
         raise RegistryError(f"model {name} has no {what}: {e.message}") from None
@@ -75,7 +79,9 @@ def load_model(tracking_uri: str, name: str, version: int | None = None,
     elif "sklearn" in conf.flavors:
         model = mlflow.sklearn.load_model(local)
     else:
-        raise RegistryError(f"{uri} has flavors {sorted(conf.flavors)}: expected xgboost or sklearn")
+        raise RegistryError(
+            f"{uri} has flavors {sorted(conf.flavors)}: expected xgboost or sklearn"
+        )
     example = conf.load_input_example(local) if conf.saved_input_example_info else None
     threshold = meta.get("threshold")
     return LoadedModel(

@@ -63,7 +63,9 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: str) -> str:
     c = client(tracking_uri)
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        location = artifact_root if "://" in artifact_root else Path(artifact_root).resolve().as_uri()
+        location = (
+            artifact_root if "://" in artifact_root else Path(artifact_root).resolve().as_uri()
+        )
         exp_id = c.create_experiment(name, artifact_location=f"{location.rstrip('/')}/{name}")
     else:
         exp_id = exp.experiment_id
@@ -134,9 +136,7 @@ def lineage_from_tags(tags: dict[str, str]) -> dict[str, Any]:
 
 def search_versions(tracking_uri: str, model_name: str) -> list[Any]:
     c = client(tracking_uri)
-    return sorted(
-        c.search_model_versions(f"name = '{model_name}'"), key=lambda mv: int(mv.version)
-    )
+    return sorted(c.search_model_versions(f"name = '{model_name}'"), key=lambda mv: int(mv.version))
 
 
 # Deployment history --------------------------------------------------------------------------
@@ -162,9 +162,18 @@ def deployment_history(lake: Lake, spec_name: str) -> pl.DataFrame:
 def record_deployment(lake: Lake, spec_name: str, d: Deployment) -> pl.DataFrame:
     """Append one alias move to the history (the lake write is atomic)."""
     row = pl.DataFrame(
-        [{"time": dt.datetime.now(dt.UTC), "action": d.action, "from_version": d.from_version,
-          "to_version": d.to_version, "reason": d.reason, "dagster_run_id": d.dagster_run_id,
-          "mlflow_run_id": d.mlflow_run_id, "actor": d.actor}],
+        [
+            {
+                "time": dt.datetime.now(dt.UTC),
+                "action": d.action,
+                "from_version": d.from_version,
+                "to_version": d.to_version,
+                "reason": d.reason,
+                "dagster_run_id": d.dagster_run_id,
+                "mlflow_run_id": d.mlflow_run_id,
+                "actor": d.actor,
+            }
+        ],
         schema=HISTORY_SCHEMA,
     )
     history = pl.concat([deployment_history(lake, spec_name), row])
@@ -172,23 +181,30 @@ def record_deployment(lake: Lake, spec_name: str, d: Deployment) -> pl.DataFrame
     return history
 
 
-def move_champion(tracking_uri: str, lake: Lake, spec_name: str, model_name: str,
-                  d: Deployment) -> None:
+def move_champion(
+    tracking_uri: str, lake: Lake, spec_name: str, model_name: str, d: Deployment
+) -> None:
     """Point `champion` at d.to_version, tag the version, and write the history entry."""
     set_alias(tracking_uri, model_name, CHAMPION, d.to_version)
-    tag_version(tracking_uri, model_name, d.to_version, {
-        f"{TAG}deployed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        f"{TAG}deployment_reason": f"{d.action}: {d.reason}",
-    })
+    tag_version(
+        tracking_uri,
+        model_name,
+        d.to_version,
+        {
+            f"{TAG}deployed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            f"{TAG}deployment_reason": f"{d.action}: {d.reason}",
+        },
+    )
     record_deployment(lake, spec_name, d)
 
 
 def previous_champion(lake: Lake, spec_name: str, current: int | None) -> int | None:
-    """The version that was champion before the current one took over."""
+    """The champion before the current one was promoted (rollbacks walk further back)."""
     h = deployment_history(lake, spec_name)
     if current is None or h.height == 0:
         return None
-    moves = h.filter(pl.col("to_version") == current).sort("time")
+    promotions = h.filter(pl.col("action") != "rollback")
+    moves = promotions.filter(pl.col("to_version") == current).sort("time")
     if moves.height == 0:
         return None
     return moves["from_version"][-1]

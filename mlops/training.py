@@ -38,8 +38,13 @@ class Candidate:
 def code_version() -> str:
     """The git commit of the code, when there is one."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
@@ -55,8 +60,9 @@ class FitResult:
     frames: dict
 
 
-def fit_best(spec: Spec, training_set: pl.DataFrame, trials: int | None = None,
-             on_trial=None) -> FitResult:
+def fit_best(
+    spec: Spec, training_set: pl.DataFrame, trials: int | None = None, on_trial=None
+) -> FitResult:
     """The ML work alone (no MLflow): search, refit the best trial, pick the threshold."""
     from mlops.evaluation import choose_threshold
 
@@ -65,58 +71,83 @@ def fit_best(spec: Spec, training_set: pl.DataFrame, trials: int | None = None,
     (X_tr, y_tr, _), (X_va, y_va, _) = frames["train"], frames["valid"]
     result = modeling.search(spec, X_tr, y_tr, X_va, y_va, on_trial=on_trial, trials=trials)
     best = result.best
-    model = modeling.fit(spec.model.task, best.estimator, best.params, spec.model.seed,
-                         X_tr, y_tr, X_va, y_va)
+    model = modeling.fit(
+        spec.model.task, best.estimator, best.params, spec.model.seed, X_tr, y_tr, X_va, y_va
+    )
     threshold = None
     if spec.model.task == "binary_classification":
         threshold = float(choose_threshold(y_va, modeling.predict(spec.model.task, model, X_va)))
     return FitResult(model, best, result, lay, threshold, frames)
 
 
-def train_candidate(spec: Spec, training_set: pl.DataFrame, lineage: dict[str, Any],
-                    tracking_uri: str, artifact_root: str, trials: int | None = None,
-                    training_set_path: str = "") -> Candidate:
+def train_candidate(
+    spec: Spec,
+    training_set: pl.DataFrame,
+    lineage: dict[str, Any],
+    tracking_uri: str,
+    artifact_root: str,
+    trials: int | None = None,
+    training_set_path: str = "",
+) -> Candidate:
     import mlflow
     from mlflow.models import infer_signature
 
     registry.ensure_experiment(tracking_uri, spec.name, artifact_root)
     name = spec.registered_model_name
-    lineage = {**lineage, "spec_name": spec.name, "spec_hash": spec.content_hash,
-               "code_version": lineage.get("code_version") or code_version(),
-               "seed": spec.model.seed, "trials": trials or spec.model.trials}
+    lineage = {
+        **lineage,
+        "spec_name": spec.name,
+        "spec_hash": spec.content_hash,
+        "code_version": lineage.get("code_version") or code_version(),
+        "seed": spec.model.seed,
+        "trials": trials or spec.model.trials,
+    }
     tags = registry.lineage_tags(lineage)
     with mlflow.start_run(run_name=f"{spec.name}-candidate", tags=tags) as parent:
 
         def log_trial(t: modeling.Trial) -> None:
-            with mlflow.start_run(run_name=f"trial-{t.number:03d}", nested=True,
-                                  tags={f"{registry.TAG}spec_name": spec.name}):
+            with mlflow.start_run(
+                run_name=f"trial-{t.number:03d}",
+                nested=True,
+                tags={f"{registry.TAG}spec_name": spec.name},
+            ):
                 mlflow.log_params({"estimator": t.estimator, **t.params})
-                mlflow.log_metrics({f"valid_{metric}": t.value,
-                                    "fit_seconds": t.seconds})
+                mlflow.log_metrics({f"valid_{metric}": t.value, "fit_seconds": t.seconds})
 
         metric = modeling.primary_metric(spec)
         fit = fit_best(spec, training_set, trials, on_trial=log_trial)
         X_tr, _, _ = fit.frames["train"]
-        X_va, _, _ = fit.frames["valid"]
         label = spec.labels.name
         ds = mlflow.data.from_pandas(
-            training_set.to_pandas(), source=training_set_path or "lake",
-            name=f"{spec.name}/training_set", targets=label,
+            training_set.to_pandas(),
+            source=training_set_path or "lake",
+            name=f"{spec.name}/training_set",
+            targets=label,
             digest=lineage.get("training_set_hash", "")[:16] or None,
         )
         mlflow.log_input(ds, context="training")
-        mlflow.log_params({"estimator": fit.best.estimator, **fit.best.params,
-                           "best_trial": fit.best.number})
+        mlflow.log_params(
+            {"estimator": fit.best.estimator, **fit.best.params, "best_trial": fit.best.number}
+        )
         mlflow.log_metrics({f"valid_{metric}": fit.best.value})
         if fit.best.best_iteration is not None:
             mlflow.log_metric("best_iteration", fit.best.best_iteration)
         example = X_tr.head(5)
         signature = infer_signature(example, modeling.predict(spec.model.task, fit.model, example))
-        meta = {"layout": json.loads(fit.layout.to_json()), "task": spec.model.task,
-                "estimator": fit.best.estimator, "threshold": fit.threshold,
-                "spec_name": spec.name}
-        common = {"name": "model", "signature": signature, "input_example": example,
-                  "registered_model_name": name, "metadata": meta}
+        meta = {
+            "layout": json.loads(fit.layout.to_json()),
+            "task": spec.model.task,
+            "estimator": fit.best.estimator,
+            "threshold": fit.threshold,
+            "spec_name": spec.name,
+        }
+        common = {
+            "name": "model",
+            "signature": signature,
+            "input_example": example,
+            "registered_model_name": name,
+            "metadata": meta,
+        }
         if fit.best.estimator == modeling.XGBOOST:
             info = mlflow.xgboost.log_model(fit.model, model_format="json", **common)
         else:
@@ -126,13 +157,30 @@ def train_candidate(spec: Spec, training_set: pl.DataFrame, lineage: dict[str, A
         version = int(info.registered_model_version)
         run_id = parent.info.run_id
 
-    registry.tag_version(tracking_uri, name, version, {**tags,
-                         f"{registry.TAG}mlflow_run_id": run_id,
-                         f"{registry.TAG}estimator": fit.best.estimator,
-                         f"{registry.TAG}decision_threshold": str(fit.threshold)})
+    registry.tag_version(
+        tracking_uri,
+        name,
+        version,
+        {
+            **tags,
+            f"{registry.TAG}mlflow_run_id": run_id,
+            f"{registry.TAG}estimator": fit.best.estimator,
+            f"{registry.TAG}decision_threshold": str(fit.threshold),
+        },
+    )
     registry.set_alias(tracking_uri, name, registry.CHALLENGER, version)
-    return Candidate(name, version, run_id, fit.best.estimator, fit.best.params, metric,
-                     fit.best.value, fit.threshold, len(fit.search.trials), lineage)
+    return Candidate(
+        name,
+        version,
+        run_id,
+        fit.best.estimator,
+        fit.best.params,
+        metric,
+        fit.best.value,
+        fit.threshold,
+        len(fit.search.trials),
+        lineage,
+    )
 
 
 def _pyfunc_fn(spec: Spec) -> str:

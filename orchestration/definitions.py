@@ -6,19 +6,27 @@ Set MLOPS_SPECS_DIR to load another folder of specs and MLOPS_LAKE_URL to move t
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import dagster as dg
 
 from assets.data import build_data_assets
-from mlops.config import lake_url, specs_dir
+from assets.model import build_model_assets
+from mlops.config import lake_url, mlflow_artifact_root, mlflow_tracking_uri, specs_dir
 from mlops.spec import find_specs
 from orchestration.jobs import build_jobs
 from resources.lake import LakeResource
+from resources.mlflow import MlflowResource
 
 
-def build_definitions(specs_path: Path | None = None, lake_base_url: str | None = None):
+def build_definitions(
+    specs_path: Path | None = None,
+    lake_base_url: str | None = None,
+    tracking_uri: str | None = None,
+    artifact_root: str | None = None,
+) -> dg.Definitions:
     specs = find_specs(specs_path or specs_dir())
     assets, checks, jobs = [], [], []
     for spec in specs:
@@ -26,15 +34,27 @@ def build_definitions(specs_path: Path | None = None, lake_base_url: str | None 
             # Partitioned asset checks are a Dagster preview feature; every process that
             # loads the code location would print this warning otherwise.
             warnings.simplefilter("ignore", dg.PreviewWarning)
-            built = build_data_assets(spec)
+            built = [*build_data_assets(spec), *build_model_assets(spec)]
         for d in built:
-            (checks if isinstance(d, dg.AssetChecksDefinition) else assets).append(d)
+            if isinstance(d, dg.AssetChecksDefinition):
+                checks.append(d)
+            elif isinstance(d, dg.JobDefinition):
+                jobs.append(d)
+            else:
+                assets.append(d)
         jobs.extend(build_jobs(spec))
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
         jobs=jobs,
-        resources={"lake": LakeResource(base_url=lake_base_url or lake_url())},
+        resources={
+            "lake": LakeResource(base_url=lake_base_url or lake_url()),
+            "mlflow": MlflowResource(
+                tracking_uri=tracking_uri or mlflow_tracking_uri(),
+                artifact_root=artifact_root or mlflow_artifact_root(),
+                ui_url=os.environ.get("MLOPS_MLFLOW_UI_URL", "http://127.0.0.1:5000"),
+            ),
+        },
     )
 
 

@@ -18,6 +18,14 @@ def training_set_job_name(spec: Spec) -> str:
     return f"{spec.name}_training_set_job"
 
 
+def training_job_name(spec: Spec) -> str:
+    return f"{spec.name}_training_job"
+
+
+def batch_predictions_job_name(spec: Spec) -> str:
+    return f"{spec.name}_batch_predictions_job"
+
+
 def build_jobs(spec: Spec) -> list[dg.UnresolvedAssetJobDefinition]:
     daily = dg.AssetSelection.assets(*[dg.AssetKey([spec.name, a]) for a in DAILY_ASSETS])
     return [
@@ -31,5 +39,26 @@ def build_jobs(spec: Spec) -> list[dg.UnresolvedAssetJobDefinition]:
             training_set_job_name(spec),
             selection=dg.AssetSelection.assets(dg.AssetKey([spec.name, "training_set"])),
             description=f"{spec.name}: rebuild the point-in-time training set.",
+        ),
+        dg.define_asset_job(
+            training_job_name(spec),
+            selection=dg.AssetSelection.assets(
+                *[
+                    dg.AssetKey([spec.name, a])
+                    for a in (
+                        "training_set",
+                        "candidate_model",
+                        "model_evaluation",
+                        "champion_model",
+                    )
+                ]
+            ),
+            description=f"{spec.name}: training set -> candidate -> evaluation -> gate -> champion.",
+        ),
+        dg.define_asset_job(
+            batch_predictions_job_name(spec),
+            selection=dg.AssetSelection.assets(dg.AssetKey([spec.name, "batch_predictions"])),
+            partitions_def=daily_partitions(spec),
+            description=f"{spec.name}: score one day's features with the champion.",
         ),
     ]

@@ -26,6 +26,7 @@ class Project:
     lake: Lake
     defs: dg.Definitions
     instance: dg.DagsterInstance
+    tracking_uri: str = ""
 
     def run_day(self, day: str, raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
         job = self.defs.resolve_job_def(data_job_name(self.spec))
@@ -35,6 +36,12 @@ class Project:
             run_config=QUIET,
             raise_on_error=raise_on_error,
         )
+
+    def run_job(self, job: str, partition: str | None = None, config: dict | None = None,
+                raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+        return self.defs.resolve_job_def(job).execute_in_process(
+            partition_key=partition, instance=self.instance,
+            run_config={**QUIET, **(config or {})}, raise_on_error=raise_on_error)
 
     def run_training_set(
         self, end_date: str | None = None, raise_on_error: bool = True
@@ -46,7 +53,30 @@ class Project:
         )
 
 
-def make_project(root: Path, spec_text: str | None = None, name: str = "machine_failure.yaml"):
+_MLFLOW_TEMPLATE: list[Path] = []
+
+
+def mlflow_db(root: Path) -> str:
+    """A migrated MLflow SQLite store per test, copied from one made once per session
+    (creating the schema takes seconds; copying takes milliseconds)."""
+    if not _MLFLOW_TEMPLATE:
+        import tempfile
+
+        from mlflow import MlflowClient
+
+        tmpl = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
+        MlflowClient(tracking_uri=f"sqlite:///{tmpl}").search_experiments()
+        _MLFLOW_TEMPLATE.append(tmpl)
+    db = root / ".mlops" / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(_MLFLOW_TEMPLATE[0], db)
+    return f"sqlite:///{db}"
+
+
+def make_project(
+    root: Path, spec_text: str | None = None, name: str = "machine_failure.yaml",
+    with_mlflow: bool = False,
+):
     (root / "specs").mkdir(parents=True, exist_ok=True)
     if spec_text is None:
         shutil.copy(REPO / "specs" / "machine_failure.yaml", root / "specs" / name)
@@ -54,8 +84,9 @@ def make_project(root: Path, spec_text: str | None = None, name: str = "machine_
         (root / "specs" / name).write_text(spec_text)
     spec = load_spec(root / "specs" / name)
     lake_url = str(root / ".mlops" / "lake")
-    defs = build_definitions(root / "specs", lake_url)
-    return Project(root, spec, Lake(lake_url), defs, dg.DagsterInstance.ephemeral())
+    uri = mlflow_db(root) if with_mlflow else f"sqlite:///{root / '.mlops' / 'unused.db'}"
+    defs = build_definitions(root / "specs", lake_url, uri, str(root / ".mlops" / "mlartifacts"))
+    return Project(root, spec, Lake(lake_url), defs, dg.DagsterInstance.ephemeral(), uri)
 
 
 @pytest.fixture

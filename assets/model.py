@@ -1,0 +1,349 @@
+"""The model half of one spec's graph: training set -> candidate -> evaluation -> gate ->
+champion -> batch predictions. Thin wiring over mlops/ (training, promotion, model_loader).
+
+Each step loads the exact model version its upstream materialization recorded, never "the
+newest": candidate_model's metadata names the version that evaluation and the gate use.
+"""
+
+import base64
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from mlops import promotion, registry, training
+from mlops.lake import Lake
+from mlops.spec import Spec
+from orchestration.partitions import daily_partitions
+from resources.lake import LakeResource
+from resources.mlflow import MlflowResource
+
+GATE_CHECKS = {
+    "thresholds": "thresholds_gate_check",
+    "improvement": "improvement_gate_check",
+    "slices": "slices_gate_check",
+    "serving_smoke": "serving_smoke_gate_check",
+}
+
+
+class TrainConfig(dg.Config):
+    """Override the spec's number of Optuna trials (e.g. for a quick run)."""
+
+    trials: int | None = None
+
+
+def upstream_meta(context, key: dg.AssetKey) -> dict:
+    """Metadata of the latest materialization of `key`: how a step finds its exact input."""
+    event = context.instance.get_latest_materialization_event(key)
+    if event is None or event.asset_materialization is None:
+        raise dg.Failure(
+            f"{key.to_user_string()} has never been materialized: materialize it first"
+        )
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def _png_md(path: str, title: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f"**{title}**\n\n![{title}](data:image/png;base64,{data})\n"
+
+
+def _metrics_table(doc: dict) -> str:
+    chal = doc["challenger"]["metrics"]
+    champ = (doc["champion"] or {}).get("metrics", {})
+    champ_v = (doc["champion"] or {}).get("version")
+    head = f"| metric | v{doc['version']} (challenger) |" + (
+        f" v{champ_v} (champion) |" if champ else ""
+    )
+    rows = [head, "|---|---|" + ("---|" if champ else "")]
+    for k in sorted(chal):
+        a = chal[k]
+        line = f"| {k} | {'n/a' if a is None else round(a, 4)} |"
+        if champ:
+            b = champ.get(k)
+            line += f" {'n/a' if b is None else round(b, 4)} |"
+        rows.append(line)
+    return "\n".join(rows)
+
+
+def build_model_assets(spec: Spec) -> list:
+    name = spec.name
+    model_name = spec.registered_model_name
+    daily = daily_partitions(spec)
+    key = {
+        a: dg.AssetKey([name, a])
+        for a in (
+            "training_set",
+            "features",
+            "candidate_model",
+            "model_evaluation",
+            "champion_model",
+            "batch_predictions",
+        )
+    }
+    common = {"group_name": name, "code_version": spec.content_hash[:12]}
+
+    @dg.asset(
+        key=key["candidate_model"],
+        deps=[key["training_set"]],
+        kinds={"mlflow", "xgboost"},
+        **common,
+    )
+    def candidate_model(
+        context: dg.AssetExecutionContext,
+        config: TrainConfig,
+        lake: LakeResource,
+        mlflow: MlflowResource,
+    ) -> dg.MaterializeResult:
+        """Optuna search over the spec's candidates; the best refit, registered as challenger."""
+        ts_meta = upstream_meta(context, key["training_set"])
+        ts_hash = ts_meta["training_set_hash"]
+        store = lake.get()
+        frame = store.read(name, "training_set", ts_hash[:16])
+        lineage = {
+            "dagster_run_id": context.run.run_id,
+            "training_partitions": ts_meta["window"],
+            "training_set_hash": ts_hash,
+            "data_versions": ts_meta["input_data_versions"],
+        }
+        cand = training.train_candidate(
+            spec,
+            frame,
+            lineage,
+            mlflow.tracking_uri,
+            mlflow.artifact_root,
+            trials=config.trials,
+            training_set_path=store.url(name, "training_set", ts_hash[:16]),
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "model_name": model_name,
+                "model_version": cand.version,
+                "mlflow_run_id": cand.run_id,
+                "model_uri": f"models:/{model_name}/{cand.version}",
+                "estimator": cand.estimator,
+                "params": dg.MetadataValue.json(cand.params),
+                f"valid_{cand.metric}": cand.valid_score,
+                "decision_threshold": cand.threshold
+                if cand.threshold is not None
+                else float("nan"),
+                "trials": cand.trials,
+                "training_set_hash": ts_hash,
+            }
+        )
+
+    @dg.asset(
+        key=key["model_evaluation"], deps=[key["candidate_model"]], kinds={"mlflow"}, **common
+    )
+    def model_evaluation(
+        context: dg.AssetExecutionContext, lake: LakeResource, mlflow: MlflowResource
+    ) -> dg.MaterializeResult:
+        """Test-split metrics, slices, plots, Evidently report and model card, champion beside."""
+        import mlflow as mlf
+
+        version = int(upstream_meta(context, key["candidate_model"])["model_version"])
+        store = lake.get()
+        with tempfile.TemporaryDirectory() as tmp:
+            doc = promotion.evaluate_version(spec, store, mlflow.tracking_uri, version, Path(tmp))
+            run_id = doc["challenger"]["run_id"]
+            registry.client(mlflow.tracking_uri)
+            with mlf.start_run(run_id=run_id):
+                mlf.log_artifacts(tmp, "evaluation")
+                mlf.log_metrics(
+                    {
+                        f"test_{k}": v
+                        for k, v in doc["challenger"]["metrics"].items()
+                        if v is not None
+                    }
+                )
+            arts = doc["artifacts"]
+            plots = "\n".join(_png_md(p, n) for n, p in sorted(arts.items()) if p.endswith(".png"))
+            card = Path(arts["model_card"]).read_text()
+        doc["artifacts"] = {n: f"runs:/{run_id}/evaluation/{Path(p).name}" for n, p in arts.items()}
+        path = promotion.save_evaluation(store, spec, doc)
+        primary = doc["primary_metric"]
+        return dg.MaterializeResult(
+            metadata={
+                "model_version": version,
+                "champion_version": (doc["champion"] or {}).get("version") or 0,
+                f"test_{primary}": doc["challenger"]["metrics"].get(primary) or float("nan"),
+                "metrics": dg.MetadataValue.md(_metrics_table(doc)),
+                "plots": dg.MetadataValue.md(plots),
+                "model_card": dg.MetadataValue.md(card),
+                "evidently_report": doc["artifacts"]["evidently_report"],
+                "evaluation_path": dg.MetadataValue.path(path),
+                "test_rows": doc["test_rows"],
+            }
+        )
+
+    def _gate_check(gate: str):
+        @dg.asset_check(asset=key["model_evaluation"], name=GATE_CHECKS[gate], blocking=True)
+        def check(
+            context: dg.AssetCheckExecutionContext, lake: LakeResource, mlflow: MlflowResource
+        ) -> dg.AssetCheckResult:
+            version = int(upstream_meta(context, key["model_evaluation"])["model_version"])
+            doc = promotion.load_evaluation(lake.get(), spec, version)
+            if doc is None:
+                raise dg.Failure(f"no evaluation for {model_name} v{version}")
+            result = {
+                "thresholds": lambda: promotion.threshold_gate(spec, doc),
+                "improvement": lambda: promotion.improvement_gate(spec, doc),
+                "slices": lambda: promotion.slice_gate(spec, doc),
+                "serving_smoke": lambda: promotion.serving_smoke_gate(
+                    spec, mlflow.tracking_uri, version
+                ),
+            }[gate]()
+            registry.tag_version(
+                mlflow.tracking_uri,
+                model_name,
+                version,
+                {
+                    f"{registry.TAG}gate.{gate}": ("passed: " if result.passed else "failed: ")
+                    + result.reason
+                },
+            )
+            return dg.AssetCheckResult(
+                passed=result.passed,
+                severity=dg.AssetCheckSeverity.ERROR,
+                description=result.reason,
+                metadata={
+                    "model_version": version,
+                    "reason": result.reason,
+                    "details": dg.MetadataValue.json(promotion._finite(result.details)),
+                },
+            )
+
+        check.__doc__ = f"Promotion gate '{gate}' (spec gates) for the evaluated version."
+        return check
+
+    @dg.asset(key=key["champion_model"], deps=[key["model_evaluation"]], kinds={"mlflow"}, **common)
+    def champion_model(
+        context: dg.AssetExecutionContext, lake: LakeResource, mlflow: MlflowResource
+    ) -> dg.MaterializeResult:
+        """Moves alias `champion` to the evaluated version only if every gate passes."""
+        version = int(upstream_meta(context, key["model_evaluation"])["model_version"])
+        store = lake.get()
+        doc = promotion.load_evaluation(store, spec, version)
+        if doc is None:
+            raise dg.Failure(f"no evaluation for {model_name} v{version}: run model_evaluation")
+        decision = promotion.decide(
+            spec, store, mlflow.tracking_uri, version, doc, dagster_run_id=context.run.run_id
+        )
+        champion = registry.alias_version(mlflow.tracking_uri, model_name, registry.CHAMPION)
+        return dg.MaterializeResult(
+            metadata={
+                "champion_version": champion or 0,
+                "evaluated_version": version,
+                "promoted": decision.promoted,
+                "reason": decision.reason,
+                "gates": dg.MetadataValue.json(
+                    [
+                        g["name"] + ": " + ("passed" if g["passed"] else "failed - " + g["reason"])
+                        for g in decision.as_dict()["gates"]
+                    ]
+                ),
+                "deployment_history": dg.MetadataValue.md(_history_md(store, name)),
+                "model_uri": f"models:/{model_name}@{registry.CHAMPION}",
+            }
+        )
+
+    @dg.asset(
+        key=key["batch_predictions"],
+        partitions_def=daily,
+        kinds={"parquet"},
+        deps=[key["features"], key["champion_model"]],
+        **common,
+    )
+    def batch_predictions(
+        context: dg.AssetExecutionContext, lake: LakeResource, mlflow: MlflowResource
+    ) -> dg.MaterializeResult:
+        """The day's feature rows scored by the champion; each row names the model version."""
+        from mlops.model_loader import load_model
+
+        store = lake.get()
+        try:
+            model = load_model(mlflow.tracking_uri, model_name, alias=registry.CHAMPION)
+        except registry.RegistryError as e:
+            raise dg.Failure(
+                f"{e}. Promote a champion first (champion_model or mlops promote)."
+            ) from None
+        feats = store.read(name, "features", context.partition_key)
+        out = score_frame(spec, model, feats)
+        written = store.write(name, "batch_predictions", out, context.partition_key)
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(written.content_hash),
+            metadata={
+                "rows": out.height,
+                "model_version": model.version,
+                "mean_score": float(out["score"].mean() or 0.0),
+                "decision_rate": float(out["decision"].cast(pl.Float64).mean() or 0.0),
+                "path": dg.MetadataValue.path(written.path),
+            },
+        )
+
+    @dg.op(name=f"{name}_rollback")
+    def rollback_op(
+        context: dg.OpExecutionContext,
+        config: RollbackConfig,
+        lake: LakeResource,
+        mlflow: MlflowResource,
+    ) -> None:
+        """Point alias champion back at the previous champion (or config.to_version)."""
+        try:
+            d = promotion.rollback(
+                spec,
+                lake.get(),
+                mlflow.tracking_uri,
+                config.to_version,
+                reason=config.reason,
+                dagster_run_id=context.run.run_id,
+                actor="dagster",
+            )
+        except (promotion.PromotionError, registry.RegistryError) as e:
+            raise dg.Failure(str(e)) from None
+        context.log.info(f"champion v{d.from_version} -> v{d.to_version}: {d.reason}")
+
+    @dg.job(name=f"{name}_rollback_job", description=f"{name}: roll the champion back.")
+    def rollback_job():
+        rollback_op()
+
+    checks = [_gate_check(g) for g in GATE_CHECKS]
+    return [
+        candidate_model,
+        model_evaluation,
+        *checks,
+        champion_model,
+        batch_predictions,
+        rollback_job,
+    ]
+
+
+class RollbackConfig(dg.Config):
+    to_version: int | None = None
+    reason: str = ""
+
+
+def score_frame(spec: Spec, model, feats: pl.DataFrame) -> pl.DataFrame:
+    """Keys of the input rows, score, decision and model version: output keys = input keys."""
+    from mlops.labels import entity_column
+
+    keys = [entity_column(spec), spec.source.timestamp_column]
+    scores = model.score(feats) if feats.height else []
+    return feats.select(keys).with_columns(
+        pl.Series("score", scores, dtype=pl.Float64),
+        pl.Series("decision", model.decide(scores) if feats.height else [], dtype=pl.Float64),
+        pl.lit(model.version, dtype=pl.Int64).alias("model_version"),
+    )
+
+
+def _history_md(store: Lake, spec_name: str) -> str:
+    h = registry.deployment_history(store, spec_name)
+    if h.height == 0:
+        return "no deployments yet"
+    rows = ["| when | action | from | to | reason | run |", "|---|---|---|---|---|---|"]
+    for r in h.sort("time", descending=True).head(20).iter_rows(named=True):
+        rows.append(
+            f"| {r['time']:%Y-%m-%d %H:%M} | {r['action']} | {r['from_version'] or '-'} "
+            f"| {r['to_version']} | {r['reason']} | {r['dagster_run_id'][:8]} |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,448 @@
+"""Evaluation of a registered version, the promotion gate, promote and rollback.
+
+One implementation for the Dagster checks, the champion_model asset and the `mlops promote`
+/ `mlops rollback` commands, so the UI and the CLI can never disagree about a gate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from mlops import evaluation, modeling, registry
+from mlops.lake import Lake, read_json, write_json
+from mlops.model_loader import LoadedModel, load_model
+from mlops.spec import Spec
+
+EVALUATION_ASSET = "model_evaluation"
+GATES = ("thresholds", "improvement", "slices", "serving_smoke")
+LOWER_IS_BETTER = {"log_loss", "brier", "rmse", "mae"}
+
+
+class PromotionError(ValueError):
+    pass
+
+
+@dataclass
+class GateResult:
+    name: str
+    passed: bool
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def better(metric: str, a: float, b: float, margin: float = 0.0) -> bool:
+    """Is a better than b by at least margin, for this metric's direction?"""
+    if metric in LOWER_IS_BETTER:
+        return a <= b - margin
+    return a >= b + margin
+
+
+# Evaluation -----------------------------------------------------------------------------------
+
+
+def test_split(spec: Spec, lake: Lake, training_set_hash: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(valid, test) rows of the exact training set a version was trained on."""
+    key = training_set_hash[:16]
+    if not lake.exists(spec.name, "training_set", key):
+        raise PromotionError(
+            f"training set {key} of this version is not in the lake ({lake.url(spec.name, 'training_set', key)})"
+        )
+    ts = lake.read(spec.name, "training_set", key)
+    return ts.filter(pl.col("split") == "valid"), ts.filter(pl.col("split") == "test")
+
+
+def _y(spec: Spec, df: pl.DataFrame) -> np.ndarray:
+    y = df[spec.labels.name].cast(pl.Float64).to_numpy()
+    return y.astype("int64") if spec.model.task == "binary_classification" else y
+
+
+def _score_block(spec: Spec, model: LoadedModel, test: pl.DataFrame) -> dict[str, Any]:
+    task, y = spec.model.task, _y(spec, test)
+    pred = model.score(test)
+    frame = test.select(spec.gates.slice_columns).to_pandas()
+    frame["y"], frame["pred"] = y, pred
+    return {
+        "version": model.version,
+        "run_id": model.run_id,
+        "estimator": model.estimator,
+        "threshold": model.threshold,
+        "metrics": evaluation.metrics(task, y, pred, model.threshold),
+        "slices": evaluation.slice_metrics(
+            task, frame, "y", "pred", spec.gates.slice_columns, model.threshold
+        ),
+        "pred": pred,
+    }
+
+
+def evaluate_version(
+    spec: Spec, lake: Lake, tracking_uri: str, version: int, out_dir: Path | None = None
+) -> dict[str, Any]:
+    """Score `version` and the current champion on the version's test split.
+
+    Returns a JSON-able document (metrics, slices, champion side by side); with out_dir,
+    also writes the plots, the Evidently report and the model card there.
+    """
+    name = spec.registered_model_name
+    tags = registry.version_tags(tracking_uri, name, version)
+    lineage = registry.lineage_from_tags(tags)
+    if "training_set_hash" not in lineage:
+        raise PromotionError(f"{name} v{version} has no training_set_hash tag: not trainable here")
+    missing = [
+        c
+        for c in spec.gates.slice_columns
+        if c not in spec.features.categorical and c not in spec.features.passthrough
+    ]
+    if missing:
+        raise PromotionError(f"gates.slice_columns {missing} are not features of the training set")
+    valid, test = test_split(spec, lake, lineage["training_set_hash"])
+    challenger = load_model(tracking_uri, name, version=version)
+    chal = _score_block(spec, challenger, test)
+    champ_version = registry.alias_version(tracking_uri, name, registry.CHAMPION)
+    champ = None
+    if champ_version is not None and champ_version != version:
+        champ = _score_block(spec, load_model(tracking_uri, name, version=champ_version), test)
+    doc: dict[str, Any] = {
+        "model_name": name,
+        "version": version,
+        "task": spec.model.task,
+        "primary_metric": modeling.primary_metric(spec),
+        "test_rows": test.height,
+        "training_set_hash": lineage["training_set_hash"],
+        "window": lineage.get("training_partitions", []),
+        "challenger": {k: v for k, v in chal.items() if k != "pred"},
+        "champion": {k: v for k, v in champ.items() if k != "pred"} if champ else None,
+    }
+    if out_dir is not None:
+        doc["artifacts"] = _artifacts(spec, challenger, chal, champ, valid, test, lineage, out_dir)
+    return _finite(doc)
+
+
+def _artifacts(spec, model, chal, champ, valid, test, lineage, out_dir: Path) -> dict[str, str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    task, y = spec.model.task, _y(spec, test)
+    importance = modeling.feature_importance(model.model, model.layout.columns)
+    files = evaluation.plots(
+        task, y, chal["pred"], out_dir, threshold=model.threshold, feature_importance=importance
+    )
+    ref = valid.select(model.layout.numeric).to_pandas()
+    cur = test.select(model.layout.numeric).to_pandas()
+    ref["target"], ref["prediction"] = _y(spec, valid), model.score(valid)
+    cur["target"], cur["prediction"] = y, chal["pred"]
+    files["evidently_report"] = evaluation.evidently_report(
+        task,
+        ref,
+        cur,
+        "target",
+        "prediction",
+        out_dir / "evidently_report.html",
+        threshold=model.threshold,
+    )
+    tr = lineage.get("training_partitions", [])
+    card = evaluation.model_card(
+        spec_name=spec.name,
+        model_name=model.name,
+        version=model.version,
+        task=task,
+        estimator=model.estimator,
+        params={},
+        data_window=tr,
+        training_rows={"test": test.height, "valid": valid.height},
+        features=model.layout.columns,
+        metrics=chal["metrics"],
+        champion_metrics=champ["metrics"] if champ else None,
+        slices=chal["slices"],
+        lineage={k: str(v) for k, v in lineage.items() if k != "data_versions"},
+        threshold=model.threshold,
+        limits=[
+            "Trained on generated or historical data of the window above only; "
+            "behaviour outside its ranges is unknown.",
+            f"Labels are mature after {spec.labels.maturity}; recent days are not in the set.",
+            "Slices with fewer than 30 test rows are not scored.",
+        ],
+    )
+    (out_dir / "model_card.md").write_text(card)
+    files["model_card"] = out_dir / "model_card.md"
+    return {k: str(v) for k, v in files.items()}
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None, numpy scalars -> Python: the document must be valid JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def save_evaluation(lake: Lake, spec: Spec, doc: dict[str, Any]) -> str:
+    return write_json(lake, spec.name, EVALUATION_ASSET, f"v{doc['version']}", doc)
+
+
+def load_evaluation(lake: Lake, spec: Spec, version: int) -> dict[str, Any] | None:
+    return read_json(lake, spec.name, EVALUATION_ASSET, f"v{version}")
+
+
+# Gates ----------------------------------------------------------------------------------------
+
+
+def threshold_gate(spec: Spec, doc: dict[str, Any]) -> GateResult:
+    m = doc["challenger"]["metrics"]
+    fails, seen = [], {}
+    for metric, limit in sorted(spec.gates.thresholds.items()):
+        value = m.get(metric)
+        seen[metric] = value
+        ok = value is not None and (value <= limit if metric in LOWER_IS_BETTER else value >= limit)
+        if not ok:
+            op = "<=" if metric in LOWER_IS_BETTER else ">="
+            fails.append(f"{metric} {_fmt(value)} does not meet {op} {limit}")
+    return GateResult(
+        "thresholds",
+        not fails,
+        "; ".join(fails) or "all thresholds met",
+        {"values": seen, "thresholds": dict(spec.gates.thresholds)},
+    )
+
+
+def improvement_gate(spec: Spec, doc: dict[str, Any]) -> GateResult:
+    metric = doc["primary_metric"]
+    if doc["champion"] is None:
+        return GateResult("improvement", True, "first model: no champion to beat")
+    new, old = doc["challenger"]["metrics"].get(metric), doc["champion"]["metrics"].get(metric)
+    need = spec.gates.min_improvement
+    if new is None or old is None:
+        return GateResult("improvement", False, f"{metric} not computable on the test split")
+    ok = better(metric, new, old, need)
+    reason = (
+        f"{metric} {new:.4f} vs champion v{doc['champion']['version']} {old:.4f} "
+        f"(needs {'-' if metric in LOWER_IS_BETTER else '+'}{need})"
+    )
+    return GateResult(
+        "improvement", ok, reason, {"challenger": new, "champion": old, "min_improvement": need}
+    )
+
+
+def slice_gate(spec: Spec, doc: dict[str, Any]) -> GateResult:
+    if doc["champion"] is None:
+        return GateResult("slices", True, "first model: no champion slices to compare")
+    metric, tol = doc["primary_metric"], spec.gates.slice_tolerance
+    worse = []
+    new_s, old_s = doc["challenger"]["slices"], doc["champion"]["slices"]
+    for col, values in sorted(new_s.items()):
+        for value, m in sorted(values.items()):
+            a, b = m.get(metric), old_s.get(col, {}).get(value, {}).get(metric)
+            if a is None or b is None:
+                continue  # too few rows, or one class only: not comparable
+            if not better(metric, a, b, -tol):
+                worse.append(f"{col}={value}: {metric} {a:.4f} vs champion {b:.4f}")
+    return GateResult(
+        "slices",
+        not worse,
+        "; ".join(worse) or f"no slice worse than the champion by more than {tol}",
+        {"tolerance": tol},
+    )
+
+
+def serving_smoke_gate(spec: Spec, tracking_uri: str, version: int, calls: int = 200) -> GateResult:
+    """Load through the serving loader, score the input example, time single-row calls."""
+    try:
+        model = load_model(tracking_uri, spec.registered_model_name, version=version)
+    except Exception as e:
+        return GateResult("serving_smoke", False, f"model did not load: {e}")
+    if model.input_example is None or model.input_example.empty:
+        return GateResult("serving_smoke", False, "model has no input example to score")
+    try:
+        scores = model.score_matrix(model.input_example)
+    except Exception as e:
+        return GateResult("serving_smoke", False, f"scoring the input example failed: {e}")
+    if not np.all(np.isfinite(scores)):
+        return GateResult("serving_smoke", False, "input example scores are not finite")
+    row = model.input_example.head(1)
+    model.score_matrix(row)  # warm-up
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        model.score_matrix(row)
+        times.append((time.perf_counter() - t) * 1000)
+    p95 = float(np.percentile(times, 95))
+    budget = spec.gates.latency_budget_ms
+    ok = p95 <= budget
+    return GateResult(
+        "serving_smoke",
+        ok,
+        f"single-row p95 {p95:.2f} ms {'within' if ok else 'over'} budget {budget} ms",
+        {
+            "p95_ms": p95,
+            "p50_ms": float(np.percentile(times, 50)),
+            "budget_ms": budget,
+            "calls": calls,
+        },
+    )
+
+
+def gates(spec: Spec, doc: dict[str, Any], tracking_uri: str) -> list[GateResult]:
+    return [
+        threshold_gate(spec, doc),
+        improvement_gate(spec, doc),
+        slice_gate(spec, doc),
+        serving_smoke_gate(spec, tracking_uri, doc["version"]),
+    ]
+
+
+def gate_tags(results: list[GateResult]) -> dict[str, str]:
+    tags = {
+        f"{registry.TAG}gate.{r.name}": ("passed: " if r.passed else "failed: ") + r.reason
+        for r in results
+    }
+    tags[f"{registry.TAG}gate_status"] = "passed" if all(r.passed for r in results) else "failed"
+    return tags
+
+
+def summary(results: list[GateResult]) -> str:
+    failed = [r for r in results if not r.passed]
+    if not failed:
+        return "all gates passed"
+    return "; ".join(f"{r.name}: {r.reason}" for r in failed)
+
+
+# Promote / rollback ---------------------------------------------------------------------------
+
+
+@dataclass
+class Decision:
+    promoted: bool
+    from_version: int | None
+    to_version: int
+    reason: str
+    gates: list[GateResult]
+
+    def as_dict(self) -> dict[str, Any]:
+        return _finite({**asdict(self), "gates": [asdict(g) for g in self.gates]})
+
+
+def decide(
+    spec: Spec,
+    lake: Lake,
+    tracking_uri: str,
+    version: int,
+    doc: dict[str, Any],
+    *,
+    force: bool = False,
+    reason: str = "",
+    dagster_run_id: str = "",
+    actor: str = "dagster",
+) -> Decision:
+    """Run the gate on an evaluation document; move `champion` if it passes (or is forced)."""
+    name = spec.registered_model_name
+    results = gates(spec, doc, tracking_uri)
+    registry.tag_version(tracking_uri, name, version, gate_tags(results))
+    current = registry.alias_version(tracking_uri, name, registry.CHAMPION)
+    passed = all(r.passed for r in results)
+    if current == version:
+        return Decision(False, current, version, "already the champion", results)
+    if not passed and not force:
+        why = summary(results)
+        registry.tag_version(
+            tracking_uri, name, version, {f"{registry.TAG}promotion": f"rejected: {why}"}
+        )
+        return Decision(False, current, version, why, results)
+    if force and not reason:
+        raise PromotionError("--force needs --reason: say why the gate is overridden")
+    action = "promote" if passed else "force_promote"
+    text = summary(results) if passed and not reason else reason
+    if not passed:
+        text = f"{reason} (overrode: {summary(results)})"
+    tags = registry.version_tags(tracking_uri, name, version)
+    registry.move_champion(
+        tracking_uri,
+        lake,
+        spec.name,
+        name,
+        registry.Deployment(
+            action=action,
+            from_version=current,
+            to_version=version,
+            reason=text,
+            dagster_run_id=dagster_run_id,
+            mlflow_run_id=tags.get(f"{registry.TAG}mlflow_run_id", ""),
+            actor=actor,
+        ),
+    )
+    registry.tag_version(
+        tracking_uri, name, version, {f"{registry.TAG}promotion": f"{action}: {text}"}
+    )
+    return Decision(True, current, version, text, results)
+
+
+def promote(
+    spec: Spec,
+    lake: Lake,
+    tracking_uri: str,
+    version: int,
+    *,
+    force: bool = False,
+    reason: str = "",
+    actor: str = "cli",
+) -> Decision:
+    """`mlops promote`: evaluate against the current champion now, then gate."""
+    if force and not reason:
+        raise PromotionError("--force needs --reason: say why the gate is overridden")
+    doc = evaluate_version(spec, lake, tracking_uri, version)
+    save_evaluation(lake, spec, doc)
+    return decide(spec, lake, tracking_uri, version, doc, force=force, reason=reason, actor=actor)
+
+
+def rollback(
+    spec: Spec,
+    lake: Lake,
+    tracking_uri: str,
+    to: int | None = None,
+    *,
+    reason: str = "",
+    dagster_run_id: str = "",
+    actor: str = "cli",
+) -> Decision:
+    """Point `champion` back at `to`, or at the champion before the current one."""
+    name = spec.registered_model_name
+    current = registry.alias_version(tracking_uri, name, registry.CHAMPION)
+    if current is None:
+        raise PromotionError(f"{name} has no champion to roll back")
+    target = to if to is not None else registry.previous_champion(lake, spec.name, current)
+    if target is None:
+        raise PromotionError(
+            f"{name} v{current} has no previous champion in the deployment history; "
+            "name one with --to N"
+        )
+    if target == current:
+        raise PromotionError(f"v{target} is already the champion")
+    registry.version_tags(tracking_uri, name, target)  # raises if the version does not exist
+    text = reason or f"rollback from v{current}"
+    registry.move_champion(
+        tracking_uri,
+        lake,
+        spec.name,
+        name,
+        registry.Deployment(
+            action="rollback",
+            from_version=current,
+            to_version=target,
+            reason=text,
+            dagster_run_id=dagster_run_id,
+            actor=actor,
+        ),
+    )
+    return Decision(True, current, target, text, [])
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
