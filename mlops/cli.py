@@ -123,6 +123,148 @@ def generate(
         click.echo(f"injected {len(report.bad_rows)} bad rows: {counts}")
 
 
+# Model lifecycle -------------------------------------------------------------------------
+
+
+def _context(spec_arg: str):
+    from mlops import config
+    from mlops.lake import Lake
+
+    s = _load(str(config.spec_path(spec_arg)))
+    return s, Lake(config.lake_url()), config.mlflow_tracking_uri()
+
+
+def _fail(message: str) -> None:
+    click.echo(message, err=True)
+    sys.exit(1)
+
+
+SPEC_OPTION = click.option(
+    "--spec", "spec_arg", required=True, help="spec name (specs/<name>.yaml) or path to a spec file"
+)
+
+
+def _print(data: dict, as_json: bool, text: str) -> None:
+    import json
+
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+@main.command()
+@SPEC_OPTION
+@click.option("--version", "version", type=int, required=True, help="model version to promote")
+@click.option("--force", is_flag=True, help="promote even if a gate fails (needs --reason)")
+@click.option("--reason", default="", help="why; recorded in the deployment history")
+def promote(spec_arg: str, version: int, force: bool, reason: str) -> None:
+    """Run the promotion gate for a version and make it champion if it passes."""
+    from mlops import promotion, registry
+
+    s, lake, uri = _context(spec_arg)
+    try:
+        d = promotion.promote(s, lake, uri, version, force=force, reason=reason)
+    except (promotion.PromotionError, registry.RegistryError) as e:
+        _fail(f"promote: {e}")
+    for g in d.gates:
+        click.echo(f"  {'PASS' if g.passed else 'FAIL'} {g.name}: {g.reason}")
+    if d.promoted:
+        click.echo(f"champion: v{d.from_version or '-'} -> v{d.to_version} ({d.reason})")
+    else:
+        _fail(f"not promoted: {d.reason}; champion stays v{d.from_version or '-'}")
+
+
+@main.command()
+@SPEC_OPTION
+@click.option("--to", "to", type=int, default=None, help="version to restore (default: previous)")
+@click.option("--reason", default="", help="why; recorded in the deployment history")
+def rollback(spec_arg: str, to: int | None, reason: str) -> None:
+    """Point the champion alias back at the previous champion (or --to N)."""
+    from mlops import promotion, registry
+
+    s, lake, uri = _context(spec_arg)
+    try:
+        d = promotion.rollback(s, lake, uri, to, reason=reason)
+    except (promotion.PromotionError, registry.RegistryError) as e:
+        _fail(f"rollback: {e}")
+    click.echo(f"champion: v{d.from_version} -> v{d.to_version} ({d.reason})")
+
+
+@main.command()
+@SPEC_OPTION
+def history(spec_arg: str) -> None:
+    """The deployment history: every alias move, newest last."""
+    from mlops import registry
+
+    s, lake, _ = _context(spec_arg)
+    h = registry.deployment_history(lake, s.name)
+    if h.height == 0:
+        click.echo("no deployments yet")
+    for r in h.iter_rows(named=True):
+        click.echo(
+            f"{r['time']:%Y-%m-%d %H:%M:%S}  {r['action']:<13} v{r['from_version'] or '-'}"
+            f" -> v{r['to_version']}  {r['actor']}  {r['reason']}"
+        )
+
+
+@main.command()
+@SPEC_OPTION
+@click.option("--version", "version", type=int, required=True)
+@click.option("--json", "as_json", is_flag=True)
+def lineage(spec_arg: str, version: int, as_json: bool) -> None:
+    """What made a model version: partitions, data versions, runs, code, spec, metrics."""
+    from mlops import lineage as lin
+    from mlops import registry
+
+    s, lake, uri = _context(spec_arg)
+    try:
+        d = lin.lineage(s, lake, uri, version)
+    except registry.RegistryError as e:
+        _fail(f"lineage: {e}")
+    _print(d, as_json, lin.format_lineage(d))
+
+
+@main.command()
+@SPEC_OPTION
+@click.option("--partition", required=True, help="daily partition, YYYY-MM-DD")
+@click.option("--json", "as_json", is_flag=True)
+def impact(spec_arg: str, partition: str, as_json: bool) -> None:
+    """Model versions and prediction partitions that used one data partition."""
+    from mlops import lineage as lin
+
+    s, lake, uri = _context(spec_arg)
+    d = lin.impact(s, lake, uri, partition)
+    _print(d, as_json, lin.format_impact(d))
+
+
+@main.command()
+@SPEC_OPTION
+@click.option("--version", "version", type=int, required=True)
+@click.option("--json", "as_json", is_flag=True)
+def reproduce(spec_arg: str, version: int, as_json: bool) -> None:
+    """Retrain a version from its recorded partitions, spec and seed; exit 0 only if exact."""
+    from mlops import lineage as lin
+    from mlops import registry
+
+    s, lake, uri = _context(spec_arg)
+    try:
+        r = lin.reproduce(s, lake, uri, version)
+    except (registry.RegistryError, FileNotFoundError) as e:
+        _fail(f"reproduce: {e}")
+    text = "\n".join(
+        [
+            f"{r['model']} v{r['version']} ({r['estimator']}) retrained from its recorded inputs:",
+            f"  spec hash matches        {r['spec_hash_matches']}",
+            f"  input partitions same    {r['inputs_unchanged']} {r['changed_inputs'] or ''}".rstrip(),
+            f"  training set hash same   {r['training_set_hash_matches']}",
+            f"  test predictions equal   {r['predictions_equal']} ({r['test_rows']} rows, "
+            f"max |diff| {r['max_abs_difference']:.3g})",
+            f"  exact                    {r['exact']}",
+        ]
+    )
+    _print(r, as_json, text)
+    if not r["exact"]:
+        sys.exit(1)
+
+
 def _landing_dirs(s) -> list[Path]:
     dirs = [s.landing_dir]
     if s.labels.events is not None:

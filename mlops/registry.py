@@ -48,6 +48,9 @@ class RegistryError(ValueError):
 
 
 def client(tracking_uri: str):
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
     from mlflow import MlflowClient
 
