@@ -151,7 +151,17 @@ def train_candidate(
         if fit.best.estimator == modeling.XGBOOST:
             info = mlflow.xgboost.log_model(fit.model, model_format="json", **common)
         else:
-            info = mlflow.sklearn.log_model(fit.model, pyfunc_predict_fn=_pyfunc_fn(spec), **common)
+            import skops.io
+
+            # skops, not pickle: the types the file holds are listed and trusted explicitly.
+            trusted = skops.io.get_untrusted_types(data=skops.io.dumps(fit.model))
+            info = mlflow.sklearn.log_model(
+                fit.model,
+                pyfunc_predict_fn=_pyfunc_fn(spec),
+                serialization_format="skops",
+                skops_trusted_types=trusted,
+                **common,
+            )
         mlflow.log_text(spec_text(spec), "spec/spec.yaml")
         mlflow.log_dict(lineage, "lineage/lineage.json")
         version = int(info.registered_model_version)
