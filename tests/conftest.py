@@ -37,11 +37,19 @@ class Project:
             raise_on_error=raise_on_error,
         )
 
-    def run_job(self, job: str, partition: str | None = None, config: dict | None = None,
-                raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+    def run_job(
+        self,
+        job: str,
+        partition: str | None = None,
+        config: dict | None = None,
+        raise_on_error: bool = True,
+    ) -> dg.ExecuteInProcessResult:
         return self.defs.resolve_job_def(job).execute_in_process(
-            partition_key=partition, instance=self.instance,
-            run_config={**QUIET, **(config or {})}, raise_on_error=raise_on_error)
+            partition_key=partition,
+            instance=self.instance,
+            run_config={**QUIET, **(config or {})},
+            raise_on_error=raise_on_error,
+        )
 
     def run_training_set(
         self, end_date: str | None = None, raise_on_error: bool = True
@@ -74,7 +82,9 @@ def mlflow_db(root: Path) -> str:
 
 
 def make_project(
-    root: Path, spec_text: str | None = None, name: str = "machine_failure.yaml",
+    root: Path,
+    spec_text: str | None = None,
+    name: str = "machine_failure.yaml",
     with_mlflow: bool = False,
 ):
     (root / "specs").mkdir(parents=True, exist_ok=True)

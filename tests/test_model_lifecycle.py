@@ -39,8 +39,12 @@ class Lifecycle:
     results: dict[str, dg.ExecuteInProcessResult]
 
     def defs(self, variant: str) -> dg.Definitions:
-        return build_definitions(self.root / f"specs_{variant}", str(self.lake.base_url), self.uri,
-                                 str(self.root / ".mlops" / "mlartifacts"))
+        return build_definitions(
+            self.root / f"specs_{variant}",
+            str(self.lake.base_url),
+            self.uri,
+            str(self.root / ".mlops" / "mlartifacts"),
+        )
 
     def spec(self, variant: str):
         return load_spec(self.root / f"specs_{variant}" / f"{NAME}.yaml")
@@ -48,14 +52,16 @@ class Lifecycle:
     def train(self, variant: str, trials: int = 3) -> dg.ExecuteInProcessResult:
         job = self.defs(variant).resolve_job_def(f"{NAME}_training_job")
         cfg = {"ops": {f"{NAME}__candidate_model": {"config": {"trials": trials}}}}
-        return job.execute_in_process(instance=self.instance, run_config={**QUIET, **cfg},
-                                      raise_on_error=False)
+        return job.execute_in_process(
+            instance=self.instance, run_config={**QUIET, **cfg}, raise_on_error=False
+        )
 
 
 def _variant(root: Path, variant: str, candidates: list[str]) -> None:
     data = yaml.safe_load((REPO / "specs" / f"{NAME}.yaml").read_text())
-    data["model"]["candidates"] = [c for c in data["model"]["candidates"]
-                                   if c["estimator"] in candidates]
+    data["model"]["candidates"] = [
+        c for c in data["model"]["candidates"] if c["estimator"] in candidates
+    ]
     data["gates"]["thresholds"] = {"roc_auc": 0.55}
     data["gates"]["latency_budget_ms"] = 200  # a loaded CI machine must not fail the smoke test
     (root / f"specs_{variant}").mkdir()
@@ -81,8 +87,11 @@ def life(tmp_path_factory) -> Lifecycle:
 
 
 def _checks(result) -> dict[str, bool]:
-    return {e.asset_check_evaluation_data.asset_check_key.name: e.asset_check_evaluation_data.passed
-            for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    return {
+        e.asset_check_evaluation_data.asset_check_key.name: e.asset_check_evaluation_data.passed
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
 
 
 def _key(asset: str) -> dg.AssetKey:
@@ -101,7 +110,9 @@ def test_first_model_then_a_better_one_become_champion(life):
     assert "data:image/png;base64," in ev["plots"] and "# Model card" in ev["model_card"]
     h = registry.deployment_history(life.lake, NAME)
     assert h.select("action", "from_version", "to_version").rows() == [
-        ("promote", None, 1), ("promote", 1, 2)]
+        ("promote", None, 1),
+        ("promote", 1, 2),
+    ]
 
 
 def test_worse_challenger_does_not_move_the_alias_and_says_why(life):
@@ -112,7 +123,8 @@ def test_worse_challenger_does_not_move_the_alias_and_says_why(life):
     # Blocking gate: champion_model did not run, the champion stays v2.
     assert _key("champion_model") not in {
         e.step_materialization_data.materialization.asset_key
-        for e in r3.get_asset_materialization_events()}
+        for e in r3.get_asset_materialization_events()
+    }
     assert registry.alias_version(life.uri, NAME, registry.CHAMPION) == 2
     assert registry.alias_version(life.uri, NAME, registry.CHALLENGER) == 3
     tags = registry.version_tags(life.uri, NAME, 3)
@@ -127,8 +139,11 @@ def test_worse_challenger_does_not_move_the_alias_and_says_why(life):
 
 def test_every_version_carries_the_lineage_contract(life):
     ts_meta = materialization_meta(
-        life.defs("lr").resolve_job_def(f"{NAME}_training_set_job").execute_in_process(
-            instance=life.instance, run_config=QUIET), _key("training_set"))
+        life.defs("lr")
+        .resolve_job_def(f"{NAME}_training_set_job")
+        .execute_in_process(instance=life.instance, run_config=QUIET),
+        _key("training_set"),
+    )
     for v in (1, 2, 3):
         tags = registry.version_tags(life.uri, NAME, v)
         for t in registry.LINEAGE_TAGS:
@@ -142,7 +157,8 @@ def test_every_version_carries_the_lineage_contract(life):
         assert run.data.tags["mlops.dagster_run_id"] == lin["dagster_run_id"]
         assert any(i.dataset.name == f"{NAME}/training_set" for i in run.inputs.dataset_inputs)
     children = registry.client(life.uri).search_runs(
-        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    )
     assert len(children) == 3  # one nested run per trial
 
 
@@ -151,20 +167,25 @@ def test_evaluation_loads_the_exact_upstream_version(life):
     # A newer version appears in the registry (and takes the challenger alias) outside the
     # graph: evaluation must still evaluate what candidate_model recorded.
     frame = life.lake.read(NAME, "training_set")
-    extra = training.train_candidate(spec, frame, {"training_set_hash": "x" * 64},
-                                     life.uri, str(life.root / "arts"), trials=1)
+    extra = training.train_candidate(
+        spec, frame, {"training_set_hash": "x" * 64}, life.uri, str(life.root / "arts"), trials=1
+    )
     assert registry.alias_version(life.uri, NAME, registry.CHALLENGER) == extra.version
     job = life.defs("lr").resolve_job_def(f"{NAME}_training_job")
     result = job.execute_in_process(
-        instance=life.instance, run_config=QUIET, raise_on_error=False,
-        asset_selection=[_key("model_evaluation")])
+        instance=life.instance,
+        run_config=QUIET,
+        raise_on_error=False,
+        asset_selection=[_key("model_evaluation")],
+    )
     assert materialization_meta(result, _key("model_evaluation"))["model_version"] == 3
 
 
 def test_batch_predictions_use_the_champion_and_keep_keys(life):
     job = life.defs("xgb").resolve_job_def(f"{NAME}_batch_predictions_job")
-    result = job.execute_in_process(partition_key="2026-01-12", instance=life.instance,
-                                    run_config=QUIET)
+    result = job.execute_in_process(
+        partition_key="2026-01-12", instance=life.instance, run_config=QUIET
+    )
     meta = materialization_meta(result, _key("batch_predictions"))
     preds = life.lake.read(NAME, "batch_predictions", "2026-01-12")
     feats = life.lake.read(NAME, "features", "2026-01-12")
@@ -200,8 +221,12 @@ def test_reproduce_is_exact_and_lineage_cli(life, monkeypatch):
     imp = runner.invoke(main, ["impact", "--spec", NAME, "--partition", "2026-01-03", "--json"])
     found = json.loads(imp.output)
     assert {v["version"] for v in found["model_versions"]} >= {1, 2, 3}
-    assert runner.invoke(main, ["impact", "--spec", NAME, "--partition", "2026-01-13",
-                                "--json"]).exit_code == 0
+    assert (
+        runner.invoke(
+            main, ["impact", "--spec", NAME, "--partition", "2026-01-13", "--json"]
+        ).exit_code
+        == 0
+    )
 
 
 def test_rollback_force_promote_and_a_changed_input(life, monkeypatch):
@@ -214,8 +239,13 @@ def test_rollback_force_promote_and_a_changed_input(life, monkeypatch):
     assert registry.alias_version(life.uri, NAME, registry.CHAMPION) == 1
     # The rollback job, with run config, back to v2.
     job = life.defs("xgb").resolve_job_def(f"{NAME}_rollback_job")
-    job.execute_in_process(instance=life.instance, run_config={
-        **QUIET, "ops": {f"{NAME}_rollback": {"config": {"to_version": 2, "reason": "test"}}}})
+    job.execute_in_process(
+        instance=life.instance,
+        run_config={
+            **QUIET,
+            "ops": {f"{NAME}_rollback": {"config": {"to_version": 2, "reason": "test"}}},
+        },
+    )
     assert registry.alias_version(life.uri, NAME, registry.CHAMPION) == 2
     # A gate failure can be overridden only with a reason, and the override is recorded.
     no_reason = runner.invoke(main, ["promote", "--spec", NAME, "--version", "3", "--force"])
@@ -223,13 +253,17 @@ def test_rollback_force_promote_and_a_changed_input(life, monkeypatch):
     plain = runner.invoke(main, ["promote", "--spec", NAME, "--version", "3"])
     assert plain.exit_code == 1 and "FAIL improvement" in plain.output
     assert registry.alias_version(life.uri, NAME, registry.CHAMPION) == 2
-    forced = runner.invoke(main, ["promote", "--spec", NAME, "--version", "3", "--force",
-                                  "--reason", "incident 42"])
+    forced = runner.invoke(
+        main, ["promote", "--spec", NAME, "--version", "3", "--force", "--reason", "incident 42"]
+    )
     assert forced.exit_code == 0, forced.output
     assert registry.alias_version(life.uri, NAME, registry.CHAMPION) == 3
     h = registry.deployment_history(life.lake, NAME)
     assert h.select("action", "from_version", "to_version").rows()[-3:] == [
-        ("rollback", 2, 1), ("rollback", 1, 2), ("force_promote", 2, 3)]
+        ("rollback", 2, 1),
+        ("rollback", 1, 2),
+        ("force_promote", 2, 3),
+    ]
     assert "incident 42" in h["reason"][-1]
     # Default rollback from a forced champion returns to the one it replaced.
     assert runner.invoke(main, ["rollback", "--spec", NAME]).exit_code == 0
