@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 UV_VERSION := 0.13.8
 export DAGSTER_HOME := $(CURDIR)/.mlops/dagster
 
-.PHONY: demo test ui lint format lock bench clean
+.PHONY: demo test ui mlflow lint format lock bench clean
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,13 @@ test: $(BIN)/.installed
 ui: $(BIN)/.installed $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
+# MLflow UI over the default store: runs, registered versions, aliases, artifacts.
+mlflow: $(BIN)/.installed
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/mlflow.db --host 127.0.0.1 --port 5000
+
 bench: $(BIN)/.installed
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/train.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -1,4 +1,5 @@
-"""`make demo`: generate 30 days of IoT data and build the data half of the graph for them.
+"""`make demo`: generate 30 days of IoT data, build the graph for them, train, gate and
+promote the first champion, and score the last days in batch.
 
 Runs the real jobs of orchestration.definitions against the persistent Dagster instance in
 $DAGSTER_HOME (default .mlops/dagster), so `make ui` shows every run, materialization and
@@ -8,18 +9,24 @@ check afterwards.
 import argparse
 import datetime as dt
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import dagster as dg
 
-from mlops.config import PROJECT_ROOT, lake_url
+from mlops.config import PROJECT_ROOT, lake_url, mlflow_artifact_root, mlflow_tracking_uri
 from mlops.generate import generate
 from mlops.lake import Lake
 from mlops.spec import load_spec
 from orchestration.definitions import build_definitions
-from orchestration.jobs import data_job_name, training_set_job_name
+from orchestration.jobs import (
+    batch_predictions_job_name,
+    data_job_name,
+    training_job_name,
+    training_set_job_name,
+)
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -49,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--machines", type=int, default=50)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--bad-rows", type=float, default=0.01)
+    p.add_argument("--trials", type=int, default=None, help="Optuna trials (default: spec)")
+    p.add_argument("--score-days", type=int, default=3, help="last days scored in batch")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -61,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     spec_folder = f"{lake.root}/{spec.name}"
     if lake.fs.exists(spec_folder):
         lake.fs.rm(spec_folder, recursive=True)
+    _fresh_mlflow(spec.registered_model_name)
     report = generate(
         spec,
         days=args.days,
@@ -121,11 +131,85 @@ def main(argv: list[str] | None = None) -> int:
         f"{m['window'][0]}..{m['window'][-1]}: {splits}"
     )
     print(f"  hash {m['training_set_hash'][:16]}, lake {lake_url()}")
+
+    if not _train_and_promote(defs, instance, spec, args.trials):
+        return 1
+    scored = days[-args.score_days :]
+    batch_job = defs.resolve_job_def(batch_predictions_job_name(spec))
+    for day in scored:
+        result = batch_job.execute_in_process(
+            partition_key=day.isoformat(), instance=instance, run_config=QUIET
+        )
+        b = _meta(result, "batch_predictions", spec.name)
+        print(
+            f"  batch {day}: {b['rows']} rows scored by v{b['model_version']}, "
+            f"mean risk {b['mean_score']:.3f}, {b['decision_rate']:.1%} flagged"
+        )
     print(
-        f"\ndone in {time.perf_counter() - t0:.0f} s. See it all: `make ui`, then open "
-        "http://127.0.0.1:3000 (Assets > machine_failure)"
+        f"\ndone in {time.perf_counter() - t0:.0f} s. See it all: `make ui` "
+        f"(http://127.0.0.1:3000, Assets > {spec.name}) and `make mlflow` "
+        f"(http://127.0.0.1:5000, Models > {spec.registered_model_name})"
     )
     return 0
+
+
+def _fresh_mlflow(model_name: str) -> None:
+    """The demo regenerates everything, so it starts its MLflow store afresh too."""
+    uri = mlflow_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).unlink(missing_ok=True)
+        shutil.rmtree(mlflow_artifact_root(), ignore_errors=True)
+
+
+def _train_and_promote(defs, instance, spec, trials: int) -> bool:
+    """Candidate -> evaluation -> gate -> champion, printed as the gate decided it."""
+    from mlops import registry
+
+    job = defs.resolve_job_def(training_job_name(spec))
+    cfg = {"ops": {f"{spec.name}__candidate_model": {"config": {"trials": trials}}}}
+    result = job.execute_in_process(
+        instance=instance,
+        run_config={**QUIET, **cfg},
+        raise_on_error=False,
+        asset_selection=[
+            dg.AssetKey([spec.name, a])
+            for a in ("candidate_model", "model_evaluation", "champion_model")
+        ],
+    )
+    failures = [e for e in result.all_events if e.is_step_failure]
+    if failures:
+        print(f"training failed: {failures[0].event_specific_data.error.message}", file=sys.stderr)
+        return False
+    cand = _meta(result, "candidate_model", spec.name)
+    ev = _meta(result, "model_evaluation", spec.name)
+    print(
+        f"\ncandidate v{cand['model_version']}: {cand['estimator']} after {cand['trials']} "
+        f"trials (valid {_primary(cand)})"
+    )
+    for e in result.all_events:
+        if e.event_type_value == "ASSET_CHECK_EVALUATION":
+            c = e.asset_check_evaluation_data
+            print(
+                f"  {'PASS' if c.passed else 'FAIL'} {c.asset_check_key.name}: "
+                f"{c.metadata['reason'].value}"
+            )
+    champ = registry.alias_version(
+        mlflow_tracking_uri(), spec.registered_model_name, registry.CHAMPION
+    )
+    print(f"champion: v{champ}" if champ else "no champion: the gate kept it out")
+    print(ev["metrics"].value if hasattr(ev["metrics"], "value") else ev["metrics"])
+    run = cand["mlflow_run_id"]
+    exp = registry.client(mlflow_tracking_uri()).get_run(run).info.experiment_id
+    print(f"  MLflow run: http://127.0.0.1:5000/#/experiments/{exp}/runs/{run}")
+    print(
+        f"  lineage:    .venv/bin/mlops lineage --spec {spec.name} "
+        f"--version {cand['model_version']}"
+    )
+    return champ is not None
+
+
+def _primary(meta: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in meta.items() if k.startswith("valid_"))
 
 
 if __name__ == "__main__":
