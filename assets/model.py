@@ -165,6 +165,7 @@ def build_model_assets(spec: Spec) -> list:
         return dg.MaterializeResult(
             metadata={
                 "model_version": version,
+                "mlflow_run_id": run_id,
                 "champion_version": (doc["champion"] or {}).get("version") or 0,
                 f"test_{primary}": doc["challenger"]["metrics"].get(primary) or float("nan"),
                 "metrics": dg.MetadataValue.md(_metrics_table(doc)),

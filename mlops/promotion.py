@@ -22,7 +22,7 @@ from mlops.spec import Spec
 
 EVALUATION_ASSET = "model_evaluation"
 GATES = ("thresholds", "improvement", "slices", "serving_smoke")
-LOWER_IS_BETTER = {"log_loss", "brier", "rmse", "mae"}
+LOWER_IS_BETTER = {"log_loss", "brier", "rmse", "mae", "ece"}
 
 
 class PromotionError(ValueError):
@@ -68,12 +68,15 @@ def _score_block(spec: Spec, model: LoadedModel, test: pl.DataFrame) -> dict[str
     pred = model.score(test)
     frame = test.select(spec.gates.slice_columns).to_pandas()
     frame["y"], frame["pred"] = y, pred
+    scores = evaluation.metrics(task, y, pred, model.threshold)
+    if task == "binary_classification":
+        scores["ece"] = evaluation.expected_calibration_error(y, pred)
     return {
         "version": model.version,
         "run_id": model.run_id,
         "estimator": model.estimator,
         "threshold": model.threshold,
-        "metrics": evaluation.metrics(task, y, pred, model.threshold),
+        "metrics": scores,
         "slices": evaluation.slice_metrics(
             task, frame, "y", "pred", spec.gates.slice_columns, model.threshold
         ),
