@@ -106,15 +106,18 @@ def build_model_assets(spec: Spec) -> list:
             "training_set_hash": ts_hash,
             "data_versions": ts_meta["input_data_versions"],
         }
-        cand = training.train_candidate(
-            spec,
-            frame,
-            lineage,
-            mlflow.tracking_uri,
-            mlflow.artifact_root,
-            trials=config.trials,
-            training_set_path=store.url(name, "training_set", ts_hash[:16]),
-        )
+        try:
+            cand = training.train_candidate(
+                spec,
+                frame,
+                lineage,
+                mlflow.tracking_uri,
+                mlflow.artifact_root,
+                trials=config.trials,
+                training_set_path=store.url(name, "training_set", ts_hash[:16]),
+            )
+        except ValueError as e:  # data that cannot train a model: say why, no traceback
+            raise dg.Failure(f"{name}: {e}") from None
         return dg.MaterializeResult(
             metadata={
                 "model_name": model_name,
@@ -227,8 +230,17 @@ def build_model_assets(spec: Spec) -> list:
         doc = promotion.load_evaluation(store, spec, version)
         if doc is None:
             raise dg.Failure(f"no evaluation for {model_name} v{version}: run model_evaluation")
+        # The gate checks of this evaluation recorded their results on the version; decide on
+        # those (a second latency measurement could disagree with the first on a busy host).
+        recorded = promotion.recorded_gates(mlflow.tracking_uri, model_name, version)
         decision = promotion.decide(
-            spec, store, mlflow.tracking_uri, version, doc, dagster_run_id=context.run.run_id
+            spec,
+            store,
+            mlflow.tracking_uri,
+            version,
+            doc,
+            dagster_run_id=context.run.run_id,
+            results=recorded,
         )
         champion = registry.alias_version(mlflow.tracking_uri, model_name, registry.CHAMPION)
         return dg.MaterializeResult(

@@ -423,12 +423,28 @@ def evidently_report(
             y, yhat = _arrays(frame[target], frame[prediction], "evidently_report")
             return pd.DataFrame({target: y, prediction: yhat})
 
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if task == BINARY:
+        one_class = [
+            f"{name} split has only class {int(frame[target].iloc[0])} ({len(frame)} rows)"
+            for name, frame in (("current", current), ("reference", reference))
+            if frame[target].nunique() < 2
+        ]
+        if one_class:
+            # Evidently's classification metrics need both classes; say so in the report
+            # instead of failing the evaluation (the metrics gate fails on its own).
+            why = "; ".join(one_class)
+            out_path.write_text(
+                "<html><body><h1>Classification report not available</h1>"
+                f"<p>Evidently needs both classes in each split: {why}.</p></body></html>",
+                encoding="utf-8",
+            )
+            return out_path
     snapshot = Report([preset]).run(
         Dataset.from_pandas(prepare(current), data_definition=definition),
         Dataset.from_pandas(prepare(reference), data_definition=definition),
     )
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     # Snapshot.save_html silently writes nothing when given a Path, so write the string.
     out_path.write_text(snapshot.get_html_str(as_iframe=False), encoding="utf-8")
     return out_path

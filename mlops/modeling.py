@@ -237,6 +237,13 @@ def search(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     task, metric = spec.model.task, primary_metric(spec)
+    if task == "binary_classification":
+        for split, y in (("train", y_train), ("valid", y_valid)):
+            if len(np.unique(y)) < 2:
+                raise ValueError(
+                    f"the {split} split has {len(y)} rows of one class only: no model can be "
+                    "trained or compared on it. Widen model.training_window_days or add data."
+                )
     cands = {c.estimator: c for c in spec.model.candidates}
     sampler = optuna.samplers.TPESampler(seed=spec.model.seed)
     study = optuna.create_study(direction=direction(metric), sampler=sampler, storage=storage)

@@ -333,6 +333,19 @@ class Decision:
         return _finite({**asdict(self), "gates": [asdict(g) for g in self.gates]})
 
 
+def recorded_gates(tracking_uri: str, model_name: str, version: int) -> list[GateResult] | None:
+    """The gate results the Dagster checks recorded on the version, if all are there."""
+    tags = registry.version_tags(tracking_uri, model_name, version)
+    out = []
+    for g in GATES:
+        value = tags.get(f"{registry.TAG}gate.{g}")
+        if value is None:
+            return None
+        status, _, why = value.partition(": ")
+        out.append(GateResult(g, status == "passed", why))
+    return out
+
+
 def decide(
     spec: Spec,
     lake: Lake,
@@ -344,12 +357,25 @@ def decide(
     reason: str = "",
     dagster_run_id: str = "",
     actor: str = "dagster",
+    results: list[GateResult] | None = None,
 ) -> Decision:
-    """Run the gate on an evaluation document; move `champion` if it passes (or is forced)."""
+    """Apply the gate to an evaluation document; move `champion` if it passes (or is forced).
+
+    `results`: gate results already computed for this document (the Dagster checks'), so a
+    latency measured once decides once; without them the gates run here.
+    """
     name = spec.registered_model_name
-    results = gates(spec, doc, tracking_uri)
-    registry.tag_version(tracking_uri, name, version, gate_tags(results))
     current = registry.alias_version(tracking_uri, name, registry.CHAMPION)
+    compared = (doc.get("champion") or {}).get("version")
+    if current not in (compared, version) and not force:
+        # The champion moved after this evaluation: its comparison no longer holds.
+        why = (
+            f"stale evaluation: it compared against v{compared or '-'}, the champion is "
+            f"now v{current}; re-run model_evaluation"
+        )
+        return Decision(False, current, version, why, results or [])
+    results = results if results is not None else gates(spec, doc, tracking_uri)
+    registry.tag_version(tracking_uri, name, version, gate_tags(results))
     passed = all(r.passed for r in results)
     if current == version:
         return Decision(False, current, version, "already the champion", results)

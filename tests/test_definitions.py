@@ -32,10 +32,23 @@ def test_definitions_hold_one_graph_per_spec():
             "labels",
             "features",
             "training_set",
+            "candidate_model",
+            "model_evaluation",
+            "champion_model",
+            "batch_predictions",
         )
     }
     checks = {k.name for k in defs.resolve_asset_graph().asset_check_keys}
-    assert checks == {"rows_reconcile_check", "quarantine_rate_check"}
+    assert checks == {
+        "rows_reconcile_check",
+        "quarantine_rate_check",
+        "thresholds_gate_check",
+        "improvement_gate_check",
+        "slices_gate_check",
+        "serving_smoke_gate_check",
+    }
+    for job in ("training_job", "batch_predictions_job", "rollback_job"):
+        assert defs.resolve_job_def(f"machine_failure_{job}")
     assert defs.resolve_job_def("machine_failure_data_job").partitions_def is not None
     assert defs.resolve_job_def("machine_failure_training_set_job")
     graph = defs.resolve_asset_graph()
@@ -67,6 +80,8 @@ def _env(tmp_path: Path) -> dict[str, str]:
         **os.environ,
         "MLOPS_SPECS_DIR": str(tmp_path / "specs"),
         "MLOPS_LAKE_URL": str(tmp_path / ".mlops" / "lake"),
+        "MLOPS_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / '.mlops' / 'mlflow.db'}",
+        "MLOPS_MLFLOW_ARTIFACT_ROOT": str(tmp_path / ".mlops" / "mlartifacts"),
         "DAGSTER_HOME": str(home),
     }
 
@@ -128,13 +143,24 @@ def test_demo_small(tmp_path, monkeypatch, capsys):
         monkeypatch.setenv(key, value)
     assert (
         demo.main(
-            ["--spec", str(p.root / "specs/machine_failure.yaml"), "--days", "6", "--machines", "4"]
+            [
+                "--spec",
+                str(p.root / "specs/machine_failure.yaml"),
+                "--days",
+                "10",
+                "--machines",
+                "30",
+                "--trials",
+                "2",
+            ]
         )
         == 0
     )
     out = capsys.readouterr().out
-    assert "2026-01-06" in out and "training set:" in out
+    assert "2026-01-10" in out and "training set:" in out and "champion: v1" in out
+    assert "batch 2026-01-10: 720 rows scored by v1" in out
     instance = dg.DagsterInstance.get()
     runs = instance.get_runs()
-    assert len(runs) == 7 and all(r.is_success for r in runs)
+    # 10 data days, the training set, the training job, 3 batch days.
+    assert len(runs) == 15 and all(r.is_success for r in runs)
     shutil.rmtree(p.root / "dagster_home", ignore_errors=True)

@@ -355,3 +355,12 @@ def test_model_card_is_deterministic_whatever_the_dict_order():
         lineage={"training_set_version": "v7", "mlflow_run_id": "abc123"},
     )
     assert card == shuffled
+
+
+def test_evidently_report_with_one_class_says_why(tmp_path):
+    ref = pd.DataFrame({"y": [0, 1] * 50, "p": np.linspace(0.01, 0.99, 100)})
+    cur = pd.DataFrame({"y": [0] * 100, "p": np.linspace(0.01, 0.5, 100)})
+    out = ev.evidently_report(
+        "binary_classification", ref, cur, "y", "p", tmp_path / "r.html", threshold=0.5
+    )
+    assert "current split has only class 0 (100 rows)" in out.read_text()
