@@ -18,6 +18,18 @@ from mlops.spec import Spec, load_spec
 PREDICTIONS = "batch_predictions"
 
 
+def changed_inputs(spec: Spec, lake: Lake, lin: dict[str, Any]) -> dict[str, str]:
+    """Input partitions whose lake file no longer has the recorded data version."""
+    changed = {}
+    for asset, parts in lin.get("data_versions", {}).items():
+        for part, recorded in parts.items():
+            exists = lake.exists(spec.name, asset, part)
+            now = lake.content_hash(spec.name, asset, part) if exists else None
+            if now != recorded:
+                changed[f"{asset}/{part}"] = "missing" if now is None else "changed"
+    return changed
+
+
 def lineage(spec: Spec, lake: Lake, tracking_uri: str, version: int) -> dict[str, Any]:
     """The chain for one version: data partitions -> training set -> runs -> evaluation."""
     from mlops.promotion import load_evaluation
@@ -28,16 +40,7 @@ def lineage(spec: Spec, lake: Lake, tracking_uri: str, version: int) -> dict[str
     c = registry.client(tracking_uri)
     mv = c.get_model_version(name, str(version))
     aliases = sorted(getattr(mv, "aliases", []) or [])
-    changed = {}
-    for asset, parts in lin.get("data_versions", {}).items():
-        for part, recorded in parts.items():
-            now = (
-                lake.content_hash(spec.name, asset, part)
-                if lake.exists(spec.name, asset, part)
-                else None
-            )
-            if now != recorded:
-                changed[f"{asset}/{part}"] = "missing" if now is None else "changed"
+    changed = changed_inputs(spec, lake, lin)
     evaluation = load_evaluation(lake, spec, version)
     run_id = tags.get(f"{registry.TAG}mlflow_run_id", mv.run_id)
     return {
@@ -185,18 +188,9 @@ def reproduce(spec: Spec, lake: Lake, tracking_uri: str, version: int) -> dict[s
         "version": version,
         "spec_hash_matches": recorded_spec.content_hash == lin.get("spec_hash"),
     }
-    changed = []
-    for asset, parts in lin["data_versions"].items():
-        for part, h in parts.items():
-            now = (
-                lake.content_hash(spec.name, asset, part)
-                if lake.exists(spec.name, asset, part)
-                else None
-            )
-            if now != h:
-                changed.append(f"{asset}/{part}")
+    changed = changed_inputs(spec, lake, lin)
     report["inputs_unchanged"] = not changed
-    report["changed_inputs"] = changed
+    report["changed_inputs"] = sorted(changed)
     window = training_set.TrainingWindow(
         days=lin["training_partitions"], feature_partitions=sorted(lin["data_versions"]["features"])
     )
