@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -50,6 +51,8 @@ def _meta(result: dg.ExecuteInProcessResult, asset: str, spec_name: str) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
+    # MLflow's advice about integer columns and dataset sources is for interactive use.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--spec", default=str(PROJECT_ROOT / "specs" / "machine_failure.yaml"))
     p.add_argument("--days", type=int, default=30)
@@ -209,7 +212,9 @@ def _train_and_promote(defs, instance, spec, trials: int) -> bool:
 
 
 def _primary(meta: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in meta.items() if k.startswith("valid_"))
+    return ", ".join(
+        f"{k.removeprefix('valid_')} {v:.4f}" for k, v in meta.items() if k.startswith("valid_")
+    )
 
 
 if __name__ == "__main__":
