@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 
+import numpy as np
 import polars as pl
 
 from mlops.labels import entity_column, with_entity
-from mlops.spec import Spec
+from mlops.spec import Spec, parse_duration
 
 
 def feature_names(spec: Spec) -> list[str]:
@@ -27,35 +28,109 @@ def feature_names(spec: Spec) -> list[str]:
     return names
 
 
-def _aggregate(col: str, fn: str, window: str, ts: str) -> pl.Expr:
-    c = pl.col(col)
-    if fn == "mean":
-        return c.rolling_mean_by(ts, window_size=window)
-    if fn == "std":
-        return c.rolling_std_by(ts, window_size=window)
-    if fn == "min":
-        return c.rolling_min_by(ts, window_size=window)
-    if fn == "max":
-        return c.rolling_max_by(ts, window_size=window)
+def max_window(spec: Spec) -> dt.timedelta:
+    """The longest aggregate window: how far back a row's features look."""
+    windows = [parse_duration(w) for a in spec.features.aggregates for w in a.windows]
+    return max(windows, default=dt.timedelta(0))
+
+
+def state_columns(spec: Spec) -> list[str]:
+    """The valid-row columns features are computed from (besides entity and timestamp)."""
+    f = spec.features
+    cols = list(f.passthrough) + list(f.categorical)
+    for a in f.aggregates:
+        cols += a.columns
+    for t in f.transforms:
+        cols += [c for c in (t.column, t.other) if c]
+    return list(dict.fromkeys(cols))
+
+
+def _numeric_columns(spec: Spec) -> list[str]:
+    cats = set(spec.features.categorical)
+    return [c for c in state_columns(spec) if c not in cats]
+
+
+def entity_features(
+    spec: Spec,
+    ts: np.ndarray,
+    num: dict[str, np.ndarray],
+    cat: dict[str, np.ndarray],
+    at: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Features of rows `at` of ONE entity, from its rows sorted by time.
+
+    The one feature computation: the features asset (every row of a day), the training
+    set (through the lake) and the online path (the newest reading over the stored state)
+    all call it. ts: int64 epoch microseconds, ascending; num: float64 arrays (NaN =
+    missing); cat: object arrays; at: indices of the rows to compute. Windows are
+    (t - w, t]; a diff compares with the entity's previous row.
+    """
+    f = spec.features
+    out: dict[str, np.ndarray] = {}
+    for c in f.passthrough:
+        out[c] = num[c][at]
+    for c in f.categorical:
+        out[c] = cat[c][at]
+    for agg in f.aggregates:
+        for w in agg.windows:
+            width = parse_duration(w) // dt.timedelta(microseconds=1)
+            left = np.searchsorted(ts, ts[at] - width, side="right")
+            span = int((at - left).max()) + 1 if len(at) else 1
+            idx = left[:, None] + np.arange(span)[None, :]
+            inside = idx <= at[:, None]
+            idx = np.where(inside, idx, 0)
+            for col in agg.columns:
+                m = np.where(inside, num[col][idx], np.nan)
+                for fn in agg.functions:
+                    out[f"{col}_{fn}_{w}"] = _reduce(fn, m)
+    for t in f.transforms:
+        x = num[t.column][at]
+        if t.kind == "diff":
+            prev = np.where(at > 0, num[t.column][np.maximum(at - 1, 0)], np.nan)
+            out[t.name] = x - prev
+        elif t.kind == "log1p":
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[t.name] = np.where(x > -1, np.log1p(np.where(x > -1, x, 0.0)), np.nan)
+        else:
+            o = num[t.other][at]  # type: ignore[index]
+            if t.kind == "ratio":
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    out[t.name] = np.where(o != 0, x / np.where(o != 0, o, 1.0), np.nan)
+            else:
+                out[t.name] = x * o
+    return out
+
+
+def _reduce(fn: str, m: np.ndarray) -> np.ndarray:
+    """One aggregate over each row of m (NaN = outside the window or missing)."""
+    present = ~np.isnan(m)
+    n = present.sum(axis=1)
+    total = np.where(present, m, 0.0).sum(axis=1)
     if fn == "sum":
-        return c.fill_null(0).rolling_sum_by(ts, window_size=window)
+        return total
     if fn == "count":
-        return c.is_not_null().cast(pl.Int64).rolling_sum_by(ts, window_size=window)
+        return n.astype("float64")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+        if fn == "mean":
+            return mean
+        if fn == "std":
+            dev = np.where(present, m - mean[:, None], 0.0)
+            var = (dev * dev).sum(axis=1) / np.maximum(n - 1, 1)
+            return np.where(n > 1, np.sqrt(var), np.nan)
+    if fn == "min":
+        return np.where(n > 0, np.fmin.reduce(m, axis=1), np.nan)
+    if fn == "max":
+        return np.where(n > 0, np.fmax.reduce(m, axis=1), np.nan)
     raise ValueError(f"unknown aggregate function {fn}")
 
 
-def _transform(kind: str, col: str, other: str | None) -> pl.Expr:
-    c = pl.col(col).cast(pl.Float64)
-    if kind == "diff":
-        return c - c.shift(1)
-    if kind == "log1p":
-        return pl.when(c > -1).then(c.log1p())
-    o = pl.col(other).cast(pl.Float64)
-    if kind == "ratio":
-        return pl.when(o != 0).then(c / o)
-    if kind == "product":
-        return c * o
-    raise ValueError(f"unknown transform {kind}")
+def _arrays(spec: Spec, rows: pl.DataFrame, ts_col: str):
+    ts = rows[ts_col].cast(pl.Datetime("us")).dt.epoch("us").to_numpy()
+    num = {c: rows[c].cast(pl.Float64).fill_nan(None).to_numpy() for c in _numeric_columns(spec)}
+    num = {c: np.asarray(v, dtype="float64") for c, v in num.items()}
+    cat = {c: rows[c].cast(pl.String).to_numpy().astype(object) for c in spec.features.categorical}
+    return ts, num, cat
 
 
 def compute_features(
@@ -63,27 +138,33 @@ def compute_features(
 ) -> pl.DataFrame:
     """Features for every row with start <= timestamp < end, from `rows` (which must hold
     the lookback before `start`). Output: entity, timestamp, feature columns."""
-    ent, ts = entity_column(spec), spec.source.timestamp_column
-    rows = with_entity(spec, rows).sort([ent, ts])
-    exprs: list[pl.Expr] = [pl.col(c).cast(pl.Float64) for c in spec.features.passthrough]
-    exprs += [pl.col(c).cast(pl.String) for c in spec.features.categorical]
-    for agg in spec.features.aggregates:
-        for w in agg.windows:
-            for col in agg.columns:
-                exprs += [
-                    _aggregate(col, fn, w, ts).over(ent).cast(pl.Float64).alias(f"{col}_{fn}_{w}")
-                    for fn in agg.functions
-                ]
-    exprs += [
-        _transform(t.kind, t.column, t.other).over(ent).alias(t.name)
-        for t in spec.features.transforms
-    ]
-    out = rows.select(ent, ts, *exprs)
-    if start is not None:
-        out = out.filter(pl.col(ts) >= start)
-    if end is not None:
-        out = out.filter(pl.col(ts) < end)
-    return out.sort([ts, ent]).select(ent, ts, *feature_names(spec))
+    ent, ts_col = entity_column(spec), spec.source.timestamp_column
+    rows = with_entity(spec, rows).sort([ent, ts_col])
+    names = feature_names(spec)
+    frames = []
+    for group in rows.partition_by(ent, maintain_order=True):
+        t = group[ts_col]
+        keep = pl.Series([True] * group.height)
+        if start is not None:
+            keep = keep & (t >= start)
+        if end is not None:
+            keep = keep & (t < end)
+        at = np.flatnonzero(keep.to_numpy())
+        if not len(at):
+            continue
+        ts, num, cat = _arrays(spec, group, ts_col)
+        values = entity_features(spec, ts, num, cat, at)
+        frames.append(
+            group[at].select(ent, ts_col).with_columns([pl.Series(n, values[n]) for n in names])
+        )
+    if not frames:
+        schema = {ent: pl.String, ts_col: pl.Datetime("us")}
+        schema |= {n: pl.String if n in spec.features.categorical else pl.Float64 for n in names}
+        return pl.DataFrame(schema=schema)
+    out = pl.concat(frames)
+    floats = [n for n in names if n not in spec.features.categorical]
+    out = out.with_columns([pl.col(n).cast(pl.Float64).fill_nan(None) for n in floats])
+    return out.sort([ts_col, ent]).select(ent, ts_col, *names)
 
 
 def lookback_days(spec: Spec, day: dt.date) -> list[dt.date]:
