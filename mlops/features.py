@@ -9,6 +9,7 @@ the cost of a new day does not grow with history.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 
 import numpy as np
 import polars as pl
@@ -141,30 +142,40 @@ def compute_features(
     ent, ts_col = entity_column(spec), spec.source.timestamp_column
     rows = with_entity(spec, rows).sort([ent, ts_col])
     names = feature_names(spec)
-    frames = []
-    for group in rows.partition_by(ent, maintain_order=True):
-        t = group[ts_col]
-        keep = pl.Series([True] * group.height)
-        if start is not None:
-            keep = keep & (t >= start)
-        if end is not None:
-            keep = keep & (t < end)
-        at = np.flatnonzero(keep.to_numpy())
+    t = rows[ts_col]
+    keep = np.ones(rows.height, dtype=bool)
+    if start is not None:
+        keep &= (t >= start).to_numpy()
+    if end is not None:
+        keep &= (t < end).to_numpy()
+    ts, num, cat = _arrays(spec, rows, ts_col)
+    # One pass over entities, on numpy views of columns converted once.
+    ids = rows[ent].to_numpy()
+    bounds = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1], True]) if len(ids) else np.array([0])
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for lo, hi in itertools.pairwise(bounds):
+        at = np.flatnonzero(keep[lo:hi])
         if not len(at):
             continue
-        ts, num, cat = _arrays(spec, group, ts_col)
-        values = entity_features(spec, ts, num, cat, at)
-        frames.append(
-            group[at].select(ent, ts_col).with_columns([pl.Series(n, values[n]) for n in names])
+        values = entity_features(
+            spec,
+            ts[lo:hi],
+            {c: v[lo:hi] for c, v in num.items()},
+            {c: v[lo:hi] for c, v in cat.items()},
+            at,
         )
-    if not frames:
-        schema = {ent: pl.String, ts_col: pl.Datetime("us")}
-        schema |= {n: pl.String if n in spec.features.categorical else pl.Float64 for n in names}
-        return pl.DataFrame(schema=schema)
-    out = pl.concat(frames)
-    floats = [n for n in names if n not in spec.features.categorical]
-    out = out.with_columns([pl.col(n).cast(pl.Float64).fill_nan(None) for n in floats])
-    return out.sort([ts_col, ent]).select(ent, ts_col, *names)
+        for n in names:
+            parts[n].append(values[n])
+    out = rows.filter(pl.Series(keep)).select(ent, ts_col)
+    cols = []
+    for n in names:
+        if n in spec.features.categorical:
+            data = np.concatenate(parts[n]) if parts[n] else np.array([], dtype=object)
+            cols.append(pl.Series(n, data, dtype=pl.String))
+        else:
+            data = np.concatenate(parts[n]) if parts[n] else np.array([], dtype="float64")
+            cols.append(pl.Series(n, data, dtype=pl.Float64).fill_nan(None))
+    return out.with_columns(cols).sort([ts_col, ent]).select(ent, ts_col, *names)
 
 
 def lookback_days(spec: Spec, day: dt.date) -> list[dt.date]:
