@@ -166,6 +166,11 @@ class FeatureSpec(_Strict):
     categorical: list[str] = Field(default_factory=list, description="category columns")
     aggregates: list[AggregateSpec] = Field(default_factory=list)
     transforms: list[TransformSpec] = Field(default_factory=list)
+    online_fallback: Literal["reject", "reading_only"] = Field(
+        "reject",
+        description="online path, entity unknown or state stale: reject with the reason, "
+        "or compute from the reading alone and flag it",
+    )
 
 
 class SearchParam(_Strict):

@@ -72,30 +72,72 @@ def split_days(spec: Spec, days: list[str]) -> dict[str, str]:
     return out
 
 
-def build_training_set(spec: Spec, lake: Lake, window: TrainingWindow) -> pl.DataFrame:
-    ent, ts, label = entity_column(spec), spec.source.timestamp_column, spec.labels.name
-    feats = feature_names(spec)
-    splits = split_days(spec, window.days)
-    labels_sql = lake.relation_sql(spec.name, "labels", window.days)
-    features_sql = lake.relation_sql(spec.name, "features", window.feature_partitions)
-    q = _quote
-    feature_cols = ", ".join(f"f.{q(c)}" for c in feats)
-    cases = " ".join(f"WHEN '{d}' THEN '{s}'" for d, s in splits.items())
-    sql = f"""
-        SELECT l.{q(ent)}, l.{q(ts)}, {feature_cols}, f.{q(ts)} AS {FEATURE_TIME},
-               l.{q(label)},
-               CASE strftime(l.{q(ts)}, '%Y-%m-%d') {cases} END AS {SPLIT}
-        FROM (SELECT * FROM {labels_sql} WHERE {MATURE}) AS l
-        ASOF LEFT JOIN {features_sql} AS f
-          ON l.{q(ent)} = f.{q(ent)} AND f.{q(ts)} <= l.{q(ts)}
-        ORDER BY l.{q(ts)}, l.{q(ent)}
+def historical_features(
+    spec: Spec, lake: Lake, points: pl.DataFrame, feature_partitions: list[str] | None = None
+) -> pl.DataFrame:
+    """Each (entity, timestamp) row of `points` with its features as of that timestamp.
+
+    Point-in-time correct: an ASOF join takes the entity's latest feature row at or before
+    the timestamp, never a later one. Other columns of `points` are carried through;
+    `feature_time` says which feature row answered (null: none at or before it).
     """
-    df = lake.query(sql)
-    missing = df.filter(pl.col(FEATURE_TIME).is_null()).height
+    ent, ts = entity_column(spec), spec.source.timestamp_column
+    missing = [c for c in (ent, ts) if c not in points.columns]
     if missing:
-        # A label with no feature row at or before it: keep it out rather than train on nulls.
-        df = df.filter(pl.col(FEATURE_TIME).is_not_null())
-    return df
+        raise ValueError(f"entity rows need column(s) {missing} (have {points.columns})")
+    points = points.with_columns(pl.col(ts).cast(pl.Datetime("us")))
+    if feature_partitions is None:
+        feature_partitions = _partitions_for(spec, lake, points[ts])
+    names = feature_names(spec)
+    if not feature_partitions or points.height == 0:
+        empty = points.with_columns(
+            [pl.lit(None, dtype=pl.Float64).alias(n) for n in names]
+            + [pl.lit(None, dtype=pl.Datetime("us")).alias(FEATURE_TIME)]
+        )
+        return empty.select(ent, ts, *names, FEATURE_TIME, *_carried(points, ent, ts))
+    q = _quote
+    carried = ", ".join(f"p.{q(c)}" for c in _carried(points, ent, ts))
+    sql = f"""
+        SELECT p.{q(ent)}, p.{q(ts)}, {", ".join(f"f.{q(c)}" for c in names)},
+               f.{q(ts)} AS {FEATURE_TIME}{", " + carried if carried else ""}
+        FROM points AS p
+        ASOF LEFT JOIN {lake.relation_sql(spec.name, "features", feature_partitions)} AS f
+          ON p.{q(ent)} = f.{q(ent)} AND f.{q(ts)} <= p.{q(ts)}
+        ORDER BY p.{q(ts)}, p.{q(ent)}
+    """
+    con = lake.duckdb()
+    try:
+        con.register("points", points.to_arrow())
+        return con.sql(sql).pl()
+    finally:
+        con.close()
+
+
+def _carried(points: pl.DataFrame, ent: str, ts: str) -> list[str]:
+    return [c for c in points.columns if c not in (ent, ts)]
+
+
+def _partitions_for(spec: Spec, lake: Lake, stamps: pl.Series) -> list[str]:
+    """Feature partitions an ASOF for these timestamps can reach (the days, and the day
+    before the first, for points that precede a day's first reading)."""
+    if stamps.len() == 0:
+        return []
+    first = (stamps.min().date() - dt.timedelta(days=1)).isoformat()  # type: ignore[union-attr]
+    last = stamps.max().date().isoformat()  # type: ignore[union-attr]
+    return [d for d in lake.partitions(spec.name, "features") if first <= d <= last]
+
+
+def build_training_set(spec: Spec, lake: Lake, window: TrainingWindow) -> pl.DataFrame:
+    """Mature labels of the window with their point-in-time features, split by day."""
+    ent, ts, label = entity_column(spec), spec.source.timestamp_column, spec.labels.name
+    splits = split_days(spec, window.days)
+    labels = lake.read_many(spec.name, "labels", window.days).filter(pl.col(MATURE))
+    points = labels.select(ent, ts, label).with_columns(
+        pl.col(ts).dt.strftime("%Y-%m-%d").replace_strict(splits).alias(SPLIT)
+    )
+    df = historical_features(spec, lake, points, window.feature_partitions)
+    # A label with no feature row at or before it: keep it out rather than train on nulls.
+    return df.filter(pl.col(FEATURE_TIME).is_not_null())
 
 
 def summarize(spec: Spec, df: pl.DataFrame) -> dict[str, dict[str, float]]:

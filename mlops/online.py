@@ -1,0 +1,141 @@
+"""Online features: the newest reading of an entity over its stored state, through the same
+kernel as the offline path (mlops.features.entity_features), with a fallback policy.
+
+The store holds, per entity, the valid rows the features of the next reading can need: rows
+within the longest window before the newest one, plus the newest row (for diffs). Serving a
+reading appends it to the state, so the next request sees it at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from mlops import features as feats
+from mlops.labels import entity_column
+from mlops.online_store import EntityState, OnlineStore
+from mlops.spec import Spec
+
+TS = "ts"  # the timestamp's key inside stored rows
+
+
+class FeatureRejected(ValueError):
+    """The fallback policy is `reject` and the entity has no usable state."""
+
+    def __init__(self, entity: str, reason: str):
+        self.entity, self.reason = entity, reason
+        super().__init__(f"entity {entity!r}: {reason}")
+
+
+@dataclass
+class OnlineResult:
+    entity: str
+    features: dict[str, Any]
+    as_of: dt.datetime | None  # the state's newest row before this reading
+    fallback: str | None = None  # why the state was not used, when it was not
+
+
+def retention(spec: Spec) -> dt.timedelta:
+    """How far behind the newest row the state must reach."""
+    return feats.max_window(spec)
+
+
+def staleness_limit(spec: Spec) -> dt.timedelta:
+    """A state older than this (before the reading) no longer counts as history."""
+    return max(dt.timedelta(days=max(spec.features.lookback_days, 1)), feats.max_window(spec))
+
+
+def state_row(spec: Spec, reading: dict[str, Any]) -> dict[str, Any]:
+    """A validated reading -> the stored row: its timestamp and the feature inputs."""
+    ts_col = spec.source.timestamp_column
+    ts = reading[ts_col]
+    if isinstance(ts, str):
+        ts = dt.datetime.fromisoformat(ts)
+    if ts.tzinfo is not None:
+        ts = ts.astimezone(dt.UTC).replace(tzinfo=None)
+    row = {TS: ts}
+    for c in feats.state_columns(spec):
+        v = reading.get(c)
+        row[c] = None if v is None or (isinstance(v, float) and np.isnan(v)) else v
+    return row
+
+
+def vector(spec: Spec, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Features of the last of `rows` (sorted by time) through the one feature kernel."""
+    ts = np.array([_epoch_us(r[TS]) for r in rows], dtype="int64")
+    num = {
+        c: np.array([np.nan if r.get(c) is None else float(r[c]) for r in rows], dtype="float64")
+        for c in feats.state_columns(spec)
+        if c not in spec.features.categorical
+    }
+    cat = {c: np.array([r.get(c) for r in rows], dtype=object) for c in spec.features.categorical}
+    out = feats.entity_features(spec, ts, num, cat, np.array([len(rows) - 1]))
+    return {n: _scalar(out[n][0]) for n in feats.feature_names(spec)}
+
+
+def _epoch_us(t: dt.datetime) -> int:
+    return (t - dt.datetime(1970, 1, 1)) // dt.timedelta(microseconds=1)
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, float | np.floating):
+        return None if np.isnan(v) else float(v)
+    return v
+
+
+class OnlineFeatures:
+    """get(entity, reading) -> features, appending the reading to the entity's state."""
+
+    def __init__(self, spec: Spec, store: OnlineStore, fallback: str | None = None):
+        self.spec, self.store = spec, store
+        self.fallback = fallback or spec.features.online_fallback
+        self.counts: Counter[str] = Counter()
+
+    def get(self, entity: str, reading: dict[str, Any], append: bool = True) -> OnlineResult:
+        row = state_row(self.spec, reading)
+        state = self.store.get_state(self.spec.name, entity)
+        why = None
+        if state is None or not state.rows:
+            why = "unknown entity: no state in the online store"
+        elif row[TS] - state.as_of > staleness_limit(self.spec):
+            why = (
+                f"stale state: newest row {state.as_of:%Y-%m-%d %H:%M} is more than "
+                f"{staleness_limit(self.spec)} before the reading"
+            )
+        if why is not None:
+            self.counts["fallback_" + why.split(":")[0].replace(" ", "_")] += 1
+            if self.fallback == "reject":
+                self.counts["rejected"] += 1
+                raise FeatureRejected(entity, why + " (features.online_fallback: reject)")
+            history: list[dict[str, Any]] = []
+        else:
+            history = [r for r in state.rows if r[TS] < row[TS]]
+        values = vector(self.spec, [*history, row])
+        self.counts["served"] += 1
+        if append:
+            keep_from = row[TS] - retention(self.spec)
+            self.store.append_row(self.spec.name, entity, row, keep_from=keep_from, keep_last=1)
+        return OnlineResult(entity, values, state.as_of if state else None, fallback=why)
+
+
+def states_from_rows(spec: Spec, rows: pl.DataFrame) -> list[EntityState]:
+    """Each entity's state from its valid rows: what the next reading's features need."""
+    ent, ts_col = entity_column(spec), spec.source.timestamp_column
+    cols = feats.state_columns(spec)
+    keep = retention(spec)
+    out = []
+    for group in rows.sort([ent, ts_col]).partition_by(ent, maintain_order=True):
+        newest = group[ts_col].max()
+        recent = group.filter(pl.col(ts_col) >= newest - keep)
+        if recent.height == 0:
+            recent = group.tail(1)
+        older = group.filter(pl.col(ts_col) < newest - keep).tail(1)
+        part = pl.concat([older, recent]) if older.height else recent
+        records = part.select(pl.col(ts_col).alias(TS), *cols).to_dicts()
+        out.append(EntityState(entity=str(group[ent][0]), as_of=newest, rows=records))
+    return out
