@@ -10,11 +10,12 @@ import dagster as dg
 import polars as pl
 
 from mlops import features as feats
-from mlops import ingest, labels, training_set, validation
+from mlops import ingest, labels, online, training_set, validation
 from mlops.lake import sha256_bytes
 from mlops.spec import ASSET_NAMES, Spec
 from orchestration.partitions import daily_partitions, lookback_mapping
 from resources.lake import LakeResource
+from resources.online_store import OnlineStoreResource
 
 EXTERNAL_ASSET_NAMES = ("landing_files", "label_events")
 ROWS_RECONCILE_CHECK = "rows_reconcile_check"
@@ -280,6 +281,48 @@ def build_data_assets(
         )
 
     @dg.asset(
+        key=key["online_features"],
+        partitions_def=daily,
+        deps=[
+            key["features"],
+            dg.AssetDep(key["validated_data"], partition_mapping=lookback_mapping(spec)),
+        ],
+        kinds={"sqlite", "redis"},
+        **common,
+    )
+    def online_features(
+        context: dg.AssetExecutionContext, lake: LakeResource, online_store: OnlineStoreResource
+    ) -> dg.MaterializeResult:
+        """Each entity's state as of the day's end in the online store (never moved back)."""
+        store, day = lake.get(), _day(context)
+        parts = [d.isoformat() for d in feats.lookback_days(spec, day)]
+        rows = store.read_many(
+            name, "validated_data", [p for p in parts if store.exists(name, "validated_data", p)]
+        )
+        states = online.states_from_rows(spec, rows)
+        target = online_store.get()
+        try:
+            current = target.get_states(name, [s.entity for s in states])
+            newer = [
+                s for s in states if s.entity not in current or current[s.entity].as_of <= s.as_of
+            ]
+            written = target.write_states(name, newer)
+            stats = target.stats(name)
+        finally:
+            target.close()
+        return dg.MaterializeResult(
+            metadata={
+                "entities_written": written,
+                "entities_skipped_newer_in_store": len(states) - len(newer),
+                "rows_written": sum(len(s.rows) for s in newer),
+                "store_entities": stats.entities,
+                "store_bytes": stats.bytes,
+                "oldest_as_of": str(stats.oldest_as_of),
+                "store": online_store.url.split("@")[-1],
+            }
+        )
+
+    @dg.asset(
         key=key["training_set"],
         deps=[key["features"], key["labels"]],
         kinds={"parquet", "duckdb"},
@@ -334,5 +377,6 @@ def build_data_assets(
         quarantine_rate_check,
         labels_asset,
         features_asset,
+        online_features,
         training_set_asset,
     ]

@@ -265,6 +265,72 @@ def reproduce(spec_arg: str, version: int, as_json: bool) -> None:
         sys.exit(1)
 
 
+# Feature store ---------------------------------------------------------------------------
+
+
+@main.group()
+def features() -> None:
+    """Point-in-time feature retrieval and the online store."""
+
+
+@features.command("historical")
+@SPEC_OPTION
+@click.option(
+    "--entities",
+    "entities_path",
+    required=True,
+    type=click.Path(exists=True),
+    help="CSV or Parquet of (entity, timestamp) rows, named as in the spec",
+)
+@click.option("--out", "out_path", default=None, help="write Parquet (or .csv) here")
+def features_historical(spec_arg: str, entities_path: str, out_path: str | None) -> None:
+    """Each row's features as of its timestamp (point in time), from the lake."""
+    import polars as pl
+
+    from mlops.training_set import historical_features
+
+    s, lake, _ = _context(spec_arg)
+    src = Path(entities_path)
+    points = (
+        pl.read_parquet(src) if src.suffix == ".parquet" else pl.read_csv(src, try_parse_dates=True)
+    )
+    ts = s.source.timestamp_column
+    if ts in points.columns and points.schema[ts] == pl.String:
+        points = points.with_columns(pl.col(ts).str.to_datetime())
+    try:
+        out = historical_features(s, lake, points)
+    except ValueError as e:
+        _fail(f"features historical: {e}")
+    found = out.filter(pl.col("feature_time").is_not_null()).height
+    if out_path:
+        (out.write_csv if out_path.endswith(".csv") else out.write_parquet)(out_path)
+        click.echo(f"wrote {out.height} rows ({found} with features) to {out_path}")
+    else:
+        click.echo(out)
+
+
+@features.command("online-stats")
+@SPEC_OPTION
+def features_online_stats(spec_arg: str) -> None:
+    """Entities, bytes and the oldest as-of time in the online store."""
+    from mlops import config
+    from mlops.online_store import StoreUnavailable, make_store
+
+    s, _, _ = _context(spec_arg)
+    url = config.online_store_url()
+    try:
+        store = make_store(url)
+        st = store.stats(s.name)
+        store.close()
+    except (StoreUnavailable, ValueError) as e:
+        _fail(f"features online-stats: {e}")
+    click.echo(f"online store {url.split('@')[-1]} for {s.name}:")
+    click.echo(f"  entities     {st.entities}")
+    click.echo(f"  bytes        {st.bytes}")
+    click.echo(f"  oldest as-of {st.oldest_as_of}")
+    click.echo(f"  newest as-of {st.newest_as_of}")
+
+
 def _landing_dirs(s) -> list[Path]:
     dirs = [s.landing_dir]
     if s.labels.events is not None:

@@ -37,3 +37,8 @@ def spec_path(name_or_path: str) -> Path:
     if p.suffix in (".yaml", ".yml") or p.exists():
         return p
     return specs_dir() / f"{name_or_path}.yaml"
+
+
+def online_store_url() -> str:
+    default = f"sqlite:///{PROJECT_ROOT / '.mlops' / 'online.db'}"
+    return os.environ.get("MLOPS_ONLINE_STORE_URL", default)

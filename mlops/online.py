@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from mlops import features as feats
-from mlops.labels import entity_column
+from mlops.labels import entity_column, with_entity
 from mlops.online_store import EntityState, OnlineStore
 from mlops.spec import Spec
 
@@ -129,6 +129,7 @@ def states_from_rows(spec: Spec, rows: pl.DataFrame) -> list[EntityState]:
     cols = feats.state_columns(spec)
     keep = retention(spec)
     out = []
+    rows = with_entity(spec, rows)
     for group in rows.sort([ent, ts_col]).partition_by(ent, maintain_order=True):
         newest = group[ts_col].max()
         recent = group.filter(pl.col(ts_col) >= newest - keep)

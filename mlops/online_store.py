@@ -22,6 +22,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,14 +236,17 @@ class SQLiteOnlineStore:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
+        self._pid = os.getpid()
 
     def _conn(self) -> sqlite3.Connection:
         """This process's and thread's connection; a forked worker opens its own."""
-        held: tuple[int, sqlite3.Connection] | None = getattr(self._local, "conn", None)
-        if held is not None and held[0] == os.getpid():
-            return held[1]
-        if held is not None:  # inherited across fork: never touch the parent's handle
+        if self._pid != os.getpid():  # forked: drop (never use or close) the parent's handles
+            self._pid = os.getpid()
+            self._local = threading.local()
             self._conns = []
+        held: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if held is not None:
+            return held
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
@@ -252,17 +256,30 @@ class SQLiteOnlineStore:
                 check_same_thread=False,  # so close() can close other threads' connections
             )
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            self._use_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute(SCHEMA)
         except sqlite3.OperationalError as e:
             raise StoreUnavailable(
                 f"cannot open the online store at {self.path}: {e}; check the path is writable"
             ) from e
-        self._local.conn = (os.getpid(), conn)
+        self._local.conn = conn
         with self._lock:
             self._conns.append(conn)
         return conn
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch a new file to WAL (persistent). The switch fails at once with "database is
+        locked" while another process holds the file, without waiting on busy_timeout, so
+        workers that open a fresh store together retry until the deadline."""
+        deadline = time.monotonic() + self.busy_timeout_s
+        while conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def write_states(self, spec_name: str, states: Iterable[EntityState]) -> int:
         """Replace the given entities' states (others stay), one transaction per batch."""

@@ -405,4 +405,12 @@ def summary(spec: Spec) -> str:
     return "\n".join(lines)
 
 
-ASSET_NAMES = ("raw_data", "validated_data", "quarantine", "labels", "features", "training_set")
+ASSET_NAMES = (
+    "raw_data",
+    "validated_data",
+    "quarantine",
+    "labels",
+    "features",
+    "online_features",
+    "training_set",
+)

@@ -14,11 +14,18 @@ import dagster as dg
 
 from assets.data import build_data_assets
 from assets.model import build_model_assets
-from mlops.config import lake_url, mlflow_artifact_root, mlflow_tracking_uri, specs_dir
+from mlops.config import (
+    lake_url,
+    mlflow_artifact_root,
+    mlflow_tracking_uri,
+    online_store_url,
+    specs_dir,
+)
 from mlops.spec import find_specs
 from orchestration.jobs import build_jobs
 from resources.lake import LakeResource
 from resources.mlflow import MlflowResource
+from resources.online_store import OnlineStoreResource
 
 
 def build_definitions(
@@ -26,6 +33,7 @@ def build_definitions(
     lake_base_url: str | None = None,
     tracking_uri: str | None = None,
     artifact_root: str | None = None,
+    online_url: str | None = None,
 ) -> dg.Definitions:
     specs = find_specs(specs_path or specs_dir())
     assets, checks, jobs = [], [], []
@@ -49,6 +57,7 @@ def build_definitions(
         jobs=jobs,
         resources={
             "lake": LakeResource(base_url=lake_base_url or lake_url()),
+            "online_store": OnlineStoreResource(url=online_url or online_store_url()),
             "mlflow": MlflowResource(
                 tracking_uri=tracking_uri or mlflow_tracking_uri(),
                 artifact_root=artifact_root or mlflow_artifact_root(),

@@ -7,7 +7,7 @@ import dagster as dg
 from mlops.spec import Spec
 from orchestration.partitions import daily_partitions
 
-DAILY_ASSETS = ("raw_data", "validated_data", "quarantine", "labels", "features")
+DAILY_ASSETS = ("raw_data", "validated_data", "quarantine", "labels", "features", "online_features")
 
 
 def data_job_name(spec: Spec) -> str:

@@ -95,7 +95,13 @@ def make_project(
     spec = load_spec(root / "specs" / name)
     lake_url = str(root / ".mlops" / "lake")
     uri = mlflow_db(root) if with_mlflow else f"sqlite:///{root / '.mlops' / 'unused.db'}"
-    defs = build_definitions(root / "specs", lake_url, uri, str(root / ".mlops" / "mlartifacts"))
+    defs = build_definitions(
+        root / "specs",
+        lake_url,
+        uri,
+        str(root / ".mlops" / "mlartifacts"),
+        f"sqlite:///{root / '.mlops' / 'online.db'}",
+    )
     return Project(root, spec, Lake(lake_url), defs, dg.DagsterInstance.ephemeral(), uri)
 
 

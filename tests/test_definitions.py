@@ -31,6 +31,7 @@ def test_definitions_hold_one_graph_per_spec():
             "quarantine",
             "labels",
             "features",
+            "online_features",
             "training_set",
             "candidate_model",
             "model_evaluation",

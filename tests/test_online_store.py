@@ -35,7 +35,9 @@ def _require_redis() -> None:
     except redis.RedisError:
         if os.environ.get("CI") == "true":
             pytest.fail("Redis is not running on 127.0.0.1:6379 (required in CI)")
-        pytest.skip("Redis is not running on 127.0.0.1:6379: start it with `redis-server --port 6379`")
+        pytest.skip(
+            "Redis is not running on 127.0.0.1:6379: start it with `redis-server --port 6379`"
+        )
 
 
 def _open(kind: str, location: str, prefix: str) -> OnlineStore:
@@ -82,15 +84,29 @@ def _rows(n: int, start: dt.datetime = T0, step_s: int = 60) -> list[dict[str, o
 
 def test_round_trip_is_exact(store: OnlineStore) -> None:
     rows = [
-        {"ts": T0, "a": 0.1 + 0.2, "b": None, "c": "ä,\"},{\"ts\":1", "d": 1e-300, "e": -0.0},
-        {"ts": T0 + dt.timedelta(microseconds=1), "a": 1 / 3, "b": float("nan"), "c": "", "d": 1e300, "e": 2.5},
+        {"ts": T0, "a": 0.1 + 0.2, "b": None, "c": 'ä,"},{"ts":1', "d": 1e-300, "e": -0.0},
+        {
+            "ts": T0 + dt.timedelta(microseconds=1),
+            "a": 1 / 3,
+            "b": float("nan"),
+            "c": "",
+            "d": 1e300,
+            "e": 2.5,
+        },
     ]
     state = EntityState("m1", rows[-1]["ts"], rows)  # type: ignore[arg-type]
     assert store.write_states("s", [state]) == 1
     got = store.get_state("s", "m1")
     assert got is not None
     assert got.as_of == T0 + dt.timedelta(microseconds=1)
-    assert got.rows[0] == {"ts": T0, "a": 0.30000000000000004, "b": None, "c": "ä,\"},{\"ts\":1", "d": 1e-300, "e": -0.0}
+    assert got.rows[0] == {
+        "ts": T0,
+        "a": 0.30000000000000004,
+        "b": None,
+        "c": 'ä,"},{"ts":1',
+        "d": 1e-300,
+        "e": -0.0,
+    }
     assert got.rows[1]["a"] == 1 / 3 and got.rows[1]["b"] is None and got.rows[1]["d"] == 1e300
     assert got.rows[1]["ts"].tzinfo is None
     assert store.get_state("s", "nope") is None
@@ -158,15 +174,20 @@ def test_append_with_keep_last_zero_can_empty_an_entity(store: OnlineStore) -> N
 def test_bad_rows_are_rejected_with_the_column(store: OnlineStore) -> None:
     with pytest.raises(ValueError, match="'ts' as a datetime"):
         store.append_row("s", "m1", {"x": 1.0}, keep_from=FAR_PAST)
-    with pytest.raises(ValueError, match="column 'x'.*not finite"):
+    with pytest.raises(ValueError, match=r"column 'x'.*not finite"):
         store.write_states("s", [EntityState("m1", T0, [{"ts": T0, "x": float("inf")}])])
-    with pytest.raises(ValueError, match="column 'x'.*list"):
+    with pytest.raises(ValueError, match=r"column 'x'.*list"):
         store.append_row("s", "m1", {"ts": T0, "x": [1]}, keep_from=FAR_PAST)
 
 
 def test_stats_and_delete_spec(store: OnlineStore) -> None:
     empty = store.stats("s")
-    assert (empty.entities, empty.bytes, empty.oldest_as_of, empty.newest_as_of) == (0, 0, None, None)
+    assert (empty.entities, empty.bytes, empty.oldest_as_of, empty.newest_as_of) == (
+        0,
+        0,
+        None,
+        None,
+    )
     store.write_states(
         "s", [EntityState(f"m{i}", T0 + dt.timedelta(hours=i), _rows(4)) for i in range(3)]
     )
@@ -216,6 +237,23 @@ def test_concurrent_appends_lose_nothing(store: OnlineStore, same_entity: bool) 
             assert [r["x"] for r in got.rows] == [float(2 * i + parity) for i in range(200)]
 
 
+def _append_one(store: OnlineStore) -> None:
+    store.append_row("s", "m1", {"ts": T0 + dt.timedelta(minutes=1), "x": 2.0}, FAR_PAST)
+
+
+def test_forked_worker_reopens_its_connection(store: OnlineStore) -> None:
+    """Servers fork workers after the parent has used the store: the child must not share
+    the parent's connection."""
+    store.append_row("s", "m1", {"ts": T0, "x": 1.0}, FAR_PAST)
+    child = mp.get_context("fork").Process(target=_append_one, args=(store,))
+    child.start()
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    state = store.get_state("s", "m1")
+    assert state is not None and [r["x"] for r in state.rows] == [1.0, 2.0]
+    store.append_row("s", "m1", {"ts": T0 + dt.timedelta(minutes=2), "x": 3.0}, FAR_PAST)
+
+
 def test_corrupt_payload_names_spec_and_entity(store: OnlineStore) -> None:
     store.write_states("s", [EntityState("m1", T0, _rows(2))])
     if isinstance(store, RedisOnlineStore):
@@ -252,3 +290,33 @@ def test_redis_down_raises_store_unavailable() -> None:
     with pytest.raises(StoreUnavailable):
         down.append_row("s", "m1", {"ts": T0}, keep_from=FAR_PAST)
     down.close()
+
+
+def test_backends_agree_on_random_appends(tmp_path: Path) -> None:
+    """The Lua script and the Python merge implement one rule: same inputs, same states."""
+    import random
+
+    _require_redis()
+    rng = random.Random(7)
+    sqlite_store = SQLiteOnlineStore(tmp_path / "s.db")
+    redis_store = RedisOnlineStore(REDIS_URL, prefix=f"test-online-{uuid.uuid4().hex}")
+    try:
+        for _ in range(300):
+            entity = rng.choice(["a", "b", "c"])
+            ts = T0 + dt.timedelta(seconds=rng.randrange(60))
+            row = {
+                "ts": ts,
+                "x": rng.random() * 10 ** rng.randrange(-5, 5),
+                "s": rng.choice(["u", "}", None]),
+            }
+            keep_from = T0 + dt.timedelta(seconds=rng.randrange(-5, 40))
+            keep_last = rng.randrange(0, 4)
+            a = sqlite_store.append_row("s", entity, row, keep_from, keep_last)
+            b = redis_store.append_row("s", entity, row, keep_from, keep_last)
+            assert a == b
+        for entity in "abc":
+            assert sqlite_store.get_state("s", entity) == redis_store.get_state("s", entity)
+    finally:
+        redis_store.delete_spec("s")
+        redis_store.close()
+        sqlite_store.close()
