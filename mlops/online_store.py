@@ -119,18 +119,27 @@ def _row_ts(row: dict[str, Any]) -> int:
 
 
 def _clean_value(column: str, value: Any) -> Any:
-    if hasattr(value, "item") and not isinstance(value, str | bytes):
-        value = value.item()  # numpy scalars -> Python scalars
-    if isinstance(value, float) and not math.isfinite(value):
+    kind = type(value)
+    if kind is float:  # the common case first: this runs for every value written
+        if math.isfinite(value):
+            return value
         if math.isnan(value):
             return None
         raise ValueError(f"online store column {column!r}: {value} cannot be stored (not finite)")
-    if value is not None and not isinstance(value, str | int | float):
-        raise ValueError(
-            f"online store column {column!r}: {type(value).__name__} values are not supported "
-            "(use float, str or None)"
-        )
-    return value
+    if value is None or kind is str or kind is int or kind is bool:
+        return value
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        return _clean_value(column, value.item())  # numpy scalars -> Python scalars
+    if isinstance(value, float):  # subclasses: json would write their repr or value as is
+        return _clean_value(column, float(value))
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    raise ValueError(
+        f"online store column {column!r}: {kind.__name__} values are not supported "
+        "(use float, str or None)"
+    )
 
 
 def _raw_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -142,8 +151,11 @@ def _raw_row(row: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(obj)
 
 
 def _encode_rows(rows: list[dict[str, Any]]) -> str:
@@ -247,19 +259,25 @@ class SQLiteOnlineStore:
         held: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if held is not None:
             return held
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
                 self.path,
                 timeout=self.busy_timeout_s,
                 isolation_level=None,  # we issue BEGIN/COMMIT ourselves
                 check_same_thread=False,  # so close() can close other threads' connections
             )
+        except sqlite3.OperationalError as e:
+            raise StoreUnavailable(
+                f"cannot open the online store at {self.path}: {e}; check the path is writable"
+            ) from e
+        try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
             self._use_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute(SCHEMA)
         except sqlite3.OperationalError as e:
+            conn.close()
             raise StoreUnavailable(
                 f"cannot open the online store at {self.path}: {e}; check the path is writable"
             ) from e

@@ -75,7 +75,7 @@ def split_days(spec: Spec, days: list[str]) -> dict[str, str]:
 def historical_features(
     spec: Spec, lake: Lake, points: pl.DataFrame, feature_partitions: list[str] | None = None
 ) -> pl.DataFrame:
-    """Each (entity, timestamp) row of `points` with its features as of that timestamp.
+    """Each (entity, timestamp) row of `points`, in order, with its features as of then.
 
     Point-in-time correct: an ASOF join takes the entity's latest feature row at or before
     the timestamp, never a later one. Other columns of `points` are carried through;
@@ -85,7 +85,7 @@ def historical_features(
     missing = [c for c in (ent, ts) if c not in points.columns]
     if missing:
         raise ValueError(f"entity rows need column(s) {missing} (have {points.columns})")
-    points = points.with_columns(pl.col(ts).cast(pl.Datetime("us")))
+    points = points.with_columns(pl.col(ts).cast(pl.Datetime("us"))).with_row_index("_point")
     if feature_partitions is None:
         feature_partitions = _partitions_for(spec, lake, points[ts])
     names = feature_names(spec)
@@ -103,7 +103,7 @@ def historical_features(
         FROM points AS p
         ASOF LEFT JOIN {lake.relation_sql(spec.name, "features", feature_partitions)} AS f
           ON p.{q(ent)} = f.{q(ent)} AND f.{q(ts)} <= p.{q(ts)}
-        ORDER BY p.{q(ts)}, p.{q(ent)}
+        ORDER BY p._point
     """
     con = lake.duckdb()
     try:
@@ -114,7 +114,7 @@ def historical_features(
 
 
 def _carried(points: pl.DataFrame, ent: str, ts: str) -> list[str]:
-    return [c for c in points.columns if c not in (ent, ts)]
+    return [c for c in points.columns if c not in (ent, ts, "_point")]
 
 
 def _partitions_for(spec: Spec, lake: Lake, stamps: pl.Series) -> list[str]:
@@ -135,7 +135,7 @@ def build_training_set(spec: Spec, lake: Lake, window: TrainingWindow) -> pl.Dat
     points = labels.select(ent, ts, label).with_columns(
         pl.col(ts).dt.strftime("%Y-%m-%d").replace_strict(splits).alias(SPLIT)
     )
-    df = historical_features(spec, lake, points, window.feature_partitions)
+    df = historical_features(spec, lake, points, window.feature_partitions).sort([ts, ent])
     # A label with no feature row at or before it: keep it out rather than train on nulls.
     return df.filter(pl.col(FEATURE_TIME).is_not_null())
 
