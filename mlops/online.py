@@ -97,8 +97,25 @@ class OnlineFeatures:
         self.counts: Counter[str] = Counter()
 
     def get(self, entity: str, reading: dict[str, Any], append: bool = True) -> OnlineResult:
+        return self._serve(entity, reading, self.store.get_state(self.spec.name, entity), append)
+
+    def get_many(
+        self, readings: list[tuple[str, dict[str, Any]]], append: bool = True
+    ) -> list[OnlineResult | FeatureRejected]:
+        """A batch: every entity's state in one store round trip; a rejection per item."""
+        states = self.store.get_states(self.spec.name, sorted({e for e, _ in readings}))
+        out: list[OnlineResult | FeatureRejected] = []
+        for entity, reading in readings:
+            try:
+                out.append(self._serve(entity, reading, states.get(entity), append))
+            except FeatureRejected as e:
+                out.append(e)
+        return out
+
+    def _serve(
+        self, entity: str, reading: dict[str, Any], state: EntityState | None, append: bool
+    ) -> OnlineResult:
         row = state_row(self.spec, reading)
-        state = self.store.get_state(self.spec.name, entity)
         why = None
         if state is None or not state.rows:
             why = "unknown entity: no state in the online store"
