@@ -141,19 +141,24 @@ class OnlineFeatures:
 
 
 def states_from_rows(spec: Spec, rows: pl.DataFrame) -> list[EntityState]:
-    """Each entity's state from its valid rows: what the next reading's features need."""
+    """Each entity's state from its valid rows: what the next reading's features need (the
+    rows within the longest window before its newest row, and the row before those)."""
     ent, ts_col = entity_column(spec), spec.source.timestamp_column
-    cols = feats.state_columns(spec)
-    keep = retention(spec)
-    out = []
-    rows = with_entity(spec, rows)
-    for group in rows.sort([ent, ts_col]).partition_by(ent, maintain_order=True):
-        newest = group[ts_col].max()
-        recent = group.filter(pl.col(ts_col) >= newest - keep)
-        if recent.height == 0:
-            recent = group.tail(1)
-        older = group.filter(pl.col(ts_col) < newest - keep).tail(1)
-        part = pl.concat([older, recent]) if older.height else recent
-        records = part.select(pl.col(ts_col).alias(TS), *cols).to_dicts()
-        out.append(EntityState(entity=str(group[ent][0]), as_of=newest, rows=records))
+    rows = with_entity(spec, rows).sort([ent, ts_col])
+    newest = pl.col(ts_col).max().over(ent)
+    recent = pl.col(ts_col) >= newest - retention(spec)
+    # The newest row before the window: diffs of the next reading need it.
+    before = (~recent) & (pl.col(ts_col) == pl.col(ts_col).filter(~recent).max().over(ent))
+    kept = rows.filter(recent | before).select(
+        ent, pl.col(ts_col).alias(TS), *feats.state_columns(spec)
+    )
+    out: list[EntityState] = []
+    ids = kept[ent].to_list()
+    records = kept.drop(ent).to_dicts()
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[start]:
+            chunk = records[start:i]
+            out.append(EntityState(entity=str(ids[start]), as_of=chunk[-1][TS], rows=chunk))
+            start = i
     return out

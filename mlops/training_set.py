@@ -1,4 +1,5 @@
-"""Point-in-time correct training sets: labels ASOF-joined to features in DuckDB.
+"""Point-in-time correct retrieval and training sets: an ASOF join of (entity, time) rows to
+the features in the lake (polars' sorted merge; DuckDB reads label maturity).
 
 Each label row (entity, cut-off t) takes the entity's latest feature row with timestamp
 <= t, never a later one, so data recorded after a label's cut-off cannot leak into its
@@ -95,22 +96,19 @@ def historical_features(
             + [pl.lit(None, dtype=pl.Datetime("us")).alias(FEATURE_TIME)]
         )
         return empty.select(ent, ts, *names, FEATURE_TIME, *_carried(points, ent, ts))
-    q = _quote
-    carried = ", ".join(f"p.{q(c)}" for c in _carried(points, ent, ts))
-    sql = f"""
-        SELECT p.{q(ent)}, p.{q(ts)}, {", ".join(f"f.{q(c)}" for c in names)},
-               f.{q(ts)} AS {FEATURE_TIME}{", " + carried if carried else ""}
-        FROM points AS p
-        ASOF LEFT JOIN {lake.relation_sql(spec.name, "features", feature_partitions)} AS f
-          ON p.{q(ent)} = f.{q(ent)} AND f.{q(ts)} <= p.{q(ts)}
-        ORDER BY p._point
-    """
-    con = lake.duckdb()
-    try:
-        con.register("points", points.to_arrow())
-        return con.sql(sql).pl()
-    finally:
-        con.close()
+    feats = lake.read_many(spec.name, "features", feature_partitions).select(ent, ts, *names)
+    feats = feats.with_columns(pl.col(ts).cast(pl.Datetime("us")).alias(FEATURE_TIME)).sort(ts)
+    # polars' sorted-merge ASOF join: 60x faster here than DuckDB's ASOF for 200k points
+    # (bench/features.py); same rule: the latest feature row at or before the point.
+    joined = points.sort(ts).join_asof(
+        feats.drop(ts).with_columns(pl.col(FEATURE_TIME).alias("_key")),
+        left_on=ts,
+        right_on="_key",
+        by=ent,
+        strategy="backward",
+        check_sortedness=False,
+    )
+    return joined.sort("_point").select(ent, ts, *names, FEATURE_TIME, *_carried(points, ent, ts))
 
 
 def _carried(points: pl.DataFrame, ent: str, ts: str) -> list[str]:
@@ -150,20 +148,3 @@ def summarize(spec: Spec, df: pl.DataFrame) -> dict[str, dict[str, float]]:
             "label_mean": float(part[label].cast(pl.Float64).mean() or 0.0) if part.height else 0.0,
         }
     return out
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def label_maturity(spec: Spec, lake: Lake, days: list[str]) -> dict[str, bool]:
-    """Day -> whether every label row of that day is mature (reads one column)."""
-    if not days:
-        return {}
-    sql = (
-        f"SELECT filename, bool_and({MATURE}) AS mature "
-        f"FROM {lake.relation_sql(spec.name, 'labels', days)[:-1]}, filename = true) "
-        "GROUP BY filename"
-    )
-    by_file = dict(lake.query(sql).iter_rows())
-    return {d: bool(by_file.get(lake.url(spec.name, "labels", d), False)) for d in days}
