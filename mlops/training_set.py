@@ -148,3 +148,16 @@ def summarize(spec: Spec, df: pl.DataFrame) -> dict[str, dict[str, float]]:
             "label_mean": float(part[label].cast(pl.Float64).mean() or 0.0) if part.height else 0.0,
         }
     return out
+
+
+def label_maturity(spec: Spec, lake: Lake, days: list[str]) -> dict[str, bool]:
+    """Day -> whether every label row of that day is mature (reads one column)."""
+    if not days:
+        return {}
+    sql = (
+        f"SELECT filename, bool_and({MATURE}) AS mature "
+        f"FROM {lake.relation_sql(spec.name, 'labels', days)[:-1]}, filename = true) "
+        "GROUP BY filename"
+    )
+    by_file = dict(lake.query(sql).iter_rows())
+    return {d: bool(by_file.get(lake.url(spec.name, "labels", d), False)) for d in days}
