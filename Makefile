@@ -39,6 +39,7 @@ mlflow: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/features.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
