@@ -162,3 +162,22 @@ def states_from_rows(spec: Spec, rows: pl.DataFrame) -> list[EntityState]:
             out.append(EntityState(entity=str(ids[start]), as_of=chunk[-1][TS], rows=chunk))
             start = i
     return out
+
+
+_SERVICES: dict[tuple[str, str], OnlineFeatures] = {}
+
+
+def get_online_features(
+    spec: Spec, entity: str, reading: dict[str, Any], store_url: str | None = None
+) -> OnlineResult:
+    """The feature vector of a new reading (appended to the entity's state), through the
+    store at `store_url` (default: MLOPS_ONLINE_STORE_URL). Raises FeatureRejected when
+    the spec's fallback policy is `reject` and the entity has no usable state."""
+    from mlops.config import online_store_url
+    from mlops.online_store import make_store
+
+    url = store_url or online_store_url()
+    key = (spec.content_hash, url)
+    if key not in _SERVICES:  # one store connection per process and spec
+        _SERVICES[key] = OnlineFeatures(spec, make_store(url))
+    return _SERVICES[key].get(entity, reading)

@@ -101,9 +101,18 @@ def test_unknown_entity_gets_the_fallback_policy_never_a_default(built, store):
     assert got.fallback and "unknown entity" in got.fallback
     assert got.features["temperature"] == reading["temperature"]
     assert got.features["temperature_std_6h"] is None  # one reading: no spread, not 0
+    # The module-level entry point applies the spec's policy (reject by default).
+    with pytest.raises(online.FeatureRejected, match="M7777"):
+        online.get_online_features(spec, "M7777", reading, store_url=_url(store))
     # Stale state: the next reading a week later is flagged too.
     later = {**reading, "timestamp": reading["timestamp"] + dt.timedelta(days=7)}
     assert "stale state" in lenient.get("M9999", later).fallback
+
+
+def _url(store) -> str:
+    if isinstance(store, SQLiteOnlineStore):
+        return f"sqlite:///{store.path}"
+    return REDIS
 
 
 def _worker(url: str, spec_path: str, offset: int, n: int) -> None:
