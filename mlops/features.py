@@ -82,8 +82,8 @@ def entity_features(
             idx = np.where(inside, idx, 0)
             for col in agg.columns:
                 m = np.where(inside, num[col][idx], np.nan)
-                for fn in agg.functions:
-                    out[f"{col}_{fn}_{w}"] = _reduce(fn, m)
+                for fn, values in _reduce(agg.functions, m).items():
+                    out[f"{col}_{fn}_{w}"] = values
     for t in f.transforms:
         x = num[t.column][at]
         if t.kind == "diff":
@@ -102,28 +102,35 @@ def entity_features(
     return out
 
 
-def _reduce(fn: str, m: np.ndarray) -> np.ndarray:
-    """One aggregate over each row of m (NaN = outside the window or missing)."""
+def _reduce(functions: list[str], m: np.ndarray) -> dict[str, np.ndarray]:
+    """The aggregates over each row of m (NaN = outside the window or missing); the
+    counts and sums they share are computed once."""
     present = ~np.isnan(m)
     n = present.sum(axis=1)
-    total = np.where(present, m, 0.0).sum(axis=1)
-    if fn == "sum":
-        return total
-    if fn == "count":
-        return n.astype("float64")
+    filled = np.where(present, m, 0.0)
+    total = filled.sum(axis=1)
+    some = n > 0
+    out: dict[str, np.ndarray] = {}
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)
-        if fn == "mean":
-            return mean
-        if fn == "std":
-            dev = np.where(present, m - mean[:, None], 0.0)
-            var = (dev * dev).sum(axis=1) / np.maximum(n - 1, 1)
-            return np.where(n > 1, np.sqrt(var), np.nan)
-    if fn == "min":
-        return np.where(n > 0, np.fmin.reduce(m, axis=1), np.nan)
-    if fn == "max":
-        return np.where(n > 0, np.fmax.reduce(m, axis=1), np.nan)
-    raise ValueError(f"unknown aggregate function {fn}")
+        mean = np.where(some, total / np.maximum(n, 1), np.nan)
+        for fn in functions:
+            if fn == "sum":
+                out[fn] = total
+            elif fn == "count":
+                out[fn] = n.astype("float64")
+            elif fn == "mean":
+                out[fn] = mean
+            elif fn == "std":
+                dev = np.where(present, m - mean[:, None], 0.0)
+                var = (dev * dev).sum(axis=1) / np.maximum(n - 1, 1)
+                out[fn] = np.where(n > 1, np.sqrt(var), np.nan)
+            elif fn == "min":
+                out[fn] = np.where(some, np.fmin.reduce(m, axis=1), np.nan)
+            elif fn == "max":
+                out[fn] = np.where(some, np.fmax.reduce(m, axis=1), np.nan)
+            else:
+                raise ValueError(f"unknown aggregate function {fn}")
+    return out
 
 
 def _arrays(spec: Spec, rows: pl.DataFrame, ts_col: str):
