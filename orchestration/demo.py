@@ -17,9 +17,16 @@ from pathlib import Path
 
 import dagster as dg
 
-from mlops.config import PROJECT_ROOT, lake_url, mlflow_artifact_root, mlflow_tracking_uri
+from mlops.config import (
+    PROJECT_ROOT,
+    lake_url,
+    mlflow_artifact_root,
+    mlflow_tracking_uri,
+    online_store_url,
+)
 from mlops.generate import generate
 from mlops.lake import Lake
+from mlops.online_store import make_store
 from mlops.spec import load_spec
 from orchestration.definitions import build_definitions
 from orchestration.jobs import (
@@ -74,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if lake.fs.exists(spec_folder):
         lake.fs.rm(spec_folder, recursive=True)
     _fresh_mlflow(spec.registered_model_name)
+    store = make_store(online_store_url())
+    store.delete_spec(spec.name)
+    store.close()
     report = generate(
         spec,
         days=args.days,

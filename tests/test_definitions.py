@@ -83,6 +83,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
         "MLOPS_LAKE_URL": str(tmp_path / ".mlops" / "lake"),
         "MLOPS_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / '.mlops' / 'mlflow.db'}",
         "MLOPS_MLFLOW_ARTIFACT_ROOT": str(tmp_path / ".mlops" / "mlartifacts"),
+        "MLOPS_ONLINE_STORE_URL": f"sqlite:///{tmp_path / '.mlops' / 'online.db'}",
         "DAGSTER_HOME": str(home),
     }
 
