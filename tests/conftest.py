@@ -122,3 +122,22 @@ def small_data(
     p: Project, days: int = 6, machines: int = 8, bad_rows: float = 0.0, seed: int = 3
 ) -> GenerationReport:
     return generate(p.spec, days=days, machines=machines, seed=seed, bad_rows=bad_rows)
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def require_redis() -> None:
+    """Skip locally without Redis, but never let CI pass by skipping."""
+    import os
+
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping()
+    except redis.RedisError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("Redis is not running on 127.0.0.1:6379 (required in CI)")
+        pytest.skip(
+            "Redis is not running on 127.0.0.1:6379: start it with `redis-server --port 6379`"
+        )

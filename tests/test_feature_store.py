@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing as mp
-import os
 import uuid
 
 import numpy as np
@@ -19,22 +18,13 @@ from mlops.cli import main
 from mlops.online_store import RedisOnlineStore, SQLiteOnlineStore, make_store
 from mlops.spec import load_spec
 from mlops.training_set import historical_features
-from tests.conftest import make_project, small_data
+from tests.conftest import make_project, require_redis, small_data
 
 REDIS = "redis://127.0.0.1:6379/0"
 
 
 def _redis_or_skip() -> None:
-    import redis
-
-    try:
-        redis.Redis.from_url(REDIS, socket_connect_timeout=1).ping()
-    except redis.RedisError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("Redis is not running on 127.0.0.1:6379 (required in CI)")
-        pytest.skip(
-            "Redis is not running on 127.0.0.1:6379: start it with `redis-server --port 6379`"
-        )
+    require_redis()
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing as mp
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from mlops.online_store import (
     StoreUnavailable,
     make_store,
 )
+from tests.conftest import require_redis
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 T0 = dt.datetime(2026, 3, 1, 12, 0, 0, 123456)
@@ -27,17 +27,7 @@ FAR_PAST = dt.datetime(2000, 1, 1)
 
 
 def _require_redis() -> None:
-    """Skip locally without Redis, but never let CI pass by skipping."""
-    import redis
-
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping()
-    except redis.RedisError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("Redis is not running on 127.0.0.1:6379 (required in CI)")
-        pytest.skip(
-            "Redis is not running on 127.0.0.1:6379: start it with `redis-server --port 6379`"
-        )
+    require_redis()
 
 
 def _open(kind: str, location: str, prefix: str) -> OnlineStore:
