@@ -14,7 +14,7 @@ import polars as pl
 
 from mlops import promotion, registry, training
 from mlops.lake import Lake
-from mlops.spec import Spec
+from mlops.spec import MODEL_ASSET_NAMES, Spec
 from orchestration.partitions import daily_partitions
 from resources.lake import LakeResource
 from resources.mlflow import MlflowResource
@@ -70,17 +70,7 @@ def build_model_assets(spec: Spec) -> list:
     name = spec.name
     model_name = spec.registered_model_name
     daily = daily_partitions(spec)
-    key = {
-        a: dg.AssetKey([name, a])
-        for a in (
-            "training_set",
-            "features",
-            "candidate_model",
-            "model_evaluation",
-            "champion_model",
-            "batch_predictions",
-        )
-    }
+    key = {a: dg.AssetKey([name, a]) for a in ("training_set", "features", *MODEL_ASSET_NAMES)}
     common = {"group_name": name, "code_version": spec.content_hash[:12]}
 
     @dg.asset(
@@ -213,7 +203,7 @@ def build_model_assets(spec: Spec) -> list:
                 metadata={
                     "model_version": version,
                     "reason": result.reason,
-                    "details": dg.MetadataValue.json(promotion._finite(result.details)),
+                    "details": dg.MetadataValue.json(promotion.json_safe(result.details)),
                 },
             )
 

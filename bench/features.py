@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -29,7 +28,8 @@ import polars as pl
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mlops import features, ingest, online, validation  # noqa: E402
+from bench.common import features_day, project, validated_day  # noqa: E402
+from mlops import online  # noqa: E402
 from mlops.generate import generate  # noqa: E402
 from mlops.lake import Lake  # noqa: E402
 from mlops.online_store import RedisOnlineStore, SQLiteOnlineStore  # noqa: E402
@@ -43,28 +43,13 @@ def _pct(xs: list[float]) -> dict[str, float]:
 
 
 def _build(root: Path, machines: int, days: int):
-    (root / "specs").mkdir(parents=True)
-    shutil.copy(REPO / "specs" / "machine_failure.yaml", root / "specs")
-    spec = load_spec(root / "specs" / "machine_failure.yaml")
+    spec = load_spec(project(root))
     generate(spec, days=days, machines=machines, seed=3)
     lake = Lake(str(root / "lake"))
     for i in range(days):
         day = spec.source.start_date + dt.timedelta(days=i)
-        batch = ingest.load_day(spec.source, spec.landing_dir, day)
-        lake.write(
-            spec.name,
-            "validated_data",
-            validation.validate(spec, batch.frame, day).valid,
-            day.isoformat(),
-        )
-        parts = [d.isoformat() for d in features.lookback_days(spec, day)]
-        rows = lake.read_many(spec.name, "validated_data", parts)
-        lake.write(
-            spec.name,
-            "features",
-            features.compute_features(spec, rows, *features.day_bounds(day)),
-            day.isoformat(),
-        )
+        validated_day(spec, lake, day)
+        features_day(spec, lake, day)
     return spec, lake
 
 

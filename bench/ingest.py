@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import dagster as dg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mlops import features, ingest, validation  # noqa: E402
+from bench.common import features_day, project, validated_day  # noqa: E402
 from mlops.generate import generate  # noqa: E402
 from mlops.lake import Lake  # noqa: E402
 from mlops.spec import load_spec  # noqa: E402
@@ -35,12 +34,6 @@ from orchestration.definitions import build_definitions  # noqa: E402
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 ASSETS = ("raw_data", "validated_data", "quarantine", "features")
-
-
-def _project(root: Path) -> Path:
-    (root / "specs").mkdir(parents=True)
-    shutil.copy(REPO / "specs" / "machine_failure.yaml", root / "specs")
-    return root / "specs" / "machine_failure.yaml"
 
 
 class Runner:
@@ -66,17 +59,9 @@ class Runner:
 
     def compute_only(self, day: dt.date) -> float:
         """The same work as one run, without Dagster: read, validate, write, features."""
-        spec, lake, name = self.spec, self.lake, self.spec.name
         t = time.perf_counter()
-        batch = ingest.load_day(spec.source, spec.landing_dir, day)
-        lake.write(name, "raw_data", batch.frame, day.isoformat())
-        res = validation.validate(spec, lake.read(name, "raw_data", day.isoformat()), day)
-        lake.write(name, "validated_data", res.valid, day.isoformat())
-        lake.write(name, "quarantine", res.quarantine, day.isoformat())
-        parts = [d.isoformat() for d in features.lookback_days(spec, day)]
-        rows = lake.read_many(name, "validated_data", parts)
-        out = features.compute_features(spec, rows, *features.day_bounds(day))
-        lake.write(name, "features", out, day.isoformat())
+        validated_day(self.spec, self.lake, day, with_raw=True)
+        features_day(self.spec, self.lake, day)
         return time.perf_counter() - t
 
 
@@ -91,7 +76,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="mlops-bench-") as tmp:
         root = Path(tmp)
-        spec_path = _project(root)
+        spec_path = project(root)
         spec = load_spec(spec_path)
         t = time.perf_counter()
         report = generate(

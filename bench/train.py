@@ -50,15 +50,13 @@ import polars as pl
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import features_day, project, validated_day  # noqa: E402
 from mlops import (  # noqa: E402
     evaluation,
-    features,
-    ingest,
     labels,
     modeling,
     promotion,
     training,
-    validation,
 )
 from mlops.generate import generate  # noqa: E402
 from mlops.lake import Lake  # noqa: E402
@@ -71,12 +69,6 @@ MODEL_ASSETS = ("candidate_model", "model_evaluation", "champion_model")
 IMMATURE_DAYS = 3  # label maturity 72 h: the last three days' labels are not final
 SMOKE_CALLS = 200
 GOAL = 1.3
-
-
-def _project(root: Path) -> Path:
-    (root / "specs").mkdir(parents=True)
-    shutil.copy(REPO / "specs" / "machine_failure.yaml", root / "specs")
-    return root / "specs" / "machine_failure.yaml"
 
 
 def _warm_imports() -> None:
@@ -105,19 +97,12 @@ def _mlflow_template(folder: Path) -> Path:
 
 def build_data(spec: Spec, lake: Lake, days: list[dt.date]) -> None:
     """The data half for `days` through the mlops/ functions (as bench/ingest.py does)."""
-    name = spec.name
     for day in days:
-        key = day.isoformat()
-        batch = ingest.load_day(spec.source, spec.landing_dir, day)
-        res = validation.validate(spec, batch.frame, day)
-        lake.write(name, "validated_data", res.valid, key)
+        res = validated_day(spec, lake, day)
         rows, _ = labels.build_labels(spec, res.valid, day)
-        lake.write(name, "labels", rows, key)
+        lake.write(spec.name, "labels", rows, day.isoformat())
     for day in days:
-        parts = [d.isoformat() for d in features.lookback_days(spec, day)]
-        rows = lake.read_many(name, "validated_data", parts)
-        out = features.compute_features(spec, rows, *features.day_bounds(day))
-        lake.write(name, "features", out, day.isoformat())
+        features_day(spec, lake, day)
 
 
 def _inner_targets() -> tuple[tuple[Any, str], ...]:
@@ -342,7 +327,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="mlops-bench-") as tmp:
         root = Path(tmp)
-        spec = load_spec(_project(root))
+        spec = load_spec(project(root))
         window = spec.model.training_window_days
         machines = max(1, round(args.rows / (window * 24)))
         n_days = window + IMMATURE_DAYS + spec.features.lookback_days

@@ -101,9 +101,8 @@ def impact(spec: Spec, lake: Lake, tracking_uri: str, partition: str) -> dict[st
     that partition's own features) produced."""
     name = spec.registered_model_name
     versions = []
-    c = registry.client(tracking_uri)
+    aliases = registry.aliases(tracking_uri, name)
     for mv in registry.search_versions(tracking_uri, name):
-        mv = c.get_model_version(name, mv.version)  # search results carry no aliases
         lin = registry.lineage_from_tags(dict(mv.tags))
         used = sorted(a for a, parts in lin.get("data_versions", {}).items() if partition in parts)
         if used:
@@ -111,7 +110,7 @@ def impact(spec: Spec, lake: Lake, tracking_uri: str, partition: str) -> dict[st
                 {
                     "version": int(mv.version),
                     "assets": used,
-                    "aliases": sorted(getattr(mv, "aliases", []) or []),
+                    "aliases": aliases.get(int(mv.version), []),
                 }
             )
     impacted = {v["version"] for v in versions}
@@ -174,8 +173,9 @@ def reproduce(spec: Spec, lake: Lake, tracking_uri: str, version: int) -> dict[s
     from mlops.model_loader import load_model
 
     name = spec.registered_model_name
-    lin = registry.lineage_from_tags(registry.version_tags(tracking_uri, name, version))
-    run_id = registry.version_tags(tracking_uri, name, version).get(f"{registry.TAG}mlflow_run_id")
+    tags = registry.version_tags(tracking_uri, name, version)
+    lin = registry.lineage_from_tags(tags)
+    run_id = tags.get(f"{registry.TAG}mlflow_run_id")
     registry.client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         spec_dir = Path(tmp) / "specs"

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
-from mlops.modeling import MatrixLayout, model_matrix
+from mlops.modeling import MatrixLayout, model_matrix, predict
 from mlops.registry import RegistryError, client
 
 
@@ -33,9 +33,7 @@ class LoadedModel:
         return model_matrix(self.layout, features)
 
     def score_matrix(self, X: pd.DataFrame) -> np.ndarray:
-        if self.task == "binary_classification":
-            return np.asarray(self.model.predict_proba(X))[:, 1].astype("float64")
-        return np.asarray(self.model.predict(X)).astype("float64")
+        return predict(self.task, self.model, X)
 
     def score(self, features: pl.DataFrame | pd.DataFrame) -> np.ndarray:
         """Class-1 probability (classification) or the predicted value (regression)."""

@@ -116,16 +116,17 @@ class OnlineFeatures:
         self, entity: str, reading: dict[str, Any], state: EntityState | None, append: bool
     ) -> OnlineResult:
         row = state_row(self.spec, reading)
-        why = None
+        why = code = None
         if state is None or not state.rows:
-            why = "unknown entity: no state in the online store"
+            code, why = "unknown_entity", "unknown entity: no state in the online store"
         elif row[TS] - state.as_of > staleness_limit(self.spec):
+            code = "stale_state"
             why = (
                 f"stale state: newest row {state.as_of:%Y-%m-%d %H:%M} is more than "
                 f"{staleness_limit(self.spec)} before the reading"
             )
         if why is not None:
-            self.counts["fallback_" + why.split(":")[0].replace(" ", "_")] += 1
+            self.counts[f"fallback_{code}"] += 1
             if self.fallback == "reject":
                 self.counts["rejected"] += 1
                 raise FeatureRejected(entity, why + " (features.online_fallback: reject)")

@@ -124,7 +124,7 @@ def evaluate_version(
     }
     if out_dir is not None:
         doc["artifacts"] = _artifacts(spec, challenger, chal, champ, valid, test, lineage, out_dir)
-    return _finite(doc)
+    return json_safe(doc)
 
 
 def _artifacts(spec, model, chal, champ, valid, test, lineage, out_dir: Path) -> dict[str, str]:
@@ -175,12 +175,12 @@ def _artifacts(spec, model, chal, champ, valid, test, lineage, out_dir: Path) ->
     return {k: str(v) for k, v in files.items()}
 
 
-def _finite(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """NaN/inf -> None, numpy scalars -> Python: the document must be valid JSON."""
     if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -330,7 +330,7 @@ class Decision:
     gates: list[GateResult]
 
     def as_dict(self) -> dict[str, Any]:
-        return _finite({**asdict(self), "gates": [asdict(g) for g in self.gates]})
+        return json_safe({**asdict(self), "gates": [asdict(g) for g in self.gates]})
 
 
 def recorded_gates(tracking_uri: str, model_name: str, version: int) -> list[GateResult] | None:

@@ -137,6 +137,20 @@ def lineage_from_tags(tags: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def aliases(tracking_uri: str, model_name: str) -> dict[int, list[str]]:
+    """Version -> its aliases, in one call (version searches carry no aliases)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client(tracking_uri).get_registered_model(model_name)
+    except MlflowException:
+        return {}
+    out: dict[int, list[str]] = {}
+    for alias, version in sorted((model.aliases or {}).items()):
+        out.setdefault(int(version), []).append(alias)
+    return out
+
+
 def search_versions(tracking_uri: str, model_name: str) -> list[Any]:
     c = client(tracking_uri)
     return sorted(c.search_model_versions(f"name = '{model_name}'"), key=lambda mv: int(mv.version))

@@ -399,7 +399,7 @@ def summary(spec: Spec) -> str:
         f"  monitoring {spec.monitoring.drift_method} drift > {spec.monitoring.drift_threshold} "
         f"for {spec.monitoring.consecutive_drift_days} day(s), cooldown "
         f"{spec.monitoring.retrain_cooldown_partitions} partitions",
-        f"  assets     {', '.join(f'{spec.name}/{a}' for a in ASSET_NAMES)}",
+        f"  assets     {', '.join(f'{spec.name}/{a}' for a in (*ASSET_NAMES, *MODEL_ASSET_NAMES))}",
         f"  spec hash  {spec.content_hash[:12]}",
     ]
     return "\n".join(lines)
@@ -414,3 +414,4 @@ ASSET_NAMES = (
     "online_features",
     "training_set",
 )
+MODEL_ASSET_NAMES = ("candidate_model", "model_evaluation", "champion_model", "batch_predictions")

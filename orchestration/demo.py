@@ -210,7 +210,7 @@ def _train_and_promote(defs, instance, spec, trials: int) -> bool:
         mlflow_tracking_uri(), spec.registered_model_name, registry.CHAMPION
     )
     print(f"champion: v{champ}" if champ else "no champion: the gate kept it out")
-    print(ev["metrics"].value if hasattr(ev["metrics"], "value") else ev["metrics"])
+    print(ev["metrics"])
     run = cand["mlflow_run_id"]
     exp = registry.client(mlflow_tracking_uri()).get_run(run).info.experiment_id
     print(f"  MLflow run: http://127.0.0.1:5000/#/experiments/{exp}/runs/{run}")
