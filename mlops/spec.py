@@ -220,8 +220,14 @@ class GateSpec(_Strict):
 class MonitoringSpec(_Strict):
     drift_method: str = "wasserstein"
     drift_threshold: float = Field(0.3, ge=0, le=1, description="drift share that counts")
+    column_drift_threshold: float | None = Field(
+        None, gt=0, description="per-column test threshold; None = the method's default"
+    )
+    drift_sample_rows: int = Field(20_000, ge=100, description="rows sampled per side")
+    drift_max_columns: int = Field(50, ge=1, description="columns tested, highest-importance first")
     consecutive_drift_days: int = Field(2, ge=1)
     metric_decline_tolerance: float = Field(0.05, ge=0)
+    consecutive_decline_days: int = Field(1, ge=1)
     retrain_cooldown_partitions: int = Field(7, ge=0)
     scoring_schedule: str = "0 2 * * *"
     retraining_schedule: str | None = "0 3 * * 0"
