@@ -14,6 +14,7 @@ import dagster as dg
 
 from assets.data import build_data_assets
 from assets.model import build_model_assets
+from assets.monitoring import build_monitoring_assets
 from mlops.config import (
     lake_url,
     mlflow_artifact_root,
@@ -22,10 +23,21 @@ from mlops.config import (
     specs_dir,
 )
 from mlops.spec import find_specs
-from orchestration.jobs import build_jobs
+from orchestration.jobs import (
+    build_jobs,
+    data_job_name,
+    labels_job_name,
+    scoring_job_name,
+    training_job_name,
+)
+from orchestration.schedules import build_schedules
+from resources.alerting import AlertingResource
 from resources.lake import LakeResource
 from resources.mlflow import MlflowResource
 from resources.online_store import OnlineStoreResource
+from sensors.alerts import build_failure_sensor
+from sensors.new_data import build_new_data_sensor
+from sensors.retrain import build_retrain_sensors
 
 
 def build_definitions(
@@ -36,26 +48,46 @@ def build_definitions(
     online_url: str | None = None,
 ) -> dg.Definitions:
     specs = find_specs(specs_path or specs_dir())
-    assets, checks, jobs = [], [], []
+    assets, checks, jobs, sensors, schedules = [], [], [], [], []
     for spec in specs:
         with warnings.catch_warnings():
             # Partitioned asset checks are a Dagster preview feature; every process that
             # loads the code location would print this warning otherwise.
             warnings.simplefilter("ignore", dg.PreviewWarning)
-            built = [*build_data_assets(spec), *build_model_assets(spec)]
+            built = [
+                *build_data_assets(spec),
+                *build_model_assets(spec),
+                *build_monitoring_assets(spec),
+            ]
+        spec_jobs = build_jobs(spec)
         for d in built:
             if isinstance(d, dg.AssetChecksDefinition):
                 checks.append(d)
             elif isinstance(d, dg.JobDefinition):
-                jobs.append(d)
+                spec_jobs.append(d)
             else:
                 assets.append(d)
-        jobs.extend(build_jobs(spec))
+        jobs.extend(spec_jobs)
+        by_name = {j.name: j for j in spec_jobs}
+        sensors.append(
+            build_new_data_sensor(
+                spec,
+                [by_name[n(spec)] for n in (data_job_name, labels_job_name, scoring_job_name)],
+            )
+        )
+        sensors.extend(build_retrain_sensors(spec, by_name[training_job_name(spec)]))
+        sensors.append(build_failure_sensor(spec, spec_jobs))
+        schedules.extend(
+            build_schedules(spec, by_name[scoring_job_name(spec)], by_name[training_job_name(spec)])
+        )
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
         jobs=jobs,
+        sensors=sensors,
+        schedules=schedules,
         resources={
+            "alerting": AlertingResource(webhook_url=os.environ.get("MLOPS_ALERT_WEBHOOK_URL", "")),
             "lake": LakeResource(base_url=lake_base_url or lake_url()),
             "online_store": OnlineStoreResource(url=online_url or online_store_url()),
             "mlflow": MlflowResource(

@@ -1,4 +1,4 @@
-"""Jobs per spec: the daily data job (one partition per run) and the training-set job."""
+"""Jobs per spec: daily data, scoring and label jobs (one partition per run), training."""
 
 from __future__ import annotations
 
@@ -24,6 +24,14 @@ def training_job_name(spec: Spec) -> str:
 
 def batch_predictions_job_name(spec: Spec) -> str:
     return f"{spec.name}_batch_predictions_job"
+
+
+def scoring_job_name(spec: Spec) -> str:
+    return f"{spec.name}_scoring_job"
+
+
+def labels_job_name(spec: Spec) -> str:
+    return f"{spec.name}_labels_job"
 
 
 def build_jobs(spec: Spec) -> list[dg.UnresolvedAssetJobDefinition]:
@@ -60,5 +68,21 @@ def build_jobs(spec: Spec) -> list[dg.UnresolvedAssetJobDefinition]:
             selection=dg.AssetSelection.assets(dg.AssetKey([spec.name, "batch_predictions"])),
             partitions_def=daily_partitions(spec),
             description=f"{spec.name}: score one day's features with the champion.",
+        ),
+        dg.define_asset_job(
+            scoring_job_name(spec),
+            selection=dg.AssetSelection.assets(
+                *[dg.AssetKey([spec.name, a]) for a in ("batch_predictions", "drift_report")]
+            ),
+            partitions_def=daily_partitions(spec),
+            description=f"{spec.name}: score a day with the champion, then its drift report.",
+        ),
+        dg.define_asset_job(
+            labels_job_name(spec),
+            selection=dg.AssetSelection.assets(
+                *[dg.AssetKey([spec.name, a]) for a in ("labels", "model_performance")]
+            ),
+            partitions_def=daily_partitions(spec),
+            description=f"{spec.name}: a day's labels once they mature, then realized performance.",
         ),
     ]

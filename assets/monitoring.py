@@ -1,0 +1,177 @@
+"""Monitoring assets of one spec: drift_report and model_performance, both daily.
+
+Each writes its per-day summary to the lake (`<spec>/<asset>/<day>.json`) beside a Parquet
+table; the retraining sensors read those summaries, so the rules see exactly what the UI shows.
+"""
+
+import dagster as dg
+import polars as pl
+
+from mlops import monitoring, promotion, registry
+from mlops.lake import write_json
+from mlops.monitoring import DRIFT_REPORT, MODEL_PERFORMANCE
+from mlops.spec import Spec
+from orchestration.partitions import daily_partitions
+from resources.lake import LakeResource
+from resources.mlflow import MlflowResource
+
+
+def _md_table(df: pl.DataFrame, n: int = 12) -> dg.MetadataValue:
+    with pl.Config(
+        tbl_formatting="MARKDOWN",
+        tbl_hide_dataframe_shape=True,
+        tbl_hide_column_data_types=True,
+        float_precision=4,
+    ):
+        return dg.MetadataValue.md(str(df.head(n)))
+
+
+def scored_version(predictions: pl.DataFrame) -> int:
+    """The model version that scored most of the day's rows."""
+    counts = predictions.group_by("model_version").len().sort("len", descending=True)
+    return int(counts["model_version"][0])
+
+
+def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
+    name = spec.name
+    daily = daily_partitions(spec)
+    key = lambda a: dg.AssetKey([name, a])  # noqa: E731
+    common = {"group_name": name, "code_version": spec.content_hash[:12]}
+    model_name = spec.registered_model_name
+
+    @dg.asset(
+        key=key(DRIFT_REPORT),
+        partitions_def=daily,
+        deps=[key("features"), key("batch_predictions")],
+        kinds={"evidently", "parquet"},
+        **common,
+    )
+    def drift_report(
+        context: dg.AssetExecutionContext, lake: LakeResource, mlflow: MlflowResource
+    ) -> dg.MaterializeResult:
+        """Data and prediction drift of the day's scored inputs against the champion's training set."""
+        from mlops.drift import compute_drift, drift_config
+
+        from mlops.features import feature_names
+        from mlops.model_loader import load_model
+
+        store, day = lake.get(), context.partition_key
+        preds = store.read(name, "batch_predictions", day)
+        if preds.height == 0:
+            raise dg.Failure(f"{name}/batch_predictions {day} has no rows: nothing to compare")
+        version = scored_version(preds)
+        lineage = registry.lineage_from_tags(
+            registry.version_tags(mlflow.tracking_uri, model_name, version)
+        )
+        ts_hash = lineage.get("training_set_hash")
+        if not ts_hash:
+            raise dg.Failure(f"{model_name} v{version} has no training_set_hash tag")
+        reference = store.read(name, "training_set", ts_hash[:16])
+        model = load_model(mlflow.tracking_uri, model_name, version=version)
+        sample = reference.sample(
+            min(reference.height, spec.monitoring.drift_sample_rows), seed=0, shuffle=False
+        )
+        sample = sample.with_columns(pl.Series("score", model.score(sample), dtype=pl.Float64))
+        keys = [c for c in preds.columns if c not in ("score", "decision", "model_version")]
+        current = store.read(name, "features", day).join(
+            preds.select(*keys, "score"), on=keys, how="inner"
+        )
+        cat = list(spec.features.categorical)
+        num = [c for c in feature_names(spec) if c not in cat]
+        result = compute_drift(
+            sample,
+            current,
+            numeric=num,
+            categorical=cat,
+            prediction_column="score",
+            **drift_config(spec),
+        )
+        summary = {
+            **result.summary(),
+            "partition": day,
+            "champion_version": version,
+            "reference_training_set_hash": ts_hash,
+            "threshold": spec.monitoring.drift_threshold,
+        }
+        written = store.write(name, DRIFT_REPORT, result.columns, day)
+        write_json(store, name, DRIFT_REPORT, day, summary)
+        html = f"{store.root}/{name}/{DRIFT_REPORT}/{day}.html"
+        with store.fs.open(html, "w") as f:
+            f.write(result.html)
+        drifted = result.columns.filter(pl.col("drifted"))["column"].to_list()
+        pred = result.prediction or {}
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(written.content_hash),
+            metadata={
+                "drift_share": result.drift_share,
+                "dataset_drift": result.dataset_drift,
+                "drift_threshold": spec.monitoring.drift_threshold,
+                "drifted_columns": dg.MetadataValue.json(drifted),
+                "prediction_drift_score": pred.get("score"),
+                "prediction_drifted": pred.get("drifted"),
+                "champion_version": version,
+                "reference_training_set_hash": ts_hash,
+                "rows_compared": dg.MetadataValue.json(
+                    {"reference": result.reference_rows, "current": result.current_rows}
+                ),
+                "columns": _md_table(result.columns.sort("score", descending=True)),
+                "report": dg.MetadataValue.path(html),
+            },
+        )
+
+    @dg.asset(
+        key=key(MODEL_PERFORMANCE),
+        partitions_def=daily,
+        deps=[key("batch_predictions"), key("labels"), key("features")],
+        kinds={"parquet"},
+        **common,
+    )
+    def model_performance(
+        context: dg.AssetExecutionContext, lake: LakeResource
+    ) -> dg.MaterializeResult:
+        """Realized metrics of the day's predictions once labels mature, against the champion's evaluation."""
+        store, day = lake.get(), context.partition_key
+        preds = store.read(name, "batch_predictions", day)
+        labels = store.read(name, "labels", day)
+        version = scored_version(preds) if preds.height else None
+        doc = promotion.load_evaluation(store, spec, version) if version else None
+        block = (doc or {}).get("challenger") or {}
+        from mlops.modeling import primary_metric
+
+        metric = primary_metric(spec)
+        perf = monitoring.realized_performance(
+            spec,
+            preds,
+            labels,
+            store.read(name, "features", day),
+            baseline=block.get("metrics", {}).get(metric),
+            threshold=block.get("threshold"),
+        )
+        if perf.rows_labelled == 0:
+            raise dg.Failure(
+                f"{name} {day}: none of the {perf.rows_scored} scored rows has a mature label "
+                f"yet (labels mature {spec.labels.maturity} after the row). Re-run "
+                f"{name}/labels for {day} once the label feed has arrived, then this asset."
+            )
+        summary = {**perf.summary(), "partition": day, "champion_version": version}
+        table = pl.DataFrame(
+            {"partition": [day], "model_version": [version], "rows_labelled": [perf.rows_labelled]}
+        ).with_columns(*[pl.lit(v, dtype=pl.Float64).alias(k) for k, v in perf.metrics.items()])
+        written = store.write(name, MODEL_PERFORMANCE, table, day)
+        write_json(store, name, MODEL_PERFORMANCE, day, promotion.json_safe(summary))
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(written.content_hash),
+            metadata={
+                "realized_" + perf.primary_metric: perf.realized,
+                "baseline_" + perf.primary_metric: perf.baseline,
+                "tolerance": perf.tolerance,
+                "declined": perf.declined,
+                "rows_scored": perf.rows_scored,
+                "rows_labelled": perf.rows_labelled,
+                "model_versions": dg.MetadataValue.json(perf.model_versions),
+                "metrics": dg.MetadataValue.json(perf.metrics),
+                "slices": dg.MetadataValue.json(promotion.json_safe(perf.slices)),
+            },
+        )
+
+    return [drift_report, model_performance]

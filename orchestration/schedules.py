@@ -1,0 +1,81 @@
+"""Schedules from the spec: daily scoring + monitoring, periodic retraining.
+
+Both act on the day before the tick (the last complete partition), so a schedule replayed
+with a simulated clock behaves like the real one.
+"""
+
+import datetime as dt
+
+import dagster as dg
+
+from mlops import monitoring
+from mlops.spec import Spec
+from resources.lake import LakeResource
+from sensors.retrain import ACTIVE, last_retrain_partition, retraining_runs
+
+
+def scoring_schedule_name(spec: Spec) -> str:
+    return f"{spec.name}_scoring_schedule"
+
+
+def retraining_schedule_name(spec: Spec) -> str:
+    return f"{spec.name}_retraining_schedule"
+
+
+def _yesterday(context: dg.ScheduleEvaluationContext) -> str:
+    return (context.scheduled_execution_time.date() - dt.timedelta(days=1)).isoformat()
+
+
+def build_schedules(spec: Spec, scoring_job, training_job) -> list[dg.ScheduleDefinition]:
+    name = spec.name
+
+    @dg.schedule(
+        name=scoring_schedule_name(spec),
+        cron_schedule=spec.monitoring.scoring_schedule,
+        job=scoring_job,
+        description=f"{name}: score yesterday with the champion and build its drift report.",
+    )
+    def scoring_schedule(context: dg.ScheduleEvaluationContext, lake: LakeResource):
+        """Score and monitor the last complete day."""
+        day = _yesterday(context)
+        if not lake.get().exists(name, "features", day):
+            return dg.SkipReason(f"no features for {day} yet: nothing to score")
+        return dg.RunRequest(run_key=f"scoring:{day}", partition_key=day)
+
+    schedules = [scoring_schedule]
+    if spec.monitoring.retraining_schedule:
+
+        @dg.schedule(
+            name=retraining_schedule_name(spec),
+            cron_schedule=spec.monitoring.retraining_schedule,
+            job=training_job,
+            description=f"{name}: periodic retraining (skipped within the cooldown).",
+        )
+        def retraining_schedule(context: dg.ScheduleEvaluationContext, lake: LakeResource):
+            """Retrain on the latest data unless a retraining ran within the cooldown."""
+            day = _yesterday(context)
+            days = [d for d in lake.get().partitions(name, "features") if d <= day]
+            if not days:
+                return dg.SkipReason("no features yet: nothing to train on")
+            runs = retraining_runs(context.instance, spec)
+            if any(r.status in ACTIVE for r in runs):
+                return dg.SkipReason("a retraining is already running")
+            last = last_retrain_partition(runs)
+            cooldown = spec.monitoring.retrain_cooldown_partitions
+            if not monitoring.cooldown_ok(days[-1], last, cooldown):
+                return dg.SkipReason(
+                    f"cooldown: last retraining at {last}, fewer than {cooldown} partitions "
+                    f"before {days[-1]}"
+                )
+            decision = monitoring.Decision(
+                monitoring.SCHEDULE,
+                True,
+                days[-1],
+                None,
+                f"scheduled retraining ({spec.monitoring.retraining_schedule})",
+                {"latest_partition": days[-1], "last_retrain_partition": last},
+            )
+            return dg.RunRequest(run_key=f"schedule:{days[-1]}", tags=decision.tags(spec))
+
+        schedules.append(retraining_schedule)
+    return schedules

@@ -1,0 +1,193 @@
+"""new_data_sensor: landing files -> daily runs, one per (partition, content hash).
+
+- a new day's readings -> the data job for that partition;
+- a corrected file (same day, other content) -> the data job again, then, once that run has
+  succeeded, what depends on the day: later days' features within the lookback, the day's
+  scoring and drift report, its realized performance;
+- the label feed: a day's labels (and realized performance, when the day was scored) run
+  once every arrival day its labels can depend on has landed, and again if one is corrected;
+- an identical re-delivery changes nothing.
+The cursor holds the state (see mlops/watch.py); run keys make a lost cursor harmless.
+"""
+
+import datetime as dt
+import hashlib
+
+import dagster as dg
+
+from mlops import watch
+from mlops.labels import events_window
+from mlops.monitoring import MODEL_PERFORMANCE
+from mlops.spec import Spec
+from orchestration.jobs import data_job_name, labels_job_name, scoring_job_name
+from resources.lake import LakeResource
+
+MAX_RUNS_PER_TICK = 500
+TAG_CHANGE = "mlops/change"
+
+
+def new_data_sensor_name(spec: Spec) -> str:
+    return f"{spec.name}_new_data_sensor"
+
+
+def _days_after(day: str, n: int) -> list[str]:
+    d = dt.date.fromisoformat(day)
+    return [(d + dt.timedelta(days=i)).isoformat() for i in range(1, n + 1)]
+
+
+def label_readiness(
+    spec: Spec, readings: dict[str, list[str]], events: dict[str, list[str]]
+) -> dict[str, str]:
+    """Partition -> digest of the event files its labels read, for days whose feed has fully
+    arrived (labels mature); days still waiting for the feed are left out."""
+    out = {}
+    for part in readings:
+        first, last = events_window(spec, dt.date.fromisoformat(part))
+        days = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
+        got = [events.get(d.isoformat()) for d in days]
+        if all(got):
+            h = hashlib.sha256("".join(g[1] for g in got).encode()).hexdigest()  # type: ignore[index]
+            out[part] = h
+    return out
+
+
+def build_new_data_sensor(spec: Spec, jobs: list) -> dg.SensorDefinition:
+    """`jobs`: the spec's data, labels and scoring jobs (the sensor's targets)."""
+    name = spec.name
+    key = lambda a: dg.AssetKey([name, a])  # noqa: E731
+    readings_dir = spec.landing_dir
+    events_feed = spec.labels.events
+    events_dir = spec.resolve(events_feed.path) if events_feed else None
+    data_job, labels_job, scoring_job = (
+        data_job_name(spec),
+        labels_job_name(spec),
+        scoring_job_name(spec),
+    )
+
+    def labels_request(lake, part: str, digest: str, why: str) -> dg.RunRequest:
+        assets = [key("labels")]
+        if lake.exists(name, "batch_predictions", part):
+            assets.append(key(MODEL_PERFORMANCE))
+        return dg.RunRequest(
+            run_key=f"labels:{part}:{watch.short(digest)}",
+            job_name=labels_job,
+            partition_key=part,
+            asset_selection=assets,
+            tags={TAG_CHANGE: why},
+        )
+
+    def downstream(lake, part: str, after: str) -> list[dg.RunRequest]:
+        """What a corrected day invalidates, requested once its data run has succeeded."""
+        out = []
+        for d in [part, *_days_after(part, spec.features.lookback_days)]:
+            if d != part and lake.exists(name, "features", d):
+                out.append(
+                    dg.RunRequest(
+                        run_key=f"{after}:features:{d}",
+                        job_name=data_job,
+                        partition_key=d,
+                        asset_selection=[key("features")],
+                        tags={TAG_CHANGE: f"lookback of corrected {part}"},
+                    )
+                )
+            if lake.exists(name, "batch_predictions", d):
+                out.append(
+                    dg.RunRequest(
+                        run_key=f"{after}:scoring:{d}",
+                        job_name=scoring_job,
+                        partition_key=d,
+                        tags={TAG_CHANGE: f"rescore after corrected {part}"},
+                    )
+                )
+        if lake.exists(name, MODEL_PERFORMANCE, part):
+            out.append(
+                dg.RunRequest(
+                    run_key=f"{after}:performance:{part}",
+                    job_name=labels_job,
+                    partition_key=part,
+                    asset_selection=[key(MODEL_PERFORMANCE)],
+                    tags={TAG_CHANGE: f"corrected {part}"},
+                )
+            )
+        return out
+
+    @dg.sensor(
+        name=new_data_sensor_name(spec),
+        minimum_interval_seconds=30,
+        jobs=jobs,
+        description=f"{name}: new or corrected landing files -> one run per (day, content hash).",
+    )
+    def new_data_sensor(context: dg.SensorEvaluationContext, lake: LakeResource):
+        """Watch the landing folders and request the day's runs."""
+        store = lake.get()
+        state = watch.decode(context.cursor)
+        readings, changes = watch.diff(
+            state.get("r", {}), readings_dir, watch.listing(spec.source, readings_dir)
+        )
+        events = state.get("e", {})
+        if events_feed is not None:
+            events, _ = watch.diff(events, events_dir, watch.listing(events_feed, events_dir))
+        labelled = dict(state.get("l", {}))
+        pending = dict(state.get("p", {}))
+        requests: list[dg.RunRequest] = []
+        budget = MAX_RUNS_PER_TICK
+
+        # 1. Corrected days whose data run has finished: their downstream, once.
+        for part, run_key in sorted(pending.items()):
+            runs = context.instance.get_runs(
+                dg.RunsFilter(tags={"dagster/run_key": run_key, "mlops/spec": name}), limit=1
+            )
+            if runs and runs[0].status == dg.DagsterRunStatus.SUCCESS:
+                requests.extend(downstream(store, part, run_key))
+                del pending[part]
+            elif runs and runs[0].status in (
+                dg.DagsterRunStatus.FAILURE,
+                dg.DagsterRunStatus.CANCELED,
+            ):
+                context.log.warning(f"{part}: corrected data run {run_key} failed; not cascading")
+                del pending[part]
+
+        # 2. New and corrected readings.
+        kept = dict(state.get("r", {}))
+        for ch in changes:
+            if budget <= 0:
+                break  # the rest stay unrecorded and come next tick
+            run_key = f"data:{ch.partition}:{watch.short(ch.content_hash)}"
+            requests.append(
+                dg.RunRequest(
+                    run_key=run_key,
+                    job_name=data_job,
+                    partition_key=ch.partition,
+                    tags={TAG_CHANGE: ch.kind, "mlops/spec": name},
+                )
+            )
+            if ch.kind == watch.CORRECTED:
+                pending[ch.partition] = run_key
+            kept[ch.partition] = readings[ch.partition]
+            budget -= 1
+        # Unchanged content with a new signature (re-delivery) is recorded as seen.
+        changed = {c.partition for c in changes}
+        for part, v in readings.items():
+            if part not in changed:
+                kept[part] = v
+
+        # 3. Labels whose feed has fully arrived (or was corrected), once the day is in the lake.
+        if events_feed is not None:
+            for part, digest in sorted(label_readiness(spec, kept, events).items()):
+                if budget <= 0:
+                    break
+                if labelled.get(part) == digest or part in changed:
+                    continue
+                if not store.exists(name, "validated_data", part):
+                    continue  # its data run has not finished yet
+                why = "labels corrected" if part in labelled else "labels matured"
+                requests.append(labels_request(store, part, digest, why))
+                labelled[part] = digest
+                budget -= 1
+
+        context.update_cursor(watch.encode({"r": kept, "e": events, "l": labelled, "p": pending}))
+        if not requests:
+            return dg.SkipReason(f"no new or corrected files in {readings_dir}")
+        return requests
+
+    return new_data_sensor
