@@ -1,9 +1,11 @@
-"""`make demo`: generate 30 days of IoT data, build the graph for them, train, gate and
-promote the first champion, and score the last days in batch.
+"""`make demo`: the closed loop. Generate 60 days of IoT data (stable, then covariate and
+concept drift from day 36), land days 1-30 and let the new-data sensor build them, train,
+gate and promote the first champion, then replay days 31-60 one at a time through the real
+sensors and schedules (orchestration/replay.py) and print the per-day timeline; the
+timeline is also written as .mlops/reports/<spec>/timeline.{json,png}.
 
-Runs the real jobs of orchestration.definitions against the persistent Dagster instance in
-$DAGSTER_HOME (default .mlops/dagster), so `make ui` shows every run, materialization and
-check afterwards.
+Everything runs against the persistent Dagster instance in $DAGSTER_HOME (default
+.mlops/dagster), so `make ui` shows every run, materialization and check afterwards.
 """
 
 import argparse
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from mlops import modeling, monitoring
 from mlops.config import (
     PROJECT_ROOT,
     lake_url,
@@ -26,15 +29,12 @@ from mlops.config import (
 )
 from mlops.generate import generate
 from mlops.lake import Lake
+from mlops.monitoring import DRIFT_REPORT, MODEL_PERFORMANCE
 from mlops.online_store import make_store
-from mlops.spec import load_spec
+from mlops.spec import Spec, load_spec
 from orchestration.definitions import build_definitions
-from orchestration.jobs import (
-    batch_predictions_job_name,
-    data_job_name,
-    training_job_name,
-    training_set_job_name,
-)
+from orchestration.jobs import data_job_name, labels_job_name, training_job_name
+from orchestration.replay import Replay
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -57,25 +57,53 @@ def _meta(result: dg.ExecuteInProcessResult, asset: str, spec_name: str) -> dict
     return {}
 
 
+def staged_spec(spec: Spec, staging: Path) -> Spec:
+    """The spec with its landing folders moved to `staging`: where the demo generates the
+    days before landing them one at a time."""
+    src = spec.source.model_copy(update={"path": str(staging / spec.landing_dir.name)})
+    labels = spec.labels
+    if labels.events is not None:
+        folder = staging / spec.resolve(labels.events.path).name
+        labels = labels.model_copy(
+            update={"events": labels.events.model_copy(update={"path": str(folder)})}
+        )
+    return spec.model_copy(update={"source": src, "labels": labels})
+
+
 def main(argv: list[str] | None = None) -> int:
     # MLflow's advice about integer columns and dataset sources is for interactive use.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--spec", default=str(PROJECT_ROOT / "specs" / "machine_failure.yaml"))
-    p.add_argument("--days", type=int, default=30)
+    p.add_argument("--days", type=int, default=60)
+    p.add_argument("--build-days", type=int, default=30, help="days built before the replay")
+    p.add_argument("--drift-from", type=int, default=36, help="first drifted day (1-based)")
+    p.add_argument("--drift", default="covariate,concept")
     p.add_argument("--machines", type=int, default=50)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--bad-rows", type=float, default=0.01)
-    p.add_argument("--trials", type=int, default=None, help="Optuna trials (default: spec)")
-    p.add_argument("--score-days", type=int, default=3, help="last days scored in batch")
+    p.add_argument("--trials", type=int, default=None, help="first champion's Optuna trials")
+    p.add_argument("--redeliver", type=int, default=45, help="day that re-delivers the day before")
     args = p.parse_args(argv)
-
     t0 = time.perf_counter()
     spec = load_spec(args.spec)
-    # A fresh start: the demo's landing files and lake partitions are regenerated whole.
-    for folder in (spec.landing_dir, spec.resolve(spec.labels.events.path)):
-        for f in folder.glob("*") if folder.exists() else []:
-            f.unlink()
+    timeline = run_demo(spec, args)
+    if timeline is None:
+        return 1
+    out = write_timeline(spec, timeline)
+    print(
+        f"\ndone in {time.perf_counter() - t0:.0f} s. Timeline: {out}.png\n"
+        f"See it all: `make ui` (http://127.0.0.1:3000, Assets > {spec.name}; Runs show "
+        f"each trigger's tags) and `make mlflow` (http://127.0.0.1:5000, Models > "
+        f"{spec.registered_model_name}); `.venv/bin/mlops status --spec {spec.name}`"
+    )
+    return 0
+
+
+def fresh_start(spec: Spec, staging: Path) -> Lake:
+    """The demo regenerates everything: landing files, lake, registry, online store."""
+    for folder in (spec.landing_dir, spec.resolve(spec.labels.events.path), staging):
+        shutil.rmtree(folder, ignore_errors=True)
     lake = Lake(lake_url())
     spec_folder = f"{lake.root}/{spec.name}"
     if lake.fs.exists(spec_folder):
@@ -84,86 +112,171 @@ def main(argv: list[str] | None = None) -> int:
     store = make_store(online_store_url())
     store.delete_spec(spec.name)
     store.close()
+    return lake
+
+
+def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
+    staging = PROJECT_ROOT / ".mlops" / "staging" / spec.name
+    lake = fresh_start(spec, staging)
     report = generate(
-        spec,
+        staged_spec(spec, staging),
         days=args.days,
         machines=args.machines,
         seed=args.seed,
+        drift_from=args.drift_from,
+        drift=args.drift,
         bad_rows=args.bad_rows,
         progress=True,
     )
     print(
-        f"generated {report.rows} readings, {report.events} failure events, "
-        f"{len(report.bad_rows)} bad rows into {spec.landing_dir}"
+        f"generated {args.days} days: {report.rows} readings, {report.events} failure events, "
+        f"{len(report.bad_rows)} bad rows (drift {args.drift} from day {args.drift_from})"
     )
-
-    defs = build_definitions(Path(args.spec).resolve().parent)
+    defs = build_definitions(spec.path.parent)
     instance = _instance()
-    data_job = defs.resolve_job_def(data_job_name(spec))
-    header = f"{'day':<12}{'rows in':>9}{'valid':>9}{'quarant.':>10}{'features':>10}{'labels':>9}"
-    print(f"\n{header}  (labels: mature rows; events arrive up to 48 h late)")
+    replay = Replay(spec, defs, instance, lake, mlflow_tracking_uri(), staging)
     days = [spec.source.start_date + dt.timedelta(days=i) for i in range(args.days)]
-    totals = [0, 0, 0, 0]
-    for day in days:
-        result = data_job.execute_in_process(
-            partition_key=day.isoformat(),
-            instance=instance,
-            run_config=QUIET,
-            raise_on_error=False,
-        )
-        if not result.success:
-            print(f"{day}: run {result.run_id} failed; open `make ui` to see why", file=sys.stderr)
-            return 1
-        v = _meta(result, "validated_data", spec.name)
-        f = _meta(result, "features", spec.name)
-        lab = _meta(result, "labels", spec.name)
-        row = [v["rows_in"], v["rows_valid"], v["rows_quarantined"], f["rows"]]
-        totals = [a + b for a, b in zip(totals, row, strict=True)]
-        print(f"{day!s:<12}{row[0]:>9}{row[1]:>9}{row[2]:>10}{row[3]:>10}{lab['rows_mature']:>9}")
-    print(f"{'total':<12}{totals[0]:>9}{totals[1]:>9}{totals[2]:>10}{totals[3]:>10}")
+    build, rest = days[: args.build_days], days[args.build_days :]
 
-    ts = defs.resolve_job_def(training_set_job_name(spec)).execute_in_process(
-        instance=instance, run_config=QUIET, raise_on_error=False
-    )
-    if not ts.success:
-        errors = [
-            e.event_specific_data.error.message.removeprefix(
-                "dagster._core.definitions.events.Failure: "
-            )
-            for e in ts.all_events
-            if e.is_step_failure
-        ]
-        print(f"\ntraining set not built: {' '.join(errors).strip()}", file=sys.stderr)
-        return 1
-    m = _meta(ts, "training_set", spec.name)
-    splits = ", ".join(
-        f"{k} {v['rows']} ({v['label_mean']:.1%} positive)" for k, v in m["splits"].items()
-    )
-    print(
-        f"\ntraining set: {m['rows']} rows over {len(m['window'])} days "
-        f"{m['window'][0]}..{m['window'][-1]}: {splits}"
-    )
-    print(f"  hash {m['training_set_hash'][:16]}, lake {lake_url()}")
-
-    if not _train_and_promote(defs, instance, spec, args.trials):
-        return 1
-    scored = days[-args.score_days :]
-    batch_job = defs.resolve_job_def(batch_predictions_job_name(spec))
-    for day in scored:
-        result = batch_job.execute_in_process(
-            partition_key=day.isoformat(), instance=instance, run_config=QUIET
-        )
-        b = _meta(result, "batch_predictions", spec.name)
+    # 1. The first month lands at once: the sensor turns it into one run per day.
+    for day in build:
+        replay.land(day)
+    runs = replay.ingest_round()
+    failed = [r for r in runs if not r.success]
+    if failed:
         print(
-            f"  batch {day}: {b['rows']} rows scored by v{b['model_version']}, "
-            f"mean risk {b['mean_score']:.3f}, {b['decision_rate']:.1%} flagged"
+            f"{len(failed)} run(s) failed, e.g. {failed[0].error}; see `make ui`", file=sys.stderr
         )
+        return None
+    data = [r for r in runs if r.job == data_job_name(spec)]
+    rows = sum(r.metadata["validated_data"]["rows_in"] for r in data)
+    quar = sum(r.metadata["validated_data"]["rows_quarantined"] for r in data)
     print(
-        f"\ndone in {time.perf_counter() - t0:.0f} s. See it all: `make ui` "
-        f"(http://127.0.0.1:3000, Assets > {spec.name}) and `make mlflow` "
-        f"(http://127.0.0.1:5000, Models > {spec.registered_model_name})"
+        f"days 1-{len(build)}: {len(data)} data runs and "
+        f"{sum(r.job == labels_job_name(spec) for r in runs)} label runs from the new-data "
+        f"sensor; {rows} rows, {quar} quarantined"
     )
-    return 0
+
+    # 2. The first champion.
+    if not _train_and_promote(defs, instance, spec, args.trials, build[-1].isoformat()):
+        return None
+
+    # 3. The replay: one day at a time through the sensors and schedules.
+    print(f"\n{'day':<12}{'rows':>6}{'quar.':>6}{'drift':>7}{'champ':>6}{'realized':>16}  event")
+    timeline = []
+    training = training_job_name(spec)
+    for n, day in enumerate(rest, start=len(build) + 1):
+        replay.land(day)
+        events = []
+        if n == args.redeliver:
+            again = replay.land(day - dt.timedelta(days=1))
+            events.append(f"re-delivered {', '.join(again)}")
+        result = replay.day(day, training)
+        row = timeline_row(replay, spec, n, day, result, events)
+        timeline.append(row)
+        print(_fmt_row(row))
+    return timeline
+
+
+def timeline_row(
+    replay: Replay, spec: Spec, n: int, day: dt.date, result, events: list[str]
+) -> dict:
+    key = day.isoformat()
+    data = next(
+        (r for r in result.runs if r.job == data_job_name(spec) and r.partition == key), None
+    )
+    v = (data.metadata.get("validated_data") if data else None) or {}
+    if events and not any(r.job == data_job_name(spec) and r.partition != key for r in result.runs):
+        events[-1] += ": no run (same content)"
+    drift = replay.summary(DRIFT_REPORT, key) or {}
+    perf = [r for r in result.runs if MODEL_PERFORMANCE in r.metadata]
+    realized, realized_day = None, None
+    if perf:
+        realized_day = perf[-1].partition
+        realized = (replay.summary(MODEL_PERFORMANCE, realized_day) or {}).get("realized")
+    for r in result.runs:
+        if not r.success and r.job != training_job_name(spec):
+            events.append(f"{r.job} {r.partition} failed: {r.error[:80]}")
+        if r.job != training_job_name(spec):
+            continue
+        why = r.tags.get(monitoring.TAG_TRIGGER, "?")
+        champ = r.metadata.get("champion_model")
+        cand = r.metadata.get("candidate_model", {})
+        if champ and champ.get("promoted"):
+            events.append(f"retrain ({why}) -> v{cand.get('model_version')} promoted")
+        else:
+            failed = [f"{c[0]}: {c[2]}" for c in r.checks if not c[1]]
+            reason = failed[0] if failed else (champ or {}).get("reason") or r.error
+            events.append(
+                f"retrain ({why}) -> v{cand.get('model_version')} refused ({reason[:70]})"
+            )
+    return {
+        "n": n,
+        "day": key,
+        "rows": v.get("rows_in"),
+        "quarantined": v.get("rows_quarantined"),
+        "drift_share": drift.get("drift_share"),
+        "drifted": (drift.get("drift_share") or 0) > spec.monitoring.drift_threshold,
+        "champion": replay.champion(),
+        "realized": realized,
+        "realized_day": realized_day,
+        "metric": modeling.primary_metric(spec),
+        "events": events,
+    }
+
+
+def _fmt_row(r: dict) -> str:
+    drift = f"{r['drift_share']:.2f}" if r["drift_share"] is not None else "-"
+    drift += "*" if r["drifted"] else " "
+    real = f"{r['realized']:.3f} ({r['realized_day'][5:]})" if r["realized"] is not None else "-"
+    return (
+        f"{r['n']:>3} {r['day']:<8}{r['rows'] or 0:>6}{r['quarantined'] or 0:>6}{drift:>7}"
+        f"{'v' + str(r['champion']):>6}{real:>16}  {'; '.join(r['events'])}"
+    )
+
+
+def write_timeline(spec: Spec, timeline: list[dict]) -> Path:
+    """timeline.json and timeline.png under .mlops/reports/<spec>/."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = PROJECT_ROOT / ".mlops" / "reports" / spec.name / "timeline"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(timeline, indent=2))
+    days = [r["n"] for r in timeline]
+    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
+    ax1.bar(
+        days,
+        [r["drift_share"] or 0 for r in timeline],
+        color=["tab:red" if r["drifted"] else "tab:gray" for r in timeline],
+    )
+    ax1.axhline(spec.monitoring.drift_threshold, ls="--", c="k", lw=1)
+    ax1.set_ylabel("drift share")
+    pts = [(r["n"] - _lag(r), r["realized"]) for r in timeline if r["realized"] is not None]
+    if pts:
+        ax2.plot(*zip(*pts, strict=True), "o-")
+    ax2.set_ylabel(f"realized {timeline[0]['metric']}\n(by labelled day)")
+    ax3.step(days, [r["champion"] or 0 for r in timeline], where="post")
+    ax3.set_ylabel("champion version")
+    ax3.set_xlabel("day")
+    for r in timeline:
+        for e in r["events"]:
+            if e.startswith("retrain"):
+                for ax in (ax1, ax2, ax3):
+                    ax.axvline(r["n"], c="tab:green" if "promoted" in e else "tab:orange", lw=1)
+    fig.suptitle(f"{spec.name}: closed loop (green: promoted, orange: refused)")
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=90)
+    plt.close(fig)
+    return out
+
+
+def _lag(r: dict) -> int:
+    return (dt.date.fromisoformat(r["day"]) - dt.date.fromisoformat(r["realized_day"])).days
 
 
 def _fresh_mlflow(model_name: str) -> None:
@@ -174,20 +287,20 @@ def _fresh_mlflow(model_name: str) -> None:
         shutil.rmtree(mlflow_artifact_root(), ignore_errors=True)
 
 
-def _train_and_promote(defs, instance, spec, trials: int) -> bool:
+def _train_and_promote(defs, instance, spec, trials: int | None, partition: str) -> bool:
     """Candidate -> evaluation -> gate -> champion, printed as the gate decided it."""
     from mlops import registry
 
     job = defs.resolve_job_def(training_job_name(spec))
     cfg = {"ops": {f"{spec.name}__candidate_model": {"config": {"trials": trials}}}}
+    first = monitoring.Decision(
+        "initial", True, partition, None, "first champion", {"latest_partition": partition}
+    )
     result = job.execute_in_process(
         instance=instance,
         run_config={**QUIET, **cfg},
         raise_on_error=False,
-        asset_selection=[
-            dg.AssetKey([spec.name, a])
-            for a in ("candidate_model", "model_evaluation", "champion_model")
-        ],
+        tags=first.tags(spec),
     )
     failures = [e for e in result.all_events if e.is_step_failure]
     if failures:

@@ -1,0 +1,243 @@
+"""Replay days through the real sensors and schedules against a Dagster instance.
+
+What the daemon does in production, with a simulated clock: land a day's files, tick the
+new-data sensor, run what it requested, tick the scoring schedule at the day's scoring time,
+tick the retraining sensors and the retraining schedule, tick the run-failure sensor. Runs
+carry the same `dagster/sensor_name` / `dagster/run_key` / schedule tags the daemon would
+set, and a request whose run key already ran is skipped, as the daemon skips it.
+"""
+
+import datetime as dt
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster._utils.schedules import cron_string_iterator
+
+from mlops import monitoring, registry
+from mlops.lake import Lake, read_json
+from mlops.spec import Spec
+from orchestration.jobs import data_job_name, labels_job_name, scoring_job_name
+from orchestration.schedules import retraining_schedule_name, scoring_schedule_name
+from sensors.alerts import run_failure_sensor_name
+from sensors.new_data import new_data_sensor_name
+from sensors.retrain import drift_retrain_sensor_name, metric_decline_sensor_name
+
+QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+# Data before labels before scoring: the order the daemon's runs would finish in.
+_JOB_ORDER = ("data", "labels", "scoring")
+
+
+@dataclass
+class RunOutcome:
+    job: str
+    partition: str | None
+    success: bool
+    run_id: str
+    tags: dict[str, str]
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # asset -> metadata
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)  # name, passed, reason
+    error: str = ""
+
+
+@dataclass
+class DayResult:
+    day: str
+    runs: list[RunOutcome]
+    events: list[str]
+
+
+class Replay:
+    def __init__(
+        self,
+        spec: Spec,
+        defs: dg.Definitions,
+        instance: dg.DagsterInstance,
+        lake: Lake,
+        tracking_uri: str,
+        staging: Path,
+    ):
+        self.spec, self.defs, self.instance, self.lake = spec, defs, instance, lake
+        self.tracking_uri = tracking_uri
+        self.staging = staging
+        self.cursors: dict[str, str | None] = {}
+        self.resources = defs.resources
+
+    # --- landing ------------------------------------------------------------------------
+
+    def land(self, day: dt.date) -> list[str]:
+        """Copy the day's staged files into the landing folders (what a device gateway does)."""
+        landed = []
+        for feed, target in self._feeds():
+            src = self.staging / target.name
+            name = feed.file_pattern.replace("{date}", day.strftime(feed.date_format))
+            for f in sorted(src.glob(name)):
+                target.mkdir(parents=True, exist_ok=True)
+                tmp = target / f".{f.name}.part"
+                shutil.copyfile(f, tmp)
+                tmp.rename(target / f.name)  # a half-copied file is never visible
+                landed.append(f.name)
+        return landed
+
+    def _feeds(self):
+        yield self.spec.source, self.spec.landing_dir
+        if self.spec.labels.events is not None:
+            ev = self.spec.labels.events
+            yield ev, self.spec.resolve(ev.path)
+
+    # --- ticks --------------------------------------------------------------------------
+
+    def tick_sensor(self, name: str) -> tuple[list[dg.RunRequest], str | None]:
+        sensor = self.defs.get_sensor_def(name)
+        ctx = dg.build_sensor_context(
+            instance=self.instance,
+            cursor=self.cursors.get(name),
+            resources=self.resources,
+            definitions=self.defs,
+            sensor_name=name,
+        )
+        data = sensor.evaluate_tick(ctx)
+        if data.cursor is not None:
+            self.cursors[name] = data.cursor
+        return list(data.run_requests or []), data.skip_message
+
+    def tick_schedule(self, name: str, at: dt.datetime) -> tuple[list[dg.RunRequest], str | None]:
+        schedule = self.defs.get_schedule_def(name)
+        ctx = dg.build_schedule_context(
+            instance=self.instance,
+            scheduled_execution_time=at,
+            resources=self.resources,
+            repository_def=self.defs.get_repository_def(),
+        )
+        data = schedule.evaluate_tick(ctx)
+        return list(data.run_requests or []), data.skip_message
+
+    def execute(
+        self, requests: list[dg.RunRequest], origin: dict[str, str], default_job: str | None
+    ) -> list[RunOutcome]:
+        def order(r: dg.RunRequest) -> int:
+            job = r.job_name or default_job or ""
+            return next((i for i, k in enumerate(_JOB_ORDER) if f"_{k}_job" in job), 9)
+
+        out = []
+        for req in sorted(requests, key=order):
+            job_name = req.job_name or default_job
+            tags = {**origin, **req.tags}
+            if req.run_key:
+                tags["dagster/run_key"] = req.run_key
+                if self._already_ran(tags):
+                    continue
+            job = self.defs.resolve_job_def(job_name)
+            result = job.execute_in_process(
+                instance=self.instance,
+                partition_key=req.partition_key,
+                asset_selection=list(req.asset_selection) if req.asset_selection else None,
+                run_config={**QUIET, **(dict(req.run_config) if req.run_config else {})},
+                tags=tags,
+                raise_on_error=False,
+            )
+            out.append(_outcome(job_name, req.partition_key, result, tags))
+        return out
+
+    def _already_ran(self, tags: dict[str, str]) -> bool:
+        keys = ("dagster/run_key", "dagster/sensor_name", "dagster/schedule_name")
+        filt = {k: tags[k] for k in keys if k in tags}
+        return bool(self.instance.get_runs(dg.RunsFilter(tags=filt), limit=1))
+
+    def _sensor_round(self, name: str, default_job: str | None = None) -> list[RunOutcome]:
+        requests, _ = self.tick_sensor(name)
+        return self.execute(requests, {"dagster/sensor_name": name}, default_job)
+
+    def _schedule_round(self, name: str, at: dt.datetime, default_job: str) -> list[RunOutcome]:
+        requests, _ = self.tick_schedule(name, at)
+        return self.execute(requests, {"dagster/schedule_name": name}, default_job)
+
+    # --- a day --------------------------------------------------------------------------
+
+    def ingest_round(self) -> list[RunOutcome]:
+        """New-data sensor until it has nothing more (labels wait for their day's data run)."""
+        name = new_data_sensor_name(self.spec)
+        runs: list[RunOutcome] = []
+        for _ in range(3):
+            got = self._sensor_round(name)
+            runs += got
+            if not got:
+                break
+        return runs
+
+    def day(self, day: dt.date, training_job: str) -> DayResult:
+        """One simulated day: files land during the day, scoring at the schedule's time on
+        the next morning, then the retraining triggers."""
+        s, spec = self.spec, self.spec.monitoring
+        runs = self.ingest_round()
+        morning = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+        score_at = _next_fire(spec.scoring_schedule, morning)
+        if score_at < morning + dt.timedelta(days=1):
+            runs += self._schedule_round(scoring_schedule_name(s), score_at, scoring_job_name(s))
+        runs += self._sensor_round(drift_retrain_sensor_name(s), training_job)
+        runs += self._sensor_round(metric_decline_sensor_name(s), training_job)
+        if spec.retraining_schedule:
+            at = _next_fire(spec.retraining_schedule, morning)
+            if at < morning + dt.timedelta(days=1):
+                runs += self._schedule_round(retraining_schedule_name(s), at, training_job)
+        self.tick_sensor(run_failure_sensor_name(s))
+        return DayResult(day.isoformat(), runs, [])
+
+    # --- what to print ------------------------------------------------------------------
+
+    def champion(self) -> int | None:
+        return registry.alias_version(
+            self.tracking_uri, self.spec.registered_model_name, registry.CHAMPION
+        )
+
+    def summary(self, asset: str, day: str) -> dict | None:
+        return read_json(self.lake, self.spec.name, asset, day)
+
+
+def _next_fire(cron: str, after: dt.datetime) -> dt.datetime:
+    return next(cron_string_iterator(after.timestamp(), cron, "UTC"))
+
+
+def _outcome(job: str, partition: str | None, result, tags: dict[str, str]) -> RunOutcome:
+    meta: dict[str, dict[str, Any]] = {}
+    for ev in result.get_asset_materialization_events():
+        mat = ev.step_materialization_data.materialization
+        meta[mat.asset_key.path[-1]] = {k: v.value for k, v in mat.metadata.items()}
+    checks = []
+    for e in result.all_events:
+        if e.event_type_value == "ASSET_CHECK_EVALUATION":
+            c = e.asset_check_evaluation_data
+            reason = c.metadata.get("reason")
+            checks.append((c.asset_check_key.name, c.passed, reason.value if reason else ""))
+    errors = [
+        e.event_specific_data.error.message.strip().splitlines()[-1]
+        for e in result.all_events
+        if e.is_step_failure and e.event_specific_data and e.event_specific_data.error
+    ]
+    return RunOutcome(
+        job,
+        partition,
+        result.success,
+        result.run_id,
+        tags,
+        meta,
+        checks,
+        "; ".join(errors),
+    )
+
+
+def trigger_of(run: RunOutcome) -> str | None:
+    return run.tags.get(monitoring.TAG_TRIGGER)
+
+
+def job_kind(spec: Spec, job: str) -> str:
+    for fn, kind in (
+        (data_job_name, "data"),
+        (labels_job_name, "labels"),
+        (scoring_job_name, "scoring"),
+    ):
+        if job == fn(spec):
+            return kind
+    return "training" if job.endswith("_training_job") else job

@@ -1,0 +1,358 @@
+"""Sensors and schedules through dg.build_sensor_context / build_schedule_context: asserted run
+requests and cursors, tick by tick."""
+
+import datetime as dt
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+from dagster._core.storage.dagster_run import DagsterRun
+from dagster._core.utils import make_new_run_id
+
+from mlops import monitoring
+from mlops.lake import write_json
+from orchestration.jobs import data_job_name, labels_job_name, scoring_job_name, training_job_name
+from orchestration.schedules import retraining_schedule_name, scoring_schedule_name
+from resources.lake import LakeResource
+from sensors.new_data import new_data_sensor_name
+from sensors.retrain import drift_retrain_sensor_name, metric_decline_sensor_name
+from tests.conftest import Project, make_project, small_data
+
+START = dt.date(2026, 1, 1)
+
+
+def _day(i: int) -> str:
+    return (START + dt.timedelta(days=i)).isoformat()
+
+
+def _tick(p: Project, sensor: str, cursor: str | None, instance=None):
+    ctx = dg.build_sensor_context(
+        instance=instance or p.instance,
+        cursor=cursor,
+        resources={"lake": LakeResource(base_url=str(p.lake.root))},
+        definitions=p.defs,
+    )
+    data = p.defs.get_sensor_def(sensor).evaluate_tick(ctx)
+    return list(data.run_requests or []), data.cursor or cursor, data.skip_message
+
+
+def _persistent(root: Path) -> Project:
+    """Schedules read the instance through its ref: it must be persistent, as in production."""
+    p = make_project(root)
+    (root / "dagster").mkdir()
+    p.instance = dg.DagsterInstance.local_temp(str(root / "dagster"))
+    return p
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    return _persistent(tmp_path)
+
+
+@pytest.fixture
+def staged(tmp_path: Path) -> tuple[Project, Path, Path]:
+    """A project whose generated files sit in a staging folder, landed by the test."""
+    p = _persistent(tmp_path)
+    small_data(p, days=8, machines=4)
+    readings, events = p.spec.landing_dir, p.spec.resolve(p.spec.labels.events.path)
+    stage_r, stage_e = tmp_path / "stage_r", tmp_path / "stage_e"
+    shutil.move(readings, stage_r)
+    shutil.move(events, stage_e)
+    readings.mkdir(parents=True)
+    events.mkdir(parents=True)
+    return p, stage_r, stage_e
+
+
+def _land(p: Project, stage_r: Path, stage_e: Path, i: int) -> None:
+    day = START + dt.timedelta(days=i)
+    for stage, target in ((stage_r, p.spec.landing_dir),):
+        for f in stage.glob(f"*{day.isoformat()}*"):
+            shutil.copy(f, target / f.name)
+    for f in stage_e.glob(f"*{day.isoformat()}*"):
+        shutil.copy(f, p.spec.resolve(p.spec.labels.events.path) / f.name)
+
+
+# --- new_data_sensor -----------------------------------------------------------------------
+
+
+def test_new_day_requests_one_data_run_and_identical_redelivery_starts_nothing(staged):
+    p, sr, se = staged
+    name = new_data_sensor_name(p.spec)
+    _land(p, sr, se, 0)
+    reqs, cursor, _ = _tick(p, name, None)
+    assert [(r.job_name, r.partition_key) for r in reqs] == [(data_job_name(p.spec), _day(0))]
+    assert reqs[0].run_key.startswith(f"data:{_day(0)}:")
+
+    # Re-delivered: same bytes, new mtime -> nothing, and the cursor records the new signature.
+    f = next(p.spec.landing_dir.glob("*"))
+    time.sleep(0.01)
+    shutil.copy(sr / f.name, f)
+    os.utime(f, ns=(time.time_ns(), time.time_ns()))
+    reqs2, cursor2, skip = _tick(p, name, cursor)
+    assert reqs2 == [] and "no new or corrected" in skip
+    reqs3, _, _ = _tick(p, name, cursor2)
+    assert reqs3 == []
+
+
+def test_corrected_file_reruns_its_day_then_its_downstream(staged):
+    p, sr, se = staged
+    name = new_data_sensor_name(p.spec)
+    for i in range(3):
+        _land(p, sr, se, i)
+    reqs, cursor, _ = _tick(p, name, None)
+    for r in reqs:
+        p.run_day(r.partition_key)
+    # Pretend day 1 was scored: a correction must re-score it.
+    p.lake.write(p.spec.name, "batch_predictions", pl.DataFrame({"x": [1]}), _day(1))
+
+    f = p.spec.landing_dir / f"readings_{_day(1)}.csv"
+    lines = f.read_text().splitlines()
+    lines[1] = lines[1].replace(",", ", ", 1)  # one changed byte: a corrected delivery
+    f.write_text("\n".join(lines) + "\n")
+    reqs, cursor, _ = _tick(p, name, cursor)
+    assert [(r.job_name, r.partition_key) for r in reqs] == [(data_job_name(p.spec), _day(1))]
+    assert reqs[0].tags["mlops/change"] == "corrected"
+    fix_key = reqs[0].run_key
+
+    # The cascade waits for the correction's run to succeed...
+    reqs_wait, cursor, _ = _tick(p, name, cursor)
+    assert reqs_wait == []
+    p.defs.resolve_job_def(data_job_name(p.spec)).execute_in_process(
+        partition_key=_day(1),
+        instance=p.instance,
+        tags={"dagster/run_key": fix_key, "mlops/spec": p.spec.name},
+        run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
+    )
+    reqs, cursor, _ = _tick(p, name, cursor)
+    got = sorted(
+        (r.job_name, r.partition_key, tuple(a.path[-1] for a in r.asset_selection or []))
+        for r in reqs
+    )
+    assert got == sorted(
+        [
+            (data_job_name(p.spec), _day(2), ("features",)),  # day 2 looks back at day 1
+            (scoring_job_name(p.spec), _day(1), ()),
+        ]
+    )
+    # ...and happens once.
+    assert _tick(p, name, cursor)[0] == []
+
+
+def test_labels_run_once_the_feed_has_arrived(staged):
+    p, sr, se = staged
+    name = new_data_sensor_name(p.spec)
+    # maturity 72h: day 0's labels read event files of arrival days 0..3.
+    cursor = None
+    seen = []
+    for i in range(6):
+        _land(p, sr, se, i)
+        reqs, cursor, _ = _tick(p, name, cursor)
+        for r in reqs:
+            if r.job_name == data_job_name(p.spec):
+                p.run_day(r.partition_key)
+        reqs2, cursor, _ = _tick(p, name, cursor)
+        seen += [
+            (i, r.partition_key) for r in reqs + reqs2 if r.job_name == labels_job_name(p.spec)
+        ]
+    assert seen == [(3, _day(0)), (4, _day(1)), (5, _day(2))]
+
+
+def test_restart_neither_loses_nor_repeats_a_file(staged):
+    p, sr, se = staged
+    name = new_data_sensor_name(p.spec)
+    _land(p, sr, se, 0)
+    _land(p, sr, se, 1)
+    first, cursor, _ = _tick(p, name, None)
+    # The sensor process restarts: Dagster gives it back its stored cursor.
+    _land(p, sr, se, 2)
+    after, cursor2, _ = _tick(p, name, cursor, instance=dg.DagsterInstance.ephemeral())
+    data = lambda rs: [r.partition_key for r in rs if r.job_name == data_job_name(p.spec)]  # noqa: E731
+    assert data(first) == [_day(0), _day(1)]
+    assert data(after) == [_day(2)]
+    # A lost cursor re-requests with the same run keys, which Dagster never runs twice.
+    again, _, _ = _tick(p, name, None)
+    assert {r.run_key for r in again if r.job_name == data_job_name(p.spec)} == {
+        r.run_key for r in first + after if r.job_name == data_job_name(p.spec)
+    }
+
+
+def test_cursor_is_compact_for_many_files(tmp_path):
+    from mlops import watch
+
+    state = {"r": {_day(i): ["a" * 16, "b" * 64] for i in range(10_000)}}
+    assert len(watch.encode(state)) < 1_000_000
+    assert watch.decode(watch.encode(state)) == state
+    with pytest.raises(ValueError, match="reset the sensor"):
+        watch.decode("not a cursor")
+
+
+# --- drift and metric-decline sensors ----------------------------------------------------------
+
+
+def _drift_day(p: Project, i: int, share: float, champion: int = 1) -> None:
+    day = _day(i)
+    p.lake.write(p.spec.name, monitoring.DRIFT_REPORT, pl.DataFrame({"column": ["x"]}), day)
+    write_json(
+        p.lake,
+        p.spec.name,
+        monitoring.DRIFT_REPORT,
+        day,
+        {"partition": day, "drift_share": share, "champion_version": champion},
+    )
+
+
+def _perf_day(p: Project, i: int, realized: float, baseline: float = 0.85, champion: int = 1):
+    day = _day(i)
+    p.lake.write(p.spec.name, monitoring.MODEL_PERFORMANCE, pl.DataFrame({"x": [1]}), day)
+    write_json(
+        p.lake,
+        p.spec.name,
+        monitoring.MODEL_PERFORMANCE,
+        day,
+        {
+            "partition": day,
+            "realized": realized,
+            "baseline": baseline,
+            "champion_version": champion,
+        },
+    )
+
+
+def _launch(p: Project, req: dg.RunRequest) -> None:
+    """What the daemon does with a request: a run with its tags exists from then on."""
+    p.instance.add_run(
+        DagsterRun(
+            job_name=training_job_name(p.spec),
+            run_id=make_new_run_id(),
+            tags={**req.tags, "dagster/run_key": req.run_key},
+            status=dg.DagsterRunStatus.SUCCESS,
+        )
+    )
+
+
+def _replay_ticks(p: Project, sensor: str, add_day, values: list[float], start: int = 10):
+    """One tick per new monitored day; returns (day index, request) for each retraining."""
+    cursor, started = None, []
+    for k, v in enumerate(values):
+        add_day(p, start + k, v)
+        reqs, cursor, _ = _tick(p, sensor, cursor)
+        for r in reqs:
+            _launch(p, r)
+            started.append((start + k, r))
+    return started
+
+
+def test_persistent_drift_retrains_once_per_episode_and_cooldown(project):
+    p = project
+    # threshold 0.3, 2 consecutive days, cooldown 7 partitions (the default spec).
+    started = _replay_ticks(p, drift_retrain_sensor_name(p.spec), _drift_day, [0.8] * 10)
+    assert [d for d, _ in started] == [11]  # second drifted day; never again in 10 ticks
+    tags = started[0][1].tags
+    assert tags[monitoring.TAG_TRIGGER] == monitoring.DRIFT
+    assert tags[monitoring.TAG_PARTITION] == _day(11)
+    evidence = json.loads(tags[monitoring.TAG_EVIDENCE])
+    assert evidence["partitions"] == [_day(10), _day(11)] and evidence["values"] == [0.8, 0.8]
+    assert "drift share" in tags[monitoring.TAG_REASON]
+
+
+def test_a_drifted_day_below_the_consecutive_threshold_does_not_retrain(project):
+    p = project
+    started = _replay_ticks(
+        p, drift_retrain_sensor_name(p.spec), _drift_day, [0.1, 0.9, 0.1, 0.9, 0.1, 0.9, 0.2]
+    )
+    assert started == []
+    reqs, _, skip = _tick(p, drift_retrain_sensor_name(p.spec), None)
+    assert reqs == [] and "no breach" in skip
+
+
+def test_twenty_undrifted_control_days_trigger_nothing(project):
+    p = project
+    import random
+
+    rng = random.Random(0)
+    shares = [rng.uniform(0, 0.3) for _ in range(20)]  # at most the threshold, never above
+    assert _replay_ticks(p, drift_retrain_sensor_name(p.spec), _drift_day, shares) == []
+    perf = [0.85 + rng.uniform(-0.05, 0.05) for _ in range(20)]  # within the tolerance
+    assert _replay_ticks(p, metric_decline_sensor_name(p.spec), _perf_day, perf) == []
+
+
+def test_metric_decline_is_not_missed(project):
+    p = project
+    # tolerance 0.05 below a 0.85 baseline: 0.79 declines, 0.81 does not.
+    started = _replay_ticks(
+        p, metric_decline_sensor_name(p.spec), _perf_day, [0.84, 0.81, 0.79, 0.78]
+    )
+    assert [d for d, _ in started] == [12]
+    tags = started[0][1].tags
+    assert tags[monitoring.TAG_TRIGGER] == monitoring.METRIC_DECLINE
+    assert json.loads(tags[monitoring.TAG_EVIDENCE])["values"] == [0.79]
+
+
+def test_cooldown_is_shared_between_triggers_and_counted_in_partitions(project):
+    p = project
+    drift = _replay_ticks(p, drift_retrain_sensor_name(p.spec), _drift_day, [0.9, 0.9])
+    assert [d for d, _ in drift] == [11]
+    # A decline 3 partitions later waits for the drift retraining's cooldown (7)...
+    perf = _replay_ticks(p, metric_decline_sensor_name(p.spec), _perf_day, [0.5] * 6, start=12)
+    assert [d for d, _ in perf] == [], "within the cooldown of the drift retraining"
+    # ...and fires once it has passed.
+    _perf_day(p, 18, 0.5)
+    reqs, _, _ = _tick(p, metric_decline_sensor_name(p.spec), None)
+    assert len(reqs) == 1 and reqs[0].tags[monitoring.TAG_PARTITION] == _day(18)
+
+
+def test_a_new_champion_starts_a_new_episode(project):
+    p = project
+    sensor = drift_retrain_sensor_name(p.spec)
+    started = _replay_ticks(p, sensor, _drift_day, [0.9] * 3)
+    assert len(started) == 1
+    # A week later the drift goes on against the new champion (v2): its own episode.
+    cursor = None
+    got = []
+    for i in range(20, 23):
+        _drift_day(p, i, 0.9, champion=2)
+        reqs, cursor, _ = _tick(p, sensor, cursor)
+        got += [(i, r.run_key) for r in reqs]
+    assert got == [(21, f"drift:v2:{_day(20)}")]
+
+
+# --- schedules ----------------------------------------------------------------------------
+
+
+def _schedule_tick(p: Project, name: str, at: dt.datetime):
+    ctx = dg.build_schedule_context(
+        instance=p.instance,
+        scheduled_execution_time=at,
+        resources={"lake": LakeResource(base_url=str(p.lake.root))},
+        repository_def=p.defs.get_repository_def(),
+    )
+    data = p.defs.get_schedule_def(name).evaluate_tick(ctx)
+    return list(data.run_requests or []), data.skip_message
+
+
+def test_scoring_schedule_scores_yesterday_once_its_features_exist(project):
+    p = project
+    at = dt.datetime(2026, 1, 3, 2, tzinfo=dt.UTC)
+    reqs, skip = _schedule_tick(p, scoring_schedule_name(p.spec), at)
+    assert reqs == [] and "no features for 2026-01-02" in skip
+    p.lake.write(p.spec.name, "features", pl.DataFrame({"x": [1]}), "2026-01-02")
+    reqs, _ = _schedule_tick(p, scoring_schedule_name(p.spec), at)
+    assert [(r.partition_key, r.run_key) for r in reqs] == [("2026-01-02", "scoring:2026-01-02")]
+
+
+def test_retraining_schedule_respects_the_cooldown(project):
+    p = project
+    for i in range(15):
+        p.lake.write(p.spec.name, "features", pl.DataFrame({"x": [1]}), _day(i))
+    drift = _replay_ticks(p, drift_retrain_sensor_name(p.spec), _drift_day, [0.9, 0.9], start=5)
+    assert [d for d, _ in drift] == [6]
+    name = retraining_schedule_name(p.spec)
+    reqs, skip = _schedule_tick(p, name, dt.datetime(2026, 1, 11, 3, tzinfo=dt.UTC))
+    assert reqs == [] and "cooldown" in skip  # latest day 9: 3 partitions after day 6
+    reqs, _ = _schedule_tick(p, name, dt.datetime(2026, 1, 15, 3, tzinfo=dt.UTC))  # day 13
+    assert len(reqs) == 1 and reqs[0].tags[monitoring.TAG_TRIGGER] == monitoring.SCHEDULE
