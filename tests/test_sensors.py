@@ -174,6 +174,7 @@ def test_restart_neither_loses_nor_repeats_a_file(staged):
     data = lambda rs: [r.partition_key for r in rs if r.job_name == data_job_name(p.spec)]  # noqa: E731
     assert data(first) == [_day(0), _day(1)]
     assert data(after) == [_day(2)]
+    assert data(_tick(p, name, cursor2)[0]) == []  # and nothing twice
     # A lost cursor re-requests with the same run keys, which Dagster never runs twice.
     again, _, _ = _tick(p, name, None)
     assert {r.run_key for r in again if r.job_name == data_job_name(p.spec)} == {
