@@ -10,9 +10,9 @@ import dagster as dg
 import polars as pl
 
 from mlops import features as feats
-from mlops import ingest, labels, online, training_set, validation
+from mlops import ingest, labels, online, sql_source, training_set, validation
 from mlops.lake import sha256_bytes
-from mlops.spec import ASSET_NAMES, Spec
+from mlops.spec import ASSET_NAMES, FileSource, Spec
 from orchestration.partitions import daily_partitions, lookback_mapping
 from resources.lake import LakeResource
 from resources.online_store import OnlineStoreResource
@@ -52,13 +52,27 @@ def build_data_assets(
     key = {a: dg.AssetKey([name, a]) for a in (*ASSET_NAMES, *EXTERNAL_ASSET_NAMES)}
     common = {"group_name": name, "code_version": version}
 
-    # The landing directories, as external assets: the UI's lineage starts at the files.
-    landing = dg.AssetSpec(
-        key["landing_files"],
-        group_name=name,
-        description=f"Landing files {spec.source.file_pattern} in {spec.source.path} (external).",
-        metadata={"path": dg.MetadataValue.path(str(spec.landing_dir))},
-    )
+    # The source as an external asset: the UI's lineage starts at the files (or the SQL
+    # table; the key stays landing_files for both kinds so selections and sensors agree).
+    src = spec.source
+    if isinstance(src, FileSource):
+        landing = dg.AssetSpec(
+            key["landing_files"],
+            group_name=name,
+            description=f"Landing files {src.file_pattern} in {src.path} (external).",
+            metadata={"path": dg.MetadataValue.path(str(spec.landing_dir))},
+        )
+    else:
+        landing = dg.AssetSpec(
+            key["landing_files"],
+            group_name=name,
+            description="The source table: rows a SQL query returns per day (external).",
+            kinds={"sql"},
+            metadata={
+                "source": sql_source.describe(src),
+                "query": dg.MetadataValue.md(f"```sql\n{src.query.strip()}\n```"),
+            },
+        )
     externals = [landing]
     label_deps = [key["validated_data"]]
     if spec.labels.events is not None:
@@ -81,15 +95,27 @@ def build_data_assets(
         **common,
     )
     def raw_data(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
-        """The day's landing files as they arrived (all values kept as text)."""
+        """The day's source rows as they arrived (all values kept as text)."""
         day = _day(context)
-        batch = ingest.load_day(spec.source, spec.landing_dir, day)
-        if not batch.files:
-            raise dg.Failure(
-                f"no landing file for {day} in {spec.landing_dir} matching "
-                f"'{spec.source.file_pattern}'. Land the day's file(s), or pick a day that has "
-                "them (`mlops generate` writes the demo's)."
-            )
+        if isinstance(src, FileSource):
+            batch = ingest.load_day(src, spec.landing_dir, day)
+            if not batch.files:
+                raise dg.Failure(
+                    f"no landing file for {day} in {spec.landing_dir} matching "
+                    f"'{src.file_pattern}'. Land the day's file(s), or pick a day that has "
+                    "them (`mlops generate` writes the demo's)."
+                )
+        else:
+            try:
+                batch = sql_source.load_day(src, day)
+            except sql_source.SqlSourceError as e:
+                raise dg.Failure(str(e)) from None
+            if batch.frame.height == 0:
+                start, end = sql_source.day_bounds(day)
+                raise dg.Failure(
+                    f"source.query returned no rows for {day} ([{start}, {end})) from "
+                    f"{sql_source.describe(src)}. Load the day's rows, or pick a day that has them."
+                )
         written = lake.get().write(name, "raw_data", batch.frame, context.partition_key)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(batch.content_hash),

@@ -1,9 +1,20 @@
 """The lake: one Parquet file per asset partition under a base URL (any fsspec filesystem).
 
-Layout: <base>/<spec>/<asset>/<partition>.parquet. Writes go to a hidden temporary name in
-the same folder and are renamed into place, so readers never see a half-written file and a
-re-materialization replaces exactly one partition. Files are written deterministically
-(same rows -> same bytes), so a partition's content hash is its data version.
+Layout: <base>/<spec>/<asset>/<partition>.parquet. Writes are atomic, so readers never see a
+half-written file and a re-materialization replaces exactly one partition: on a local (or
+other rename-capable) filesystem a file is written under a hidden temporary name in the
+same folder and renamed into place; on an object store (s3://, gs://, az://, ...), where a
+rename is a copy plus a delete, the object is written with one PUT to its final key, and an
+object store makes an object visible only once its upload completes. Files are written
+deterministically (same rows -> same bytes), so a partition's content hash is its data
+version.
+
+Remote lakes take fsspec storage options from `Lake(url, storage_options=...)` and from
+fsspec's environment configuration, read when the Lake is made: FSSPEC_<PROTOCOL>_<OPTION>,
+e.g. FSSPEC_S3_ENDPOINT_URL=http://minio:9000 for an S3-compatible store (credentials the
+usual way: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or an instance role). DuckDB reads
+remote partitions through the same fsspec filesystem (registered on each connection), so no
+DuckDB extension (httpfs) is needed or downloaded.
 """
 
 from __future__ import annotations
@@ -11,9 +22,10 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import fsspec
@@ -21,6 +33,11 @@ import polars as pl
 from fsspec.implementations.local import LocalFileSystem
 
 UNPARTITIONED = "__all__"
+# Filesystems where an object appears whole when its single upload completes, and where a
+# rename is a copy plus a delete: written with one PUT to the final key.
+OBJECT_STORE_PROTOCOLS = frozenset(
+    {"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2", "memory"}
+)
 
 
 @dataclass(frozen=True)
@@ -34,14 +51,29 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class Lake:
-    """Parquet partitions under `base_url` (a local path or any fsspec URL)."""
+def env_storage_options(protocol: str) -> dict[str, Any]:
+    """fsspec options for a protocol from the environment now (FSSPEC_S3_ENDPOINT_URL=...)."""
+    conf: dict[str, dict[str, Any]] = {}
+    fsspec.config.set_conf_env(conf)
+    return dict(conf.get(protocol, {}))
 
-    def __init__(self, base_url: str):
+
+class Lake:
+    """Parquet partitions under `base_url` (a local path or any fsspec URL).
+
+    `storage_options` go to the fsspec filesystem (for s3://: endpoint_url, key, secret,
+    client_kwargs, ...); they override FSSPEC_<PROTOCOL>_<OPTION> environment variables.
+    """
+
+    def __init__(self, base_url: str, storage_options: Mapping[str, Any] | None = None):
         self.base_url = base_url.rstrip("/")
-        self.fs, root = fsspec.core.url_to_fs(self.base_url)
+        protocol = fsspec.core.split_protocol(self.base_url)[0] or "file"
+        options = {**env_storage_options(protocol), **(storage_options or {})}
+        self.fs, root = fsspec.core.url_to_fs(self.base_url, **options)
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else self.fs.protocol
+        self.is_object_store = bool(set(protocols) & OBJECT_STORE_PROTOCOLS)
 
     # Paths -------------------------------------------------------------------------------
     def path(self, spec: str, asset: str, partition: str = UNPARTITIONED) -> str:
@@ -56,11 +88,19 @@ class Lake:
         return f"{protocol}://{p}"
 
     def exists(self, spec: str, asset: str, partition: str = UNPARTITIONED) -> bool:
-        return self.fs.exists(self.path(spec, asset, partition))
+        path = self.path(spec, asset, partition)
+        self._forget_listing(path)
+        return self.fs.exists(path)
+
+    def _forget_listing(self, path: str) -> None:
+        # Remote filesystems cache listings per process; another process may have written.
+        if not self.is_local:
+            self.fs.invalidate_cache(path.rsplit("/", 1)[0])
 
     def partitions(self, spec: str, asset: str) -> list[str]:
         """Partition keys present for an asset, sorted (temporary files are not listed)."""
         folder = f"{self.root}/{spec}/{asset}"
+        self._forget_listing(f"{folder}/")
         if not self.fs.exists(folder):
             return []
         names = [Path(p).name for p in self.fs.ls(folder, detail=False)]
@@ -75,9 +115,20 @@ class Lake:
         # No statistics timestamps or writer ids in the file: same frame -> same bytes.
         df.write_parquet(buf, compression="zstd", statistics=True)
         data = buf.getvalue()
-        final = self.path(spec, asset, partition)
+        self.put_atomic(self.path(spec, asset, partition), data)
+        return WriteResult(
+            path=self.url(spec, asset, partition), rows=df.height, content_hash=sha256_bytes(data)
+        )
+
+    def put_atomic(self, final: str, data: bytes) -> None:
+        """Make `final` hold `data`, all or nothing, as readers see it."""
+        if self.is_object_store:
+            # One PUT to the final key: the object appears whole or not at all (a rename
+            # would be a copy plus a delete, with a window where both exist).
+            self.fs.pipe_file(final, data)
+            return
         folder = final.rsplit("/", 1)[0]
-        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{Path(final).name}"
+        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}"
         self.fs.makedirs(folder, exist_ok=True)
         try:
             with self.fs.open(tmp, "wb") as f:
@@ -87,9 +138,6 @@ class Lake:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
             raise
-        return WriteResult(
-            path=self.url(spec, asset, partition), rows=df.height, content_hash=sha256_bytes(data)
-        )
 
     def delete(self, spec: str, asset: str, partition: str = UNPARTITIONED) -> None:
         p = self.path(spec, asset, partition)
@@ -99,6 +147,7 @@ class Lake:
     # Reads -------------------------------------------------------------------------------
     def read(self, spec: str, asset: str, partition: str = UNPARTITIONED) -> pl.DataFrame:
         p = self.path(spec, asset, partition)
+        self._forget_listing(p)
         if not self.fs.exists(p):
             raise FileNotFoundError(
                 f"{self.url(spec, asset, partition)} does not exist: materialize "
@@ -122,10 +171,14 @@ class Lake:
         """An in-memory DuckDB connection that can read this lake's files.
 
         In-memory on purpose: Dagster runs steps in separate processes and DuckDB allows
-        one writer per database file, so nothing keeps a DuckDB file open.
+        one writer per database file, so nothing keeps a DuckDB file open. A remote lake's
+        fsspec filesystem is registered with the connection, so DuckDB reads s3://... (or
+        any protocol) through it, with the lake's credentials and endpoint, and needs no
+        extension; extensions are never downloaded for it.
         """
         con = duckdb.connect()
         if not self.is_local:
+            con.execute("SET autoinstall_known_extensions = false")
             con.register_filesystem(self.fs)
         return con
 
@@ -153,13 +206,9 @@ def write_json(lake: Lake, spec: str, asset: str, key: str, doc: dict) -> str:
     """Atomically write a small JSON document next to an asset's partitions."""
     import json
 
-    folder = f"{lake.root}/{spec}/{asset}"
-    final = f"{folder}/{key}.json"
-    tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{key}.json"
-    lake.fs.makedirs(folder, exist_ok=True)
-    with lake.fs.open(tmp, "w") as f:
-        f.write(json.dumps(doc, indent=2, sort_keys=True, default=str))
-    lake.fs.mv(tmp, final)
+    final = f"{lake.root}/{spec}/{asset}/{key}.json"
+    text = json.dumps(doc, indent=2, sort_keys=True, default=str)
+    lake.put_atomic(final, text.encode())
     return final
 
 
@@ -167,6 +216,7 @@ def read_json(lake: Lake, spec: str, asset: str, key: str) -> dict | None:
     import json
 
     path = f"{lake.root}/{spec}/{asset}/{key}.json"
+    lake._forget_listing(path)
     if not lake.fs.exists(path):
         return None
     with lake.fs.open(path, "r") as f:

@@ -200,15 +200,20 @@ def decide(
     cooldown_partitions: int,
     last_retrain_partition: str | None,
     handled_episodes: set[str],
+    now: str | None = None,
 ) -> Decision:
     """Retrain when the newest partitions breached `consecutive` times in a row (same
-    champion), the episode has not had its retraining, and the cooldown has passed."""
+    champion), the episode has not had its retraining, and the cooldown has passed.
+
+    `now` is the newest data partition: the clock of the cooldown, since realized metrics
+    lag the data by the label maturity (default: the newest observation)."""
     if not observations:
-        return Decision(trigger, False, None, None, "no observations yet", {})
+        return Decision(trigger, False, now, None, "no observations yet", {})
     latest = max(o.partition for o in observations)
+    now = max(now or latest, latest)
     run = current_run(observations)
     if not run or run[-1].partition != latest:
-        return Decision(trigger, False, latest, None, f"{latest}: no breach", {})
+        return Decision(trigger, False, now, None, f"{latest}: no breach", {})
     episode = f"{trigger}:v{run[0].champion_version}:{run[0].partition}"
     evidence = {
         "partitions": [o.partition for o in run],
@@ -221,23 +226,23 @@ def decide(
         return Decision(
             trigger,
             False,
-            latest,
+            now,
             episode,
             f"{len(run)}/{consecutive} consecutive breached partitions",
             evidence,
         )
     if episode in handled_episodes:
         return Decision(
-            trigger, False, latest, episode, f"episode {episode} already retrained", evidence
+            trigger, False, now, episode, f"episode {episode} already retrained", evidence
         )
     if last_retrain_partition is not None:
-        since = partitions_between(last_retrain_partition, latest)
+        since = partitions_between(last_retrain_partition, now)
         evidence["last_retrain_partition"] = last_retrain_partition
         if since < cooldown_partitions:
             return Decision(
                 trigger,
                 False,
-                latest,
+                now,
                 episode,
                 f"cooldown: {since}/{cooldown_partitions} partitions since the retraining "
                 f"at {last_retrain_partition}",
@@ -248,7 +253,7 @@ def decide(
         f"{what} breached {run[-1].threshold} for {len(run)} consecutive partition(s) "
         f"{run[0].partition}..{run[-1].partition} (champion v{run[-1].champion_version})"
     )
-    return Decision(trigger, True, latest, episode, reason, evidence)
+    return Decision(trigger, True, now, episode, reason, evidence)
 
 
 def cooldown_ok(

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 NAME_RE = r"^[a-z][a-z0-9_]*$"
 DURATION_RE = re.compile(r"^(\d+)([mhd])$")
@@ -75,9 +84,101 @@ class FileFeed(_Strict):
         return v
 
 
-class Source(FileFeed):
+class FileSource(FileFeed):
+    """kind: files (the default): landing files named with their day's date."""
+
     kind: Literal["files"] = "files"
     start_date: dt.date = Field(description="first daily partition")
+
+
+ENV_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+QUERY_PARAMS = ("start", "end")
+
+
+class SqlSource(_Strict):
+    """kind: sql: a SELECT over a SQLAlchemy URL, run once per daily partition.
+
+    The query binds :start and :end, the partition's [start, end) bounds as naive datetimes
+    (UTC, like the rest of the lake); values are never formatted into the SQL text. Against
+    a column with a time zone (Postgres timestamptz), run the session in UTC, e.g. with
+    `?options=-c%20timezone%3DUTC` in a psycopg2 URL. Rows need no ORDER BY: they are
+    sorted after the pull (see mlops.sql_source).
+    """
+
+    kind: Literal["sql"]
+    url: str = Field(
+        description="SQLAlchemy URL, e.g. postgresql+psycopg2://etl:${DB_PASSWORD}@db/iot; "
+        "${VAR} is read from the environment when the source is queried"
+    )
+    query: str = Field(
+        description="one SELECT binding :start and :end, e.g. SELECT * FROM readings "
+        "WHERE ts >= :start AND ts < :end"
+    )
+    timestamp_column: str
+    timestamp_format: str | None = Field(
+        None, description="strftime format of timestamps stored as text; None = ISO 8601"
+    )
+    entity_column: str | None = None
+    start_date: dt.date = Field(description="first daily partition")
+
+    @field_validator("url")
+    @classmethod
+    def _is_url(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a SQLAlchemy URL: dialect+driver://user:password@host/db")
+        if ENV_VAR_RE.search(v) is None:
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError
+
+            try:
+                make_url(v)
+            except (ArgumentError, ValueError):
+                raise ValueError(
+                    "is not a SQLAlchemy URL; expected dialect+driver://user:password@host/db, "
+                    "e.g. mysql+pymysql://etl:${DB_PASSWORD}@127.0.0.1:3306/iot"
+                ) from None
+        return v
+
+    @field_validator("query")
+    @classmethod
+    def _binds_the_day(cls, v: str) -> str:
+        from sqlalchemy import text
+
+        body = re.sub(r"^(\s*--[^\n]*\n)*", "", v).strip()
+        if not re.match(r"(?is)^\(?\s*(select|with)\b", body):
+            raise ValueError("must be a SELECT (or WITH ... SELECT) query")
+        if ";" in re.sub(r"'(?:[^']|'')*'", "''", body).rstrip().rstrip(";"):
+            raise ValueError("must be a single statement (found ';' inside the query)")
+        params = set(text(v).compile().params)
+        missing = [f":{p}" for p in QUERY_PARAMS if p not in params]
+        extra = sorted(f":{p}" for p in params - set(QUERY_PARAMS))
+        if missing:
+            raise ValueError(
+                f"must bind {' and '.join(missing)}: the query reads one daily partition, "
+                "[:start, :end), e.g. SELECT * FROM readings WHERE ts >= :start AND ts < :end"
+            )
+        if extra:
+            raise ValueError(
+                f"binds {', '.join(extra)}, but only :start and :end are given; write "
+                "constants into the query text, or escape a literal colon as \\:"
+            )
+        return v
+
+
+def _source_kind(v: object) -> object:
+    return v.get("kind", "files") if isinstance(v, dict) else getattr(v, "kind", "files")
+
+
+Source = Annotated[
+    Annotated[FileSource, Tag("files")] | Annotated[SqlSource, Tag("sql")],
+    Discriminator(
+        _source_kind,
+        custom_error_type="source_kind",
+        custom_error_message="must be 'files' (landing files) or 'sql' (a query over a "
+        "SQLAlchemy URL)",
+    ),
+]
+SOURCE_KINDS = ("files", "sql")
 
 
 class ColumnSpec(_Strict):
@@ -311,6 +412,11 @@ class Spec(_Strict):
 
     @property
     def landing_dir(self) -> Path:
+        if not isinstance(self.source, FileSource):
+            raise ValueError(
+                f"spec '{self.name}' reads a SQL source (source.kind: sql): it has no landing "
+                "directory"
+            )
         return self.resolve(self.source.path)
 
     def resolve(self, path: str) -> Path:
@@ -327,6 +433,9 @@ class Spec(_Strict):
 
 def _loc(loc: tuple) -> str:
     parts = [str(p) for p in loc if p not in ("function-after[_consistent(), ColumnSpec]",)]
+    # The source union's tag (source.sql.query) is not a field the user wrote: drop it.
+    if len(parts) > 1 and parts[0] == "source" and parts[1] in SOURCE_KINDS:
+        del parts[1]
     return ".".join(parts) or "(top level)"
 
 
@@ -365,6 +474,11 @@ def load_spec(path: str | Path) -> Spec:
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown field (typo?); see the spec reference in the README"
+            elif err["type"] == "source_kind":
+                kind = err["input"].get("kind") if isinstance(err["input"], dict) else None
+                loc, msg = f"{loc}.kind", f"{msg} (got {kind!r})"
+                problems.append((loc, msg))
+                continue
             elif err["type"] == "missing":
                 msg = "required field is missing"
             elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
@@ -386,9 +500,14 @@ def summary(spec: Spec) -> str:
         if lab.kind == "column"
         else f"event feed {lab.events.path} (event within {lab.horizon})"  # type: ignore[union-attr]
     )
+    where = (
+        f"{src.format} files in {src.path} matching {src.file_pattern}"
+        if isinstance(src, FileSource)
+        else f"SQL query over {_redacted(src.url)}, bound to each day's [:start, :end)"
+    )
     lines = [
         f"spec {spec.name}: {spec.description}".rstrip(": "),
-        f"  source     {src.format} files in {src.path} matching {src.file_pattern}",
+        f"  source     {where}",
         f"             timestamp '{src.timestamp_column}', entity '{src.entity_column or '-'}', "
         f"daily partitions from {src.start_date}",
         f"  schema     {len(spec.schema_.columns)} columns, unknown columns: "
@@ -409,6 +528,13 @@ def summary(spec: Spec) -> str:
         f"  spec hash  {spec.content_hash[:12]}",
     ]
     return "\n".join(lines)
+
+
+def _redacted(url: str) -> str:
+    """A URL safe to show: any password replaced by ***."""
+    from mlops.sql_source import redact_url  # imports this module: import it late
+
+    return redact_url(url)
 
 
 ASSET_NAMES = (

@@ -9,6 +9,7 @@ The state is a plain dict, kept in the sensor's cursor (compressed), so it survi
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import json
 import os
@@ -75,6 +76,35 @@ def diff(
         elif prev[1] != digest:
             changes.append(Change(part, digest, CORRECTED, names))
     return new_state, changes
+
+
+def diff_fingerprints(
+    state: dict[str, list[str]], fingerprints: dict[str, str | None]
+) -> tuple[dict[str, list[str]], list[Change]]:
+    """The same as `diff` for sources without files (SQL): partition -> content hash of its
+    rows, None when the partition has none yet."""
+    new_state = dict(state)
+    changes: list[Change] = []
+    for part, digest in sorted(fingerprints.items()):
+        if digest is None:
+            continue
+        prev = state.get(part)
+        if prev is not None and prev[1] == digest:
+            continue
+        new_state[part] = [digest[:16], digest]
+        changes.append(Change(part, digest, NEW if prev is None else CORRECTED, ()))
+    return new_state, changes
+
+
+def sql_days(start: dt.date, today: dt.date, known: list[str], rescan_days: int) -> list[dt.date]:
+    """Days a SQL source is polled for: every day on the first tick (at most a year), then the
+    last `rescan_days` days (late and corrected rows) and any day after the newest known."""
+    first = max(start, today - dt.timedelta(days=366))
+    if known:
+        first = max(
+            first, min(dt.date.fromisoformat(max(known)), today) - dt.timedelta(days=rescan_days)
+        )
+    return [first + dt.timedelta(days=i) for i in range((today - first).days + 1)]
 
 
 def encode(state: dict) -> str:

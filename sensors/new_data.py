@@ -15,7 +15,7 @@ import hashlib
 
 import dagster as dg
 
-from mlops import watch
+from mlops import ingest, watch
 from mlops.labels import events_window
 from mlops.monitoring import MODEL_PERFORMANCE
 from mlops.spec import Spec
@@ -23,6 +23,7 @@ from orchestration.jobs import data_job_name, labels_job_name, scoring_job_name
 from resources.lake import LakeResource
 
 MAX_RUNS_PER_TICK = 500
+SQL_RESCAN_DAYS = 3  # a SQL source's recent days are re-read for late or corrected rows
 TAG_CHANGE = "mlops/change"
 
 
@@ -55,7 +56,10 @@ def build_new_data_sensor(spec: Spec, jobs: list) -> dg.SensorDefinition:
     """`jobs`: the spec's data, labels and scoring jobs (the sensor's targets)."""
     name = spec.name
     key = lambda a: dg.AssetKey([name, a])  # noqa: E731
-    readings_dir = spec.landing_dir
+    from mlops.spec import FileSource
+
+    files_source = isinstance(spec.source, FileSource)
+    readings_dir = spec.landing_dir if files_source else None
     events_feed = spec.labels.events
     events_dir = spec.resolve(events_feed.path) if events_feed else None
     data_job, labels_job, scoring_job = (
@@ -121,9 +125,19 @@ def build_new_data_sensor(spec: Spec, jobs: list) -> dg.SensorDefinition:
         """Watch the landing folders and request the day's runs."""
         store = lake.get()
         state = watch.decode(context.cursor)
-        readings, changes = watch.diff(
-            state.get("r", {}), readings_dir, watch.listing(spec.source, readings_dir)
-        )
+        if files_source:
+            readings, changes = watch.diff(
+                state.get("r", {}), readings_dir, watch.listing(spec.source, readings_dir)
+            )
+        else:  # SQL: poll the recent days' row fingerprints (one query per day)
+            days = watch.sql_days(
+                spec.source.start_date,
+                dt.datetime.now(dt.UTC).date(),
+                list(state.get("r", {})),
+                SQL_RESCAN_DAYS,
+            )
+            fps = {d.isoformat(): ingest.partition_fingerprint(spec, d) for d in days}
+            readings, changes = watch.diff_fingerprints(state.get("r", {}), fps)
         events = state.get("e", {})
         if events_feed is not None:
             events, _ = watch.diff(events, events_dir, watch.listing(events_feed, events_dir))
@@ -187,7 +201,7 @@ def build_new_data_sensor(spec: Spec, jobs: list) -> dg.SensorDefinition:
 
         context.update_cursor(watch.encode({"r": kept, "e": events, "l": labelled, "p": pending}))
         if not requests:
-            return dg.SkipReason(f"no new or corrected files in {readings_dir}")
+            return dg.SkipReason(f"no new or corrected data in {readings_dir or 'the SQL source'}")
         return requests
 
     return new_data_sensor

@@ -64,6 +64,7 @@ def evaluate(
     handled = set(state.get("episodes", [])) | {
         r.tags[monitoring.TAG_EPISODE] for r in runs if r.tags.get(monitoring.TAG_EPISODE)
     }
+    features = lake.partitions(spec.name, "features")
     decision = monitoring.decide(
         trigger,
         obs,
@@ -71,6 +72,7 @@ def evaluate(
         spec.monitoring.retrain_cooldown_partitions,
         last_retrain_partition(runs, state.get("last")),
         handled,
+        now=features[-1] if features else None,
     )
     busy = any(r.status in ACTIVE for r in runs)
     return decision, state, busy

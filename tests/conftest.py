@@ -141,3 +141,57 @@ def require_redis() -> None:
         pytest.skip(
             "Redis is not running on 127.0.0.1:6379: start it with `redis-server --port 6379`"
         )
+
+
+def require_chromium() -> str:
+    """The headless browser for the UI test: skip locally without it, fail in CI."""
+    import os
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    message = (
+        "Chromium is not on PATH: install Debian's chromium package (apt-get install chromium)"
+        " to run the browser test"
+    )
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message} (required in CI; .ci/run installs it)")
+    pytest.skip(message)
+
+
+MARIADB_URL = "mysql+pymysql://root@127.0.0.1:3306/test"
+POSTGRES_URL = "postgresql+psycopg2://root@127.0.0.1:5432/test"
+
+
+def _require_service(name: str, url: str, start: str) -> None:
+    """Skip locally when a database is not reachable, but never let CI pass by skipping."""
+    import os
+
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
+    engine = sa.create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 2})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.DBAPIError as e:
+        where = url.split("@", 1)[-1]
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is not reachable at {where} (required in CI): {e.orig}")
+        pytest.skip(f"{name} is not reachable at {where}: {start}")
+    finally:
+        engine.dispose()
+
+
+def require_mariadb(url: str = MARIADB_URL) -> None:
+    """Skip locally without MariaDB (root, no password, database `test`); fail in CI."""
+    _require_service(
+        "MariaDB", url, "start MariaDB on 127.0.0.1:3306 (user root, no password, database test)"
+    )
+
+
+def require_postgres(url: str = POSTGRES_URL) -> None:
+    """Skip locally without PostgreSQL (trust auth, database `test`); fail in CI."""
+    _require_service(
+        "PostgreSQL", url, "start PostgreSQL on 127.0.0.1:5432 (trust auth, database test)"
+    )

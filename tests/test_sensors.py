@@ -94,7 +94,7 @@ def test_new_day_requests_one_data_run_and_identical_redelivery_starts_nothing(s
     shutil.copy(sr / f.name, f)
     os.utime(f, ns=(time.time_ns(), time.time_ns()))
     reqs2, cursor2, skip = _tick(p, name, cursor)
-    assert reqs2 == [] and "no new or corrected" in skip
+    assert reqs2 == [] and "no new or corrected data" in skip
     reqs3, _, _ = _tick(p, name, cursor2)
     assert reqs3 == []
 
@@ -307,6 +307,22 @@ def test_cooldown_is_shared_between_triggers_and_counted_in_partitions(project):
     assert len(reqs) == 1 and reqs[0].tags[monitoring.TAG_PARTITION] == _day(18)
 
 
+def test_cooldown_runs_on_the_data_clock_not_the_lagging_label_clock(project):
+    p = project
+    # Realized metrics arrive 3 days behind the data: the cooldown counts data partitions.
+    for i in range(13):
+        p.lake.write(p.spec.name, "features", pl.DataFrame({"x": [1]}), _day(i))
+    _launch(
+        p,
+        dg.RunRequest(
+            run_key="x", tags={monitoring.TAG_SPEC: p.spec.name, monitoring.TAG_PARTITION: _day(5)}
+        ),
+    )
+    _perf_day(p, 9, 0.5)  # labelled day 9, data through day 12: 7 partitions after day 5
+    reqs, _, _ = _tick(p, metric_decline_sensor_name(p.spec), None)
+    assert len(reqs) == 1 and reqs[0].tags[monitoring.TAG_PARTITION] == _day(12)
+
+
 def test_a_new_champion_starts_a_new_episode(project):
     p = project
     sensor = drift_retrain_sensor_name(p.spec)
@@ -348,12 +364,27 @@ def test_scoring_schedule_scores_yesterday_once_its_features_exist(project):
 
 def test_retraining_schedule_respects_the_cooldown(project):
     p = project
-    for i in range(15):
+    for i in range(7):
         p.lake.write(p.spec.name, "features", pl.DataFrame({"x": [1]}), _day(i))
     drift = _replay_ticks(p, drift_retrain_sensor_name(p.spec), _drift_day, [0.9, 0.9], start=5)
     assert [d for d, _ in drift] == [6]
+    for i in range(7, 15):
+        p.lake.write(p.spec.name, "features", pl.DataFrame({"x": [1]}), _day(i))
     name = retraining_schedule_name(p.spec)
     reqs, skip = _schedule_tick(p, name, dt.datetime(2026, 1, 11, 3, tzinfo=dt.UTC))
     assert reqs == [] and "cooldown" in skip  # latest day 9: 3 partitions after day 6
     reqs, _ = _schedule_tick(p, name, dt.datetime(2026, 1, 15, 3, tzinfo=dt.UTC))  # day 13
     assert len(reqs) == 1 and reqs[0].tags[monitoring.TAG_TRIGGER] == monitoring.SCHEDULE
+
+
+def test_sql_sources_are_watched_by_row_fingerprints():
+    from mlops import watch
+
+    state, changes = watch.diff_fingerprints({}, {_day(0): "a" * 64, _day(1): None})
+    assert [(c.partition, c.kind) for c in changes] == [(_day(0), watch.NEW)]
+    same, none = watch.diff_fingerprints(state, {_day(0): "a" * 64})
+    assert none == [] and same == state
+    _, fixed = watch.diff_fingerprints(state, {_day(0): "b" * 64})
+    assert [(c.partition, c.kind) for c in fixed] == [(_day(0), watch.CORRECTED)]
+    days = watch.sql_days(START, START + dt.timedelta(days=9), [_day(8)], rescan_days=3)
+    assert [d.isoformat() for d in days] == [_day(i) for i in range(5, 10)]
