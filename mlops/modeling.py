@@ -9,6 +9,7 @@ model itself.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+# OpenMP threads that spin while they wait make xgboost 5x slower whenever another process
+# holds a core (parallel test workers, a Dagster run beside the webserver). Must be set
+# before xgboost's OpenMP runtime starts, i.e. before the first fit in this process.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import polars as pl
 
 from mlops.features import feature_names

@@ -116,7 +116,7 @@ def fresh_start(spec: Spec, staging: Path) -> Lake:
 
 
 def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
-    staging = PROJECT_ROOT / ".mlops" / "staging" / spec.name
+    staging = spec.root / ".mlops" / "staging" / spec.name
     lake = fresh_start(spec, staging)
     report = generate(
         staged_spec(spec, staging),
@@ -244,7 +244,7 @@ def write_timeline(spec: Spec, timeline: list[dict]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = PROJECT_ROOT / ".mlops" / "reports" / spec.name / "timeline"
+    out = spec.root / ".mlops" / "reports" / spec.name / "timeline"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(timeline, indent=2))
     days = [r["n"] for r in timeline]
