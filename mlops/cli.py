@@ -190,6 +190,31 @@ def rollback(spec_arg: str, to: int | None, reason: str) -> None:
 
 @main.command()
 @SPEC_OPTION
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status(spec_arg: str, as_json: bool) -> None:
+    """Champion and challenger, last drift and realized metric, last retraining and why,
+    what the retraining triggers would do now, recent failures."""
+    import os
+
+    from mlops.config import PROJECT_ROOT
+
+    # The loop's state is in the Dagster instance the demo and `make ui` use.
+    os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".mlops" / "dagster"))
+    import dagster as dg
+
+    from orchestration import status as st
+
+    s, lake, uri = _context(spec_arg)
+    home = os.environ["DAGSTER_HOME"]
+    if not os.path.isdir(home):
+        _fail(f"no Dagster instance at DAGSTER_HOME={home}: run `make demo` or `make ui` first")
+    with dg.DagsterInstance.get() as instance:
+        data = st.status(s, instance, lake, uri)
+    _print(data, as_json, st.render(data))
+
+
+@main.command()
+@SPEC_OPTION
 def history(spec_arg: str) -> None:
     """The deployment history: every alias move, newest last."""
     from mlops import registry
@@ -329,6 +354,87 @@ def features_online_stats(spec_arg: str) -> None:
     click.echo(f"  bytes        {st.bytes}")
     click.echo(f"  oldest as-of {st.oldest_as_of}")
     click.echo(f"  newest as-of {st.newest_as_of}")
+
+
+@main.command()
+@SPEC_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="uvicorn workers"
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["champion", "shadow", "canary"]),
+    default="champion",
+    show_default=True,
+    help="shadow: also score the challenger and log it; canary: route a fraction to it",
+)
+@click.option(
+    "--canary-fraction",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="share of requests the challenger answers in canary mode",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="seconds between checks of the registry aliases (hot swap)",
+)
+@click.option(
+    "--log-dir",
+    default=None,
+    help="request log base folder; the spec's files go to <log-dir>/<spec>/ "
+    "(default: $MLOPS_INFERENCE_LOG_DIR, else .mlops/inference_log)",
+)
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=1_000_000, show_default=True)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="most readings in one request",
+)
+def serve(
+    spec_arg: str,
+    host: str,
+    port: int,
+    workers: int,
+    mode: str,
+    canary_fraction: float,
+    poll_interval: float,
+    log_dir: str | None,
+    max_body_bytes: int,
+    max_batch: int,
+) -> None:
+    """Serve models:/<name>@champion over HTTP: POST /predict, /health/*, /model, /metrics."""
+    from mlops import config
+    from mlops.inference_log import inference_log_dir
+    from serving.server import run
+    from serving.settings import ServeSettings
+
+    s = _load(str(config.spec_path(spec_arg)))
+    folder = Path(log_dir) / s.name if log_dir else inference_log_dir(s.name)
+    settings = ServeSettings(
+        spec_path=str(s.path),
+        tracking_uri=config.mlflow_tracking_uri(),
+        store_url=config.online_store_url(),
+        log_dir=str(folder.resolve()),
+        mode=mode,  # type: ignore[arg-type]
+        canary_fraction=canary_fraction,
+        poll_interval_s=poll_interval,
+        max_body_bytes=max_body_bytes,
+        max_batch=max_batch,
+    )
+    click.echo(
+        f"serving {s.registered_model_name}@champion ({mode}) on http://{host}:{port} with "
+        f"{workers} worker(s); request log in {folder}",
+        err=True,
+    )
+    run(settings, host=host, port=port, workers=workers)
 
 
 def _landing_dirs(s) -> list[Path]:

@@ -90,7 +90,7 @@ class Replay:
     # --- ticks --------------------------------------------------------------------------
 
     def tick_sensor(self, name: str) -> tuple[list[dg.RunRequest], str | None]:
-        sensor = self.defs.get_sensor_def(name)
+        sensor = self.defs.get_repository_def().get_sensor_def(name)
         ctx = dg.build_sensor_context(
             instance=self.instance,
             cursor=self.cursors.get(name),
@@ -104,7 +104,7 @@ class Replay:
         return list(data.run_requests or []), data.skip_message
 
     def tick_schedule(self, name: str, at: dt.datetime) -> tuple[list[dg.RunRequest], str | None]:
-        schedule = self.defs.get_schedule_def(name)
+        schedule = self.defs.get_repository_def().get_schedule_def(name)
         ctx = dg.build_schedule_context(
             instance=self.instance,
             scheduled_execution_time=at,

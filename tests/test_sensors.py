@@ -37,7 +37,7 @@ def _tick(p: Project, sensor: str, cursor: str | None, instance=None):
         resources={"lake": LakeResource(base_url=str(p.lake.root))},
         definitions=p.defs,
     )
-    data = p.defs.get_sensor_def(sensor).evaluate_tick(ctx)
+    data = p.defs.get_repository_def().get_sensor_def(sensor).evaluate_tick(ctx)
     return list(data.run_requests or []), data.cursor or cursor, data.skip_message
 
 
@@ -348,7 +348,7 @@ def _schedule_tick(p: Project, name: str, at: dt.datetime):
         resources={"lake": LakeResource(base_url=str(p.lake.root))},
         repository_def=p.defs.get_repository_def(),
     )
-    data = p.defs.get_schedule_def(name).evaluate_tick(ctx)
+    data = p.defs.get_repository_def().get_schedule_def(name).evaluate_tick(ctx)
     return list(data.run_requests or []), data.skip_message
 
 

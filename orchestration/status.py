@@ -1,0 +1,150 @@
+"""`mlops status`: where a spec's continuous-training loop stands.
+
+Reads the registry (aliases), the lake (monitoring summaries, deployment history) and the
+Dagster instance (retraining runs with their trigger tags, failed runs), and asks the
+retraining rules what they would decide now.
+"""
+
+import datetime as dt
+from typing import Any
+
+import dagster as dg
+
+from mlops import monitoring, registry
+from mlops.lake import Lake
+from mlops.spec import Spec
+from sensors.retrain import ACTIVE, evaluate, retraining_runs
+
+
+def _when(ts: float | None) -> str | None:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds") if ts else None
+
+
+def status(
+    spec: Spec, instance: dg.DagsterInstance, lake: Lake, tracking_uri: str
+) -> dict[str, Any]:
+    name = spec.registered_model_name
+    drift = monitoring.summaries(lake, spec.name, monitoring.DRIFT_REPORT, last=1)
+    perf = monitoring.summaries(lake, spec.name, monitoring.MODEL_PERFORMANCE, last=1)
+    runs = retraining_runs(instance, spec)
+    last_retrain = None
+    if runs:
+        r = runs[0]
+        rec = instance.get_run_record_by_id(r.run_id)
+        last_retrain = {
+            "run_id": r.run_id,
+            "status": r.status.value,
+            "trigger": r.tags.get(monitoring.TAG_TRIGGER),
+            "reason": r.tags.get(monitoring.TAG_REASON),
+            "partition": r.tags.get(monitoring.TAG_PARTITION),
+            "started": _when(rec.start_time if rec else None),
+        }
+    history = registry.deployment_history(lake, spec.name)
+    last_deploy = None
+    if history.height:
+        row = history.sort("time").row(-1, named=True)
+        last_deploy = {
+            k: row[k] for k in ("time", "action", "from_version", "to_version", "reason")
+        }
+    pending = {}
+    for trigger in (monitoring.DRIFT, monitoring.METRIC_DECLINE):
+        decision, _, busy = evaluate(spec, trigger, instance, lake, None)
+        pending[trigger] = {
+            "would_retrain": decision.retrain and not busy,
+            "reason": decision.reason + ("; a retraining is running" if busy else ""),
+            "partition": decision.partition,
+        }
+    failed = instance.get_run_records(
+        dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE], tags={}),
+        limit=200,
+    )
+    failures = [
+        {
+            "run_id": f.dagster_run.run_id,
+            "job": f.dagster_run.job_name,
+            "partition": f.dagster_run.tags.get("dagster/partition"),
+            "trigger": f.dagster_run.tags.get(monitoring.TAG_TRIGGER),
+            "ended": _when(f.end_time),
+        }
+        for f in failed
+        if f.dagster_run.job_name.startswith(f"{spec.name}_")
+    ][:5]
+    d, p = (drift[-1] if drift else None), (perf[-1] if perf else None)
+    return {
+        "spec": spec.name,
+        "model": name,
+        "champion": registry.alias_version(tracking_uri, name, registry.CHAMPION),
+        "challenger": registry.alias_version(tracking_uri, name, registry.CHALLENGER),
+        "last_deployment": last_deploy,
+        "last_drift": d
+        and {
+            k: d.get(k)
+            for k in ("partition", "drift_share", "threshold", "dataset_drift", "champion_version")
+        }
+        | {"drifted_columns": len(d.get("drifted_columns") or [])},
+        "last_performance": p
+        and {
+            k: p.get(k)
+            for k in (
+                "partition",
+                "primary_metric",
+                "realized",
+                "baseline",
+                "declined",
+                "champion_version",
+            )
+        },
+        "last_retraining": last_retrain,
+        "retraining_running": any(r.status in ACTIVE for r in runs),
+        "pending_triggers": pending,
+        "last_failures": failures,
+    }
+
+
+def render(s: dict[str, Any]) -> str:
+    def f(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v)
+
+    lines = [
+        f"{s['spec']}  (model {s['model']})",
+        f"  champion     v{f(s['champion'])}    challenger v{f(s['challenger'])}",
+    ]
+    if s["last_deployment"]:
+        d = s["last_deployment"]
+        lines.append(
+            f"  deployed     {d['action']} v{f(d['from_version'])} -> v{d['to_version']} "
+            f"at {d['time']:%Y-%m-%d %H:%M}: {d['reason']}"
+        )
+    if s["last_drift"]:
+        d = s["last_drift"]
+        lines.append(
+            f"  last drift   {d['partition']}: share {f(d['drift_share'])} "
+            f"(threshold {f(d['threshold'])}, {d['drifted_columns']} columns) vs v{d['champion_version']}"
+        )
+    else:
+        lines.append("  last drift   none yet (drift_report runs after scoring)")
+    if s["last_performance"]:
+        p = s["last_performance"]
+        lines.append(
+            f"  realized     {p['partition']}: {p['primary_metric']} {f(p['realized'])} vs "
+            f"baseline {f(p['baseline'])}{'  DECLINED' if p['declined'] else ''}"
+        )
+    r = s["last_retraining"]
+    lines.append(
+        f"  retraining   {r['trigger']} at {r['partition']} ({r['status']}): {r['reason']}"
+        if r
+        else "  retraining   none yet"
+    )
+    for trigger, p in s["pending_triggers"].items():
+        lines.append(
+            f"  {trigger:<15}{'RETRAIN NOW' if p['would_retrain'] else 'waiting'}: {p['reason']}"
+        )
+    if s["last_failures"]:
+        lines.append("  failures")
+        for fl in s["last_failures"]:
+            lines.append(
+                f"    {fl['ended']} {fl['job']} {fl['partition'] or ''} run {fl['run_id'][:8]}"
+            )
+    else:
+        lines.append("  failures     none")
+    return "\n".join(lines)

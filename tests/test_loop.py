@@ -1,0 +1,111 @@
+"""The closed loop end to end, at small scale: the demo's story must hold.
+
+Generate stable days then covariate + concept drift, build the first days through the
+new-data sensor, promote a champion, replay the rest through the real sensors and
+schedules. No retraining before the drift; a retraining soon after it; the champion at the
+end beats the first one on the drifted days it never trained on.
+"""
+
+import argparse
+import datetime as dt
+import itertools
+import json
+
+import dagster as dg
+import numpy as np
+import polars as pl
+from click.testing import CliRunner
+from sklearn.metrics import roc_auc_score
+
+from mlops import monitoring
+from mlops.cli import main as cli
+from mlops.labels import MATURE, entity_column
+from mlops.model_loader import load_model
+from orchestration import demo
+from tests.conftest import REPO, make_project
+from tests.test_definitions import _env
+
+BUILD, DRIFT_FROM, DAYS = 14, 19, 40
+
+
+def _spec_text() -> str:
+    text = (REPO / "specs" / "machine_failure.yaml").read_text()
+    for old, new in (
+        ("latency_budget_ms: 50", "latency_budget_ms: 500"),  # a loaded CI machine
+        ("trials: 20", "trials: 3"),
+        ("training_window_days: 14", "training_window_days: 8"),
+        ("retrain_cooldown_partitions: 7", "retrain_cooldown_partitions: 5"),
+    ):
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+def test_closed_loop_story(tmp_path, monkeypatch, capsys):
+    p = make_project(tmp_path, _spec_text())
+    for key, value in _env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    args = argparse.Namespace(
+        days=DAYS,
+        build_days=BUILD,
+        drift_from=DRIFT_FROM,
+        drift="covariate,concept",
+        machines=24,
+        seed=7,
+        bad_rows=0.01,
+        trials=3,
+        redeliver=BUILD + 3,
+    )
+    spec = p.spec
+    timeline = demo.run_demo(spec, args)
+    assert timeline is not None, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "re-delivered" in out and "no run (same content)" in out
+
+    drift_day = spec.source.start_date + dt.timedelta(days=DRIFT_FROM - 1)
+    instance = dg.DagsterInstance.get()
+    runs = [
+        r
+        for r in instance.get_runs(dg.RunsFilter(job_name=f"{spec.name}_training_job"))
+        if r.tags.get(monitoring.TAG_TRIGGER) != "initial"
+    ]
+    parts = sorted(dt.date.fromisoformat(r.tags[monitoring.TAG_PARTITION]) for r in runs)
+    # No retraining before the drift, one within the consecutive-days rule after it.
+    assert parts, "no retraining at all"
+    assert parts[0] >= drift_day, f"retrained before the drift: {parts}"
+    assert (parts[0] - drift_day).days <= spec.monitoring.consecutive_drift_days
+    for r in runs:
+        assert r.tags[monitoring.TAG_REASON] and json.loads(r.tags[monitoring.TAG_EVIDENCE])
+    # Cooldown: retrainings at least `cooldown` partitions apart.
+    gaps = [(b - a).days for a, b in itertools.pairwise(parts)]
+    assert all(g >= spec.monitoring.retrain_cooldown_partitions for g in gaps), parts
+
+    # The last champion against the first on the last drifted days with mature labels.
+    final = timeline[-1]["champion"]
+    assert final and final != 1, f"the first champion was never replaced: {timeline}"
+    last_labelled = dt.date.fromisoformat(timeline[-1]["realized_day"])
+    days = [(last_labelled - dt.timedelta(days=i)).isoformat() for i in range(3)]
+    keys = [entity_column(spec), spec.source.timestamp_column]
+    feats = p.lake.read_many(spec.name, "features", days)
+    labels = p.lake.read_many(spec.name, "labels", days).filter(pl.col(MATURE))
+    rows = feats.join(labels.select(*keys, spec.labels.name), on=keys)
+    y = rows[spec.labels.name].cast(pl.Int64).to_numpy()
+    old, new = (
+        roc_auc_score(y, load_model(p.tracking_uri, spec.name, version=v).score(rows))
+        for v in (1, final)
+    )
+    assert np.isfinite(old) and new > old, f"v{final} {new:.3f} vs v1 {old:.3f} on {days}"
+
+    # The timeline PNG and JSON, and `mlops status` on the same instance.
+    png = tmp_path / ".mlops" / "reports" / spec.name / "timeline.png"
+    demo.write_timeline(spec, timeline)
+    assert png.stat().st_size > 10_000
+    res = CliRunner().invoke(cli, ["status", "--spec", spec.name, "--json"])
+    assert res.exit_code == 0, res.output
+    st = json.loads(res.output)
+    assert st["champion"] == final and st["last_drift"]["partition"] == timeline[-1]["day"]
+    assert st["last_retraining"]["trigger"] in (
+        monitoring.DRIFT,
+        monitoring.METRIC_DECLINE,
+        "schedule",
+    )
