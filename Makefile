@@ -40,6 +40,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/features.py
+	$(BIN)/python bench/monitor.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

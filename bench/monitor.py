@@ -8,10 +8,16 @@
    process also pays evidently's import and plotly's first-use set-up; it is reported apart
    from the median of the repeats that follow. Goal: <= 10 s.
 
-More sections (sensor tick time, closed-loop time) are added as more bench_* functions
-collected by main().
+2. sensor tick: the new-data sensor over a landing folder of 10,000 files (one per day):
+   the first tick (every file new: hashed, up to 500 run requests, the rest next tick),
+   a steady tick (nothing changed: one directory scan, no file read), and a tick with one
+   new file. Goal: one tick over 10,000 files within 5 s.
 
-    .venv/bin/python bench/monitor.py [--rows 1000000] [--repeats 3] [--out bench/results/monitor.json]
+3. closed loop: `make demo`'s loop in a throwaway project (60 days, drift from day 36):
+   from the drift onset to a new champion, in partitions and in seconds of replay, and the
+   whole demo's time. --skip-loop leaves it out (it takes minutes).
+
+    .venv/bin/python bench/monitor.py [--rows 1000000] [--repeats 3] [--skip-loop]
 """
 
 from __future__ import annotations
@@ -127,14 +133,167 @@ def bench_drift(rows: int = 1_000_000, repeats: int = 3) -> dict:
     }
 
 
+def bench_sensor_tick(files: int = 10_000) -> dict:
+    import os
+    import tempfile
+
+    import dagster as dg
+
+    from bench.common import project
+    from orchestration.definitions import build_definitions
+    from resources.lake import LakeResource
+
+    root = Path(tempfile.mkdtemp(prefix="bench-sensor-"))
+    spec_path = project(root)
+    start = dt.date(1990, 1, 1)
+    text = spec_path.read_text().replace("start_date: 2026-01-01", f"start_date: {start}")
+    spec_path.write_text(text)
+    landing = root / ".mlops" / "landing" / "machine_failure" / "readings"
+    landing.mkdir(parents=True)
+    header = (
+        "timestamp,machine_id,machine_type,firmware,temperature,vibration,pressure,rpm,voltage\n"
+    )
+    for i in range(files):
+        d = start + dt.timedelta(days=i)
+        (landing / f"readings_{d}.csv").write_text(
+            header + f"{d}T00:00:00,m{i % 7},A,1.0,70.0,3.0,100.0,1500.0,230.0\n"
+        )
+    defs = build_definitions(root / "specs", str(root / ".mlops" / "lake"))
+    sensor = defs.get_repository_def().get_sensor_def(new_data_sensor_name_for(defs))
+    home = root / "dagster"
+    home.mkdir()
+    instance = dg.DagsterInstance.local_temp(str(home))
+    resources = {"lake": LakeResource(base_url=str(root / ".mlops" / "lake"))}
+
+    def tick(cursor):
+        ctx = dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources=resources, definitions=defs
+        )
+        t = time.perf_counter()
+        data = sensor.evaluate_tick(ctx)
+        return time.perf_counter() - t, len(data.run_requests or []), data.cursor or cursor
+
+    first_s, first_runs, cursor = tick(None)
+    backlog = []
+    while True:  # drain the backlog the per-tick cap left
+        s_, n, cursor = tick(cursor)
+        if n == 0:
+            break
+        backlog.append((s_, n))
+    steady_s, steady_runs, cursor = tick(cursor)
+    d = start + dt.timedelta(days=files)
+    (landing / f"readings_{d}.csv").write_text(
+        header + f"{d}T00:00:00,m0,A,1.0,70,3,100,1500,230\n"
+    )
+    one_s, one_runs, cursor = tick(cursor)
+    os.system(f"rm -rf {root}")
+    out = {
+        "files": files,
+        "first_tick_s": round(first_s, 3),
+        "first_tick_run_requests": first_runs,
+        "backlog_ticks": len(backlog),
+        "backlog_tick_max_s": round(max((b[0] for b in backlog), default=0.0), 3),
+        "steady_tick_s": round(steady_s, 3),
+        "steady_tick_run_requests": steady_runs,
+        "one_new_file_tick_s": round(one_s, 3),
+        "one_new_file_run_requests": one_runs,
+        "cursor_bytes": len(cursor or ""),
+        "goal_s": 5.0,
+    }
+    print(
+        f"sensor tick over {files} files: first {first_s:.2f} s ({first_runs} runs requested, "
+        f"{len(backlog)} more ticks for the backlog, at most {out['backlog_tick_max_s']:.2f} s), "
+        f"steady {steady_s:.2f} s, one new file {one_s:.2f} s ({one_runs} run); "
+        f"cursor {out['cursor_bytes'] / 1e3:.0f} kB"
+    )
+    return out
+
+
+def new_data_sensor_name_for(defs) -> str:
+    return next(
+        s.name for s in defs.get_repository_def().sensor_defs if s.name.endswith("_new_data_sensor")
+    )
+
+
+def bench_loop() -> dict:
+    import os
+    import subprocess
+    import tempfile
+
+    from bench.common import project
+
+    root = Path(tempfile.mkdtemp(prefix="bench-loop-"))
+    spec_path = project(root)
+    home = root / "dagster"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "MLOPS_SPECS_DIR": str(root / "specs"),
+        "MLOPS_LAKE_URL": str(root / ".mlops" / "lake"),
+        "MLOPS_MLFLOW_TRACKING_URI": f"sqlite:///{root / '.mlops' / 'mlflow.db'}",
+        "MLOPS_MLFLOW_ARTIFACT_ROOT": str(root / ".mlops" / "mlartifacts"),
+        "MLOPS_ONLINE_STORE_URL": f"sqlite:///{root / '.mlops' / 'online.db'}",
+    }
+    (root / ".mlops").mkdir(exist_ok=True)
+    t = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "orchestration.demo", "--spec", str(spec_path)],
+        env=env,
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    total = time.perf_counter() - t
+    timeline = json.loads(
+        (root / ".mlops" / "reports" / "machine_failure" / "timeline.json").read_text()
+    )
+    onset = 36
+    before = next(r for r in timeline if r["n"] == onset - 1)
+    first_retrain = next(
+        (r for r in timeline if r["n"] >= onset and any("retrain" in e for e in r["events"])), None
+    )
+    promoted = next(
+        (r for r in timeline if r["n"] >= onset and any("promoted" in e for e in r["events"])), None
+    )
+    early = [
+        r["n"] for r in timeline if r["n"] < onset and any("retrain" in e for e in r["events"])
+    ]
+    out = {
+        "demo_total_s": round(total, 1),
+        "drift_onset_day": onset,
+        "retrainings_before_onset": early,
+        "first_retraining_day": first_retrain and first_retrain["n"],
+        "new_champion_day": promoted and promoted["n"],
+        "onset_to_new_champion_partitions": promoted and promoted["n"] - onset,
+        "onset_to_new_champion_s": promoted
+        and round(promoted["elapsed_s"] - before["elapsed_s"], 1),
+        "champions": sorted({r["champion"] for r in timeline}),
+    }
+    os.system(f"rm -rf {root}")
+    print(
+        f"closed loop: demo {total:.0f} s; drift from day {onset}, first retraining day "
+        f"{out['first_retraining_day']}, new champion day {out['new_champion_day']} "
+        f"({out['onset_to_new_champion_partitions']} partitions, "
+        f"{out['onset_to_new_champion_s']} s of replay); retrainings before the drift: {early}"
+    )
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "monitor.json"))
+    ap.add_argument("--skip-loop", action="store_true", help="leave out the closed loop")
     args = ap.parse_args()
 
     results = {"drift": bench_drift(rows=args.rows, repeats=args.repeats)}
+    results["sensor_tick"] = bench_sensor_tick()
+    if not args.skip_loop:
+        results["closed_loop"] = bench_loop()
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

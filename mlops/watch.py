@@ -22,6 +22,7 @@ from mlops import ingest
 from mlops.spec import FileFeed
 
 NEW = "new"
+KEEP = 32  # hex digits of a content hash kept in the cursor (128 bits)
 CORRECTED = "corrected"
 
 
@@ -70,10 +71,10 @@ def diff(
             continue
         names = tuple(sorted(e[0] for e in entries))
         digest = ingest.content_hash([folder / n for n in names])
-        new_state[part] = [sig, digest]
+        new_state[part] = [sig, digest[:KEEP]]
         if prev is None:
             changes.append(Change(part, digest, NEW, names))
-        elif prev[1] != digest:
+        elif prev[1] != digest[:KEEP]:
             changes.append(Change(part, digest, CORRECTED, names))
     return new_state, changes
 
@@ -89,9 +90,9 @@ def diff_fingerprints(
         if digest is None:
             continue
         prev = state.get(part)
-        if prev is not None and prev[1] == digest:
+        if prev is not None and prev[1] == digest[:KEEP]:
             continue
-        new_state[part] = [digest[:16], digest]
+        new_state[part] = [digest[:16], digest[:KEEP]]
         changes.append(Change(part, digest, NEW if prev is None else CORRECTED, ()))
     return new_state, changes
 

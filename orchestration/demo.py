@@ -134,6 +134,7 @@ def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
     )
     defs = build_definitions(spec.path.parent)
     instance = _instance()
+    alerts = _alerts_to_file(spec)
     replay = Replay(spec, defs, instance, lake, mlflow_tracking_uri(), staging)
     days = [spec.source.start_date + dt.timedelta(days=i) for i in range(args.days)]
     build, rest = days[: args.build_days], days[args.build_days :]
@@ -165,6 +166,7 @@ def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
     print(f"\n{'day':<12}{'rows':>6}{'quar.':>6}{'drift':>7}{'champ':>6}{'realized':>16}  event")
     timeline = []
     training = training_job_name(spec)
+    t_replay = time.perf_counter()
     for n, day in enumerate(rest, start=len(build) + 1):
         replay.land(day)
         events = []
@@ -173,9 +175,29 @@ def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
             events.append(f"re-delivered {', '.join(again)}")
         result = replay.day(day, training)
         row = timeline_row(replay, spec, n, day, result, events)
+        row["elapsed_s"] = round(time.perf_counter() - t_replay, 1)
         timeline.append(row)
         print(_fmt_row(row))
+    n_alerts = sum(1 for _ in alerts.open()) if alerts.exists() else 0
+    print(f"\n{n_alerts} run-failure alert(s) (refused gates included): {alerts}")
     return timeline
+
+
+def _alerts_to_file(spec: Spec) -> Path:
+    """The run-failure sensor's alerts go to a file during the demo, not over the timeline."""
+    import logging
+
+    path = spec.root / ".mlops" / "reports" / spec.name / "alerts.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    log = logging.getLogger("mlops.alerts")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
+    return path
 
 
 def timeline_row(

@@ -25,7 +25,8 @@ from sensors.alerts import run_failure_sensor_name
 from sensors.new_data import new_data_sensor_name
 from sensors.retrain import drift_retrain_sensor_name, metric_decline_sensor_name
 
-QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+# Expected failures (a refused gate) are in the timeline and the UI, not on the console.
+QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 # Data before labels before scoring: the order the daemon's runs would finish in.
 _JOB_ORDER = ("data", "labels", "scoring")
 

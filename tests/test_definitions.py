@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import dagster as dg
 
-from orchestration import demo
 from tests.conftest import make_project, small_data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +35,9 @@ def test_definitions_hold_one_graph_per_spec():
             "model_evaluation",
             "champion_model",
             "batch_predictions",
+            "inference_log",
+            "drift_report",
+            "model_performance",
         )
     }
     checks = {k.name for k in defs.resolve_asset_graph().asset_check_keys}
@@ -48,7 +49,13 @@ def test_definitions_hold_one_graph_per_spec():
         "slices_gate_check",
         "serving_smoke_gate_check",
     }
-    for job in ("training_job", "batch_predictions_job", "rollback_job"):
+    for job in (
+        "training_job",
+        "batch_predictions_job",
+        "rollback_job",
+        "scoring_job",
+        "labels_job",
+    ):
         assert defs.resolve_job_def(f"machine_failure_{job}")
     assert defs.resolve_job_def("machine_failure_data_job").partitions_def is not None
     assert defs.resolve_job_def("machine_failure_training_set_job")
@@ -57,6 +64,18 @@ def test_definitions_hold_one_graph_per_spec():
     assert dg.AssetKey(["machine_failure", "validated_data"]) in features.parent_keys
     labels = graph.get(dg.AssetKey(["machine_failure", "labels"]))
     assert dg.AssetKey(["machine_failure", "label_events"]) in labels.parent_keys
+    repo = defs.get_repository_def()
+    assert {s.name for s in repo.sensor_defs} == {
+        "machine_failure_new_data_sensor",
+        "machine_failure_drift_retrain_sensor",
+        "machine_failure_metric_decline_sensor",
+        "machine_failure_run_failure_sensor",
+    }
+    schedules = {s.name: s.cron_schedule for s in repo.schedule_defs}
+    assert schedules == {
+        "machine_failure_scoring_schedule": "0 2 * * *",
+        "machine_failure_retraining_schedule": "0 3 * * 0",
+    }
 
 
 def test_two_specs_two_graphs(tmp_path):
@@ -137,34 +156,3 @@ def test_mlops_generate_cli_is_deterministic(tmp_path):
     assert [f.read_bytes() for f in sorted(p.spec.landing_dir.glob("*.csv"))] == content
     bad = subprocess.run([*args, "--drift", "concept"], capture_output=True, text=True)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
-
-
-def test_demo_small(tmp_path, monkeypatch, capsys):
-    # The latency gate is measured, not mocked: give a loaded CI machine headroom.
-    text = (REPO / "specs" / "machine_failure.yaml").read_text()
-    p = make_project(tmp_path, text.replace("latency_budget_ms: 50", "latency_budget_ms: 500"))
-    for key, value in _env(tmp_path).items():
-        monkeypatch.setenv(key, value)
-    assert (
-        demo.main(
-            [
-                "--spec",
-                str(p.root / "specs/machine_failure.yaml"),
-                "--days",
-                "10",
-                "--machines",
-                "30",
-                "--trials",
-                "2",
-            ]
-        )
-        == 0
-    )
-    out = capsys.readouterr().out
-    assert "2026-01-10" in out and "training set:" in out and "champion: v1" in out
-    assert "batch 2026-01-10: 720 rows scored by v1" in out
-    instance = dg.DagsterInstance.get()
-    runs = instance.get_runs()
-    # 10 data days, the training set, the training job, 3 batch days.
-    assert len(runs) == 15 and all(r.is_success for r in runs)
-    shutil.rmtree(p.root / "dagster_home", ignore_errors=True)

@@ -6,7 +6,6 @@ schedules. No retraining before the drift; a retraining soon after it; the champ
 end beats the first one on the drifted days it never trained on.
 """
 
-import argparse
 import datetime as dt
 import itertools
 import json
@@ -19,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from mlops import monitoring
 from mlops.cli import main as cli
+from mlops.config import mlflow_tracking_uri
 from mlops.labels import MATURE, entity_column
 from mlops.model_loader import load_model
 from orchestration import demo
@@ -32,7 +32,7 @@ def _spec_text() -> str:
     text = (REPO / "specs" / "machine_failure.yaml").read_text()
     for old, new in (
         ("latency_budget_ms: 50", "latency_budget_ms: 500"),  # a loaded CI machine
-        ("trials: 20", "trials: 3"),
+        ("trials: 10", "trials: 3"),
         ("training_window_days: 14", "training_window_days: 8"),
         ("retrain_cooldown_partitions: 7", "retrain_cooldown_partitions: 5"),
     ):
@@ -45,22 +45,15 @@ def test_closed_loop_story(tmp_path, monkeypatch, capsys):
     p = make_project(tmp_path, _spec_text())
     for key, value in _env(tmp_path).items():
         monkeypatch.setenv(key, value)
-    args = argparse.Namespace(
-        days=DAYS,
-        build_days=BUILD,
-        drift_from=DRIFT_FROM,
-        drift="covariate,concept",
-        machines=24,
-        seed=7,
-        bad_rows=0.01,
-        trials=3,
-        redeliver=BUILD + 3,
-    )
-    spec = p.spec
-    timeline = demo.run_demo(spec, args)
-    assert timeline is not None, capsys.readouterr().err
+    argv = ["--spec", str(p.spec.path), "--days", str(DAYS), "--build-days", str(BUILD)]
+    argv += ["--drift-from", str(DRIFT_FROM), "--machines", "24", "--trials", "3"]
+    assert demo.main([*argv, "--redeliver", str(BUILD + 3)]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "re-delivered" in out and "no run (same content)" in out
+    spec = p.spec
+    report = tmp_path / ".mlops" / "reports" / spec.name
+    timeline = json.loads((report / "timeline.json").read_text())
+    assert [r["n"] for r in timeline] == list(range(BUILD + 1, DAYS + 1))
 
     drift_day = spec.source.start_date + dt.timedelta(days=DRIFT_FROM - 1)
     instance = dg.DagsterInstance.get()
@@ -91,15 +84,13 @@ def test_closed_loop_story(tmp_path, monkeypatch, capsys):
     rows = feats.join(labels.select(*keys, spec.labels.name), on=keys)
     y = rows[spec.labels.name].cast(pl.Int64).to_numpy()
     old, new = (
-        roc_auc_score(y, load_model(p.tracking_uri, spec.name, version=v).score(rows))
+        roc_auc_score(y, load_model(mlflow_tracking_uri(), spec.name, version=v).score(rows))
         for v in (1, final)
     )
     assert np.isfinite(old) and new > old, f"v{final} {new:.3f} vs v1 {old:.3f} on {days}"
 
-    # The timeline PNG and JSON, and `mlops status` on the same instance.
-    png = tmp_path / ".mlops" / "reports" / spec.name / "timeline.png"
-    demo.write_timeline(spec, timeline)
-    assert png.stat().st_size > 10_000
+    # The timeline PNG, and `mlops status` on the same instance.
+    assert (report / "timeline.png").stat().st_size > 10_000
     res = CliRunner().invoke(cli, ["status", "--spec", spec.name, "--json"])
     assert res.exit_code == 0, res.output
     st = json.loads(res.output)

@@ -185,7 +185,7 @@ def test_restart_neither_loses_nor_repeats_a_file(staged):
 def test_cursor_is_compact_for_many_files(tmp_path):
     from mlops import watch
 
-    state = {"r": {_day(i): ["a" * 16, "b" * 64] for i in range(10_000)}}
+    state = {"r": {_day(i): ["a" * 16, "b" * 32] for i in range(10_000)}}
     assert len(watch.encode(state)) < 1_000_000
     assert watch.decode(watch.encode(state)) == state
     with pytest.raises(ValueError, match="reset the sensor"):
