@@ -96,6 +96,12 @@ def build_model_assets(spec: Spec) -> list:
             "training_set_hash": ts_hash,
             "data_versions": ts_meta["input_data_versions"],
         }
+        # What started this training (a sensor, a schedule, a person) travels to the version.
+        run_tags = context.run.tags
+        lineage["trigger"] = run_tags.get("mlops/trigger", "manual")
+        lineage["trigger_reason"] = run_tags.get(
+            "mlops/trigger_reason", "started by hand (UI, CLI or API)"
+        )
         try:
             cand = training.train_candidate(
                 spec,

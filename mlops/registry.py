@@ -40,6 +40,9 @@ LINEAGE_TAGS = (
     "code_version",
     "seed",
     "trials",
+    # What started the training (DESIGN §6): a sensor, a schedule or a person.
+    "trigger",
+    "trigger_reason",
 )
 
 
