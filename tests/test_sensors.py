@@ -388,3 +388,65 @@ def test_sql_sources_are_watched_by_row_fingerprints():
     assert [(c.partition, c.kind) for c in fixed] == [(_day(0), watch.CORRECTED)]
     days = watch.sql_days(START, START + dt.timedelta(days=9), [_day(8)], rescan_days=3)
     assert [d.isoformat() for d in days] == [_day(i) for i in range(5, 10)]
+
+
+# --- run-failure alerts -------------------------------------------------------------------------
+
+
+def test_a_failed_run_alerts_through_the_webhook(project):
+    import http.server
+    import threading
+
+    from resources.alerting import AlertingResource
+    from sensors.alerts import run_failure_sensor_name
+
+    p = project
+    got: list[dict] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/alerts"
+    sensor = p.defs.get_repository_def().get_sensor_def(run_failure_sensor_name(p.spec))
+
+    def tick(cursor):
+        ctx = dg.build_sensor_context(
+            instance=p.instance,
+            cursor=cursor,
+            resources={"alerting": AlertingResource(webhook_url=url)},
+            definitions=p.defs,
+        )
+        data = sensor.evaluate_tick(ctx)
+        return data.cursor or cursor
+
+    try:
+        cursor = tick(None)
+        result = p.run_day(_day(0), raise_on_error=False)  # no landing file: the run fails
+        assert not result.success
+        cursor = tick(cursor)
+        assert len(got) == 1
+        alert = got[0]
+        assert alert["fields"]["job"] == data_job_name(p.spec)
+        assert alert["fields"]["partition"] == _day(0)
+        assert alert["fields"]["run_id"] == result.run_id
+        assert "no landing file" in alert["text"] or "failed" in alert["text"]
+        tick(cursor)
+        assert len(got) == 1, "one alert per failed run"
+    finally:
+        server.shutdown()
+
+
+def test_an_unreachable_webhook_fails_loudly():
+    from resources.alerting import AlertError, AlertingResource
+
+    with pytest.raises(AlertError, match="alert webhook"):
+        AlertingResource(webhook_url="http://127.0.0.1:9/x", timeout_s=0.5).alert("t", "x")
+    assert AlertingResource().alert("t", "logged only") is False
