@@ -8,6 +8,7 @@ import dagster as dg
 import polars as pl
 
 from mlops import monitoring, promotion, registry
+from mlops.labels import entity_column
 from mlops.lake import write_json
 from mlops.monitoring import DRIFT_REPORT, MODEL_PERFORMANCE
 from mlops.spec import Spec
@@ -32,6 +33,16 @@ def scored_version(predictions: pl.DataFrame) -> int:
     return int(counts["model_version"][0])
 
 
+def _predictions(store, spec: Spec, day: str) -> tuple[pl.DataFrame, str]:
+    """The day's scored rows: what the online service served when it served any (the
+    inference_log asset), else the batch predictions."""
+    if store.exists(spec.name, "inference_log", day):
+        served = monitoring.served_rows(spec, store.read(spec.name, "inference_log", day))
+        if served.height:
+            return served, "served"
+    return store.read(spec.name, "batch_predictions", day), "batch"
+
+
 def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
     name = spec.name
     daily = daily_partitions(spec)
@@ -42,7 +53,7 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
     @dg.asset(
         key=key(DRIFT_REPORT),
         partitions_def=daily,
-        deps=[key("features"), key("batch_predictions")],
+        deps=[key("features"), key("batch_predictions"), key("inference_log")],
         kinds={"evidently", "parquet"},
         **common,
     )
@@ -51,14 +62,13 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
     ) -> dg.MaterializeResult:
         """Data and prediction drift of the day's scored inputs against the champion's training set."""
         from mlops.drift import compute_drift, drift_config
-
         from mlops.features import feature_names
         from mlops.model_loader import load_model
 
         store, day = lake.get(), context.partition_key
-        preds = store.read(name, "batch_predictions", day)
+        preds, source = _predictions(store, spec, day)
         if preds.height == 0:
-            raise dg.Failure(f"{name}/batch_predictions {day} has no rows: nothing to compare")
+            raise dg.Failure(f"{name} {day}: no scored rows ({source}): nothing to compare")
         version = scored_version(preds)
         lineage = registry.lineage_from_tags(
             registry.version_tags(mlflow.tracking_uri, model_name, version)
@@ -72,10 +82,13 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
             min(reference.height, spec.monitoring.drift_sample_rows), seed=0, shuffle=False
         )
         sample = sample.with_columns(pl.Series("score", model.score(sample), dtype=pl.Float64))
-        keys = [c for c in preds.columns if c not in ("score", "decision", "model_version")]
-        current = store.read(name, "features", day).join(
-            preds.select(*keys, "score"), on=keys, how="inner"
-        )
+        if source == "served":  # what the service actually saw and answered
+            current = preds
+        else:
+            keys = [entity_column(spec), spec.source.timestamp_column]
+            current = store.read(name, "features", day).join(
+                preds.select(*keys, "score"), on=keys, how="inner"
+            )
         cat = list(spec.features.categorical)
         num = [c for c in feature_names(spec) if c not in cat]
         result = compute_drift(
@@ -92,6 +105,7 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
             "champion_version": version,
             "reference_training_set_hash": ts_hash,
             "threshold": spec.monitoring.drift_threshold,
+            "source": source,
         }
         written = store.write(name, DRIFT_REPORT, result.columns, day)
         write_json(store, name, DRIFT_REPORT, day, summary)
@@ -111,6 +125,7 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
                 "prediction_drifted": pred.get("drifted"),
                 "champion_version": version,
                 "reference_training_set_hash": ts_hash,
+                "scored_rows_source": source,
                 "rows_compared": dg.MetadataValue.json(
                     {"reference": result.reference_rows, "current": result.current_rows}
                 ),
@@ -122,7 +137,7 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
     @dg.asset(
         key=key(MODEL_PERFORMANCE),
         partitions_def=daily,
-        deps=[key("batch_predictions"), key("labels"), key("features")],
+        deps=[key("batch_predictions"), key("inference_log"), key("labels"), key("features")],
         kinds={"parquet"},
         **common,
     )
@@ -131,7 +146,7 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
     ) -> dg.MaterializeResult:
         """Realized metrics of the day's predictions once labels mature, against the champion's evaluation."""
         store, day = lake.get(), context.partition_key
-        preds = store.read(name, "batch_predictions", day)
+        preds, source = _predictions(store, spec, day)
         labels = store.read(name, "labels", day)
         version = scored_version(preds) if preds.height else None
         doc = promotion.load_evaluation(store, spec, version) if version else None
@@ -153,7 +168,12 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
                 f"yet (labels mature {spec.labels.maturity} after the row). Re-run "
                 f"{name}/labels for {day} once the label feed has arrived, then this asset."
             )
-        summary = {**perf.summary(), "partition": day, "champion_version": version}
+        summary = {
+            **perf.summary(),
+            "partition": day,
+            "champion_version": version,
+            "source": source,
+        }
         table = pl.DataFrame(
             {"partition": [day], "model_version": [version], "rows_labelled": [perf.rows_labelled]}
         ).with_columns(*[pl.lit(v, dtype=pl.Float64).alias(k) for k, v in perf.metrics.items()])
@@ -167,6 +187,7 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
                 "tolerance": perf.tolerance,
                 "declined": perf.declined,
                 "rows_scored": perf.rows_scored,
+                "scored_rows_source": source,
                 "rows_labelled": perf.rows_labelled,
                 "model_versions": dg.MetadataValue.json(perf.model_versions),
                 "metrics": dg.MetadataValue.json(perf.metrics),

@@ -41,6 +41,30 @@ class MonitoringError(ValueError):
     pass
 
 
+# --- what was served --------------------------------------------------------------------
+
+
+def served_rows(spec: Spec, log: pl.DataFrame, route: str = "champion") -> pl.DataFrame:
+    """The inference log's rows of one route as a batch_predictions-like frame: entity and
+    timestamp keys, score, decision, model version, plus the served features as columns."""
+    rows = log.filter((pl.col("route") == route) & pl.col("score").is_not_null())
+    keys = {
+        entity_column(spec): pl.col("entity"),
+        spec.source.timestamp_column: pl.col("event_time"),
+    }
+    base = rows.select(
+        *[e.alias(k) for k, e in keys.items()],
+        "score",
+        "decision",
+        "model_version",
+        pl.col("features"),
+    )
+    if base.height == 0:
+        return base.drop("features")
+    feats = base["features"].str.json_decode().struct.unnest()
+    return pl.concat([base.drop("features"), feats], how="horizontal")
+
+
 # --- realized performance ---------------------------------------------------------------
 
 

@@ -1,0 +1,71 @@
+"""The online service's side of one spec's graph: the request log, ingested by day.
+
+The service (serving/, `mlops serve`) appends every request to JSON-lines files; this asset
+reads one day of them (by the readings' event time) into the lake and compares the routes
+(champion, canary, shadow) in its metadata. Logic in mlops.inference_log.
+"""
+
+import dagster as dg
+import polars as pl
+
+from mlops.inference_log import compare_routes, inference_log_dir, read_day
+from mlops.spec import Spec
+from orchestration.partitions import daily_partitions
+from resources.lake import LakeResource
+
+
+def _table_md(df: pl.DataFrame, n: int = 10) -> dg.MetadataValue:
+    with pl.Config(
+        tbl_formatting="MARKDOWN",
+        tbl_hide_dataframe_shape=True,
+        tbl_hide_column_data_types=True,
+        tbl_cols=16,
+        fmt_str_lengths=40,
+        float_precision=4,
+    ):
+        return dg.MetadataValue.md(str(df.head(n)))
+
+
+def build_serving_assets(spec: Spec) -> list[dg.AssetsDefinition]:
+    name = spec.name
+
+    @dg.asset(
+        key=dg.AssetKey([name, "inference_log"]),
+        partitions_def=daily_partitions(spec),
+        deps=[dg.AssetKey([name, "champion_model"])],
+        kinds={"parquet"},
+        group_name=name,
+        code_version=spec.content_hash[:12],
+    )
+    def inference_log(
+        context: dg.AssetExecutionContext, lake: LakeResource
+    ) -> dg.MaterializeResult:
+        """The online service's requests and answers for the day, with a route comparison."""
+        folder = inference_log_dir(name)
+        log = read_day(folder, context.partition_key)
+        written = lake.get().write(name, "inference_log", log, context.partition_key)
+        routes = compare_routes(log)
+        served = log.filter(pl.col("route") != "shadow")
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(written.content_hash),
+            metadata={
+                "rows": log.height,
+                "requests": served["request_id"].n_unique(),
+                "model_versions": dg.MetadataValue.json(
+                    sorted(log["model_version"].drop_nulls().unique().to_list())
+                ),
+                "fallbacks": served.filter(pl.col("fallback").is_not_null()).height,
+                "route_comparison": _table_md(routes),
+                "routes": dg.MetadataValue.json(routes.to_dicts()),
+                "log_dir": dg.MetadataValue.path(str(folder)),
+                "path": dg.MetadataValue.path(written.path),
+                "preview": _table_md(
+                    log.select(
+                        "event_time", "entity", "route", "model_version", "score", "decision"
+                    ),
+                    5,
+                ),
+            },
+        )
+
+    return [inference_log]

@@ -1,0 +1,560 @@
+"""The online prediction service: a FastAPI app over the registry, the online feature store
+and the request log.
+
+    POST /predict        readings -> score, decision, model version, route, request id
+    GET  /health/live    the process answers
+    GET  /health/ready   503 until a champion is loaded
+    GET  /model          served versions, aliases, lineage summary, refusals
+    GET  /metrics        Prometheus text format
+
+A request is handled in the event loop without awaiting anything after its body is read:
+the work (validation, one feature-store read and append, one model call, one log write) is
+CPU-bound and short, so a worker runs one request at a time and scales out with workers.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import random
+import re
+import sqlite3
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+
+from mlops.inference_log import InferenceLogWriter, now_iso
+from mlops.online import FeatureRejected, OnlineFeatures, OnlineResult
+from mlops.online_store import StoreUnavailable, make_store
+from mlops.registry import CHALLENGER, CHAMPION
+from mlops.spec import load_spec
+from serving.metrics import ServingMetrics
+from serving.models import ModelManager, ServedModel, Snapshot
+from serving.requests import BadRequest, Parsed, Record, RequestParser, problem
+from serving.settings import TOKEN_ENV, ServeSettings
+
+log = logging.getLogger("mlops.serving")
+JSON = "application/json"
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+MAX_TOP = 100
+_dumps = __import__("json").JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def _fallback_code(text: str) -> str:
+    return "stale_state" if text.startswith("stale state") else "unknown_entity"
+
+
+class Service:
+    """Everything one worker process holds: spec, parser, feature store, models, log."""
+
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.spec = spec = load_spec(settings.spec_path)
+        self.parser = RequestParser(spec, settings.max_batch)
+        self.features = OnlineFeatures(spec, make_store(settings.store_url))
+        self.metrics = ServingMetrics(spec.model.task)
+        self.manager = ModelManager(
+            spec,
+            settings.tracking_uri,
+            settings.poll_interval_s,
+            with_challenger=settings.mode != "champion",
+            on_swap=self._on_swap,
+            on_refusal=lambda alias, v, why: self.metrics.refusals.labels(alias).inc(),
+        )
+        self.log = InferenceLogWriter(settings.log_dir, settings.log_max_bytes)
+        self.token = os.environ.get(TOKEN_ENV) or None
+        self.pid = os.getpid()
+        self.ts_col = spec.source.timestamp_column
+        self.classify = spec.model.task == "binary_classification"
+        self._pred_children: dict[tuple[str, int, Any], Any] = {}
+        self._score_children: dict[str, Any] = {}
+
+    def _on_swap(self, alias: str, version: int) -> None:
+        self.metrics.model_version.labels(alias).set(version)
+        self.metrics.swaps.labels(alias).inc()
+
+    def start(self) -> None:
+        self.manager.start()
+
+    def close(self) -> None:
+        self.manager.stop()
+        self.log.close()
+        self.features.store.close()
+        ServingMetrics.worker_exit()
+
+    # Predict ---------------------------------------------------------------------------------
+    def predict(
+        self, body: bytes, explain: bool | None, top: int, request_id: str, t0: float
+    ) -> tuple[int, dict[str, Any]]:
+        snap: Snapshot = self.manager.snapshot  # read once: one version per request
+        try:
+            parsed = self.parser.parse(body)
+        except BadRequest as e:
+            return self.reject(e, request_id, t0)
+        if snap.champion is None:
+            return self.reject(
+                BadRequest(503, "model_not_ready", self.not_ready_reason()), request_id, t0, parsed
+            )
+        route, model = CHAMPION, snap.champion
+        if (
+            self.settings.mode == "canary"
+            and snap.challenger is not None
+            and random.random() < self.settings.canary_fraction
+        ):
+            route, model = "canary", snap.challenger
+        try:
+            results = self._features(parsed.records)
+        except BadRequest as e:
+            return self.reject(e, request_id, t0, parsed)
+        feats = [r.features for r in results]
+        t1 = time.perf_counter()
+        X = model.scorer.matrix(feats)
+        scores = model.scorer.score(X)
+        decisions = model.scorer.decide(scores)
+        score_ms = (time.perf_counter() - t1) * 1000
+        explain = explain if explain is not None else bool(parsed.explain)
+        explanations = self._explain(model, X, top) if explain else None
+        preds = []
+        for i, rec in enumerate(parsed.records):
+            p = {
+                "record": i,
+                "entity": rec.entity,
+                "timestamp": rec.reading[self.ts_col].isoformat(),
+                "score": float(scores[i]),
+                "decision": decisions[i],
+                "model_version": model.version,
+                "route": route,
+                "request_id": request_id,
+                "fallback": results[i].fallback,
+            }
+            if explanations is not None:
+                p["explanation"] = explanations[i]
+            preds.append(p)
+        shadow = self._shadow(snap, feats) if self.settings.mode == "shadow" else None
+        latency_ms = (time.perf_counter() - t0) * 1000
+        now = now_iso()
+        lines = [
+            self._line(
+                request_id,
+                now,
+                i,
+                rec,
+                results[i],
+                feats[i],
+                preds[i],
+                route,
+                model.version,
+                latency_ms,
+                score_ms,
+            )
+            for i, rec in enumerate(parsed.records)
+        ]
+        if shadow is not None:
+            s_model, s_scores, s_decisions, s_ms = shadow
+            lines += [
+                self._line(
+                    request_id, now, i, rec, results[i], feats[i],
+                    {"score": float(s_scores[i]), "decision": s_decisions[i]},
+                    "shadow", s_model.version, latency_ms, s_ms,
+                )
+                for i, rec in enumerate(parsed.records)
+            ]  # fmt: skip
+            self._count(s_model.version, "shadow", s_scores, s_decisions)
+        self.log.write(lines)  # flushed before the response leaves
+        self._count(model.version, route, scores, decisions)
+        for r in results:
+            if r.fallback:
+                self.metrics.fallbacks.labels(_fallback_code(r.fallback)).inc()
+        return 200, {
+            "request_id": request_id,
+            "model_version": model.version,
+            "route": route,
+            "predictions": preds,
+        }
+
+    def _line(
+        self,
+        request_id: str,
+        now: str,
+        index: int,
+        rec: Record,
+        result: OnlineResult,
+        features: dict[str, Any],
+        pred: dict[str, Any],
+        route: str,
+        version: int,
+        latency_ms: float,
+        score_ms: float,
+    ) -> dict[str, Any]:
+        return {
+            "request_id": request_id,
+            "record": index,
+            "time": now,
+            "event_time": rec.reading[self.ts_col].isoformat(),
+            "entity": rec.entity,
+            "route": route,
+            "model_version": version,
+            "status": 200,
+            "latency_ms": round(latency_ms, 3),
+            "score_ms": round(score_ms, 3),
+            "inputs": rec.raw,
+            "features": features,
+            "outputs": {"score": pred["score"], "decision": pred["decision"]},
+            "fallback": result.fallback,
+            "pid": self.pid,
+        }
+
+    def _features(self, records: list[Record]) -> list[OnlineResult]:
+        """Features of each reading, appending it to its entity's state. A batch is all or
+        nothing under the `reject` policy: checked first, without appending."""
+        items = [(r.entity, r.reading) for r in records]
+        try:
+            if len(items) > 1 and self.features.fallback == "reject":
+                pre = self.features.get_many(items, append=False)
+                rejected = [(i, r) for i, r in enumerate(pre) if isinstance(r, FeatureRejected)]
+                if rejected:
+                    raise self._rejected(rejected)
+            return [self.features.get(entity, reading) for entity, reading in items]
+        except FeatureRejected as e:
+            index = next(i for i, (ent, _) in enumerate(items) if ent == e.entity)
+            raise self._rejected([(index, e)]) from None
+        except (StoreUnavailable, sqlite3.Error, OSError) as e:
+            self.metrics.store_unavailable.inc()
+            log.error("online feature store unavailable: %s", e)
+            raise BadRequest(
+                503,
+                "feature_store_unavailable",
+                f"the online feature store is unavailable: {e}; nothing was scored, retry later",
+            ) from None
+
+    def _rejected(self, rejected: list[tuple[int, FeatureRejected]]) -> BadRequest:
+        field = self.spec.source.entity_column
+        detail = [
+            problem(
+                i, field, _fallback_code(e.reason), f"{field or 'entity'} {e.entity!r}: {e.reason}"
+            )
+            for i, e in rejected
+        ]
+        return BadRequest(
+            422,
+            detail[0]["code"],
+            f"{len(rejected)} reading(s) have no usable feature state in the online store; "
+            "materialize online_features for the entity, or set features.online_fallback: "
+            "reading_only in the spec; nothing was scored",
+            detail,
+        )
+
+    def _explain(self, model: ServedModel, X, top: int) -> list[dict[str, Any]]:
+        if model.explainer is None:
+            gone = {"method": "unavailable", "reason": model.explain_error or "not supported"}
+            return [gone] * len(X)
+        return model.explainer.explain(X, model.scorer.columns, top)
+
+    def _shadow(self, snap: Snapshot, feats: list[dict[str, Any]]):
+        challenger = snap.challenger
+        if challenger is None:
+            return None
+        t = time.perf_counter()
+        try:
+            scores = challenger.scorer.score(challenger.scorer.matrix(feats))
+            decisions = challenger.scorer.decide(scores)
+        except Exception as e:  # the challenger never fails a request
+            self.metrics.shadow_errors.inc(len(feats))
+            log.warning("shadow v%s failed to score: %s", challenger.version, e)
+            return None
+        return challenger, scores, decisions, (time.perf_counter() - t) * 1000
+
+    def _count(self, version: int, route: str, scores, decisions: list[Any]) -> None:
+        hist = self._score_children.get(route)
+        if hist is None:
+            hist = self._score_children[route] = self.metrics.scores.labels(route)
+        for s, d in zip(scores, decisions, strict=True):
+            key = (route, version, d if self.classify else "")
+            child = self._pred_children.get(key)
+            if child is None:
+                child = self._pred_children[key] = self.metrics.predictions.labels(
+                    route, str(version), str(key[2])
+                )
+            child.inc()
+            hist.observe(float(s))
+
+    def reject(
+        self, e: BadRequest, request_id: str, t0: float, parsed: Parsed | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        codes = [p["code"] for p in e.detail] or [e.code]
+        for code in codes:
+            self.metrics.rejections.labels(code).inc()
+        entity = parsed.records[0].entity if parsed and parsed.records else None
+        self.log.write(
+            [
+                {
+                    "request_id": request_id,
+                    "record": None,
+                    "time": now_iso(),
+                    "event_time": None,
+                    "entity": entity,
+                    "route": None,
+                    "model_version": None,
+                    "status": e.status,
+                    "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
+                    "inputs": [r.raw for r in parsed.records] if parsed else None,
+                    "error": {"code": e.code, "message": e.message, "detail": e.detail[:50]},
+                    "pid": self.pid,
+                }
+            ]
+        )
+        return e.status, e.body(request_id)
+
+    def log_failure(self, request_id: str, t0: float, what: str) -> None:
+        """A request the service itself failed (500): in the log too, if the log works."""
+        try:
+            self.log.write(
+                [
+                    {
+                        "request_id": request_id,
+                        "record": None,
+                        "time": now_iso(),
+                        "route": None,
+                        "status": 500,
+                        "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
+                        "error": {"code": "internal_error", "message": what[:500]},
+                        "pid": self.pid,
+                    }
+                ]
+            )
+        except Exception:
+            log.exception("could not log the failed request %s", request_id)
+
+    # Status ----------------------------------------------------------------------------------
+    def not_ready_reason(self) -> str:
+        m = self.manager
+        why = f"no version of {self.spec.registered_model_name}@{CHAMPION} is loaded yet"
+        refused = [f"v{v}: {r}" for (a, v), r in m.refused.items() if a == CHAMPION]
+        if refused:
+            why += f" (refused {'; '.join(refused)})"
+        if m.last_poll_error:
+            why += f" (registry: {m.last_poll_error})"
+        return why
+
+    def model_info(self) -> dict[str, Any]:
+        snap, m = self.manager.snapshot, self.manager
+        champ = snap.champion.info if snap.champion else None
+        return {
+            "name": self.spec.registered_model_name,
+            "alias": CHAMPION,
+            "version": snap.champion.version if snap.champion else None,
+            "lineage": champ["lineage"] if champ else None,
+            "mode": self.settings.mode,
+            "canary_fraction": self.settings.canary_fraction
+            if self.settings.mode == "canary"
+            else None,
+            "champion": champ,
+            CHALLENGER: snap.challenger.info if snap.challenger else None,
+            "refused": [
+                {"alias": a, "version": v, "reason": r} for (a, v), r in sorted(m.refused.items())
+            ],
+            "swaps": m.events.swaps,
+            "recent_events": list(m.events.recent),
+            "poll_interval_s": self.settings.poll_interval_s,
+            "last_poll_error": m.last_poll_error,
+            "pid": self.pid,
+        }
+
+
+def _json(status: int, payload: dict[str, Any], request_id: str | None = None) -> Response:
+    headers = {"x-request-id": request_id} if request_id else None
+    return Response(_dumps(payload), status_code=status, media_type=JSON, headers=headers)
+
+
+def _flag(name: str, value: str | None) -> bool | None:
+    if value is None:
+        return None
+    v = value.lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise BadRequest(
+        422,
+        "invalid_request",
+        f"query parameter {name} must be true or false",
+        [problem(None, name, "type", f"{name}: expected true or false, got {value!r}")],
+    )
+
+
+def _top(value: str | None, default: int) -> int:
+    if value is None:
+        return default
+    if value.isdigit() and 1 <= int(value) <= MAX_TOP:
+        return int(value)
+    raise BadRequest(
+        422,
+        "invalid_request",
+        f"query parameter top must be an integer from 1 to {MAX_TOP}",
+        [problem(None, "top", "type", f"top: expected 1..{MAX_TOP}, got {value!r}")],
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise BadRequest(400, "malformed_request", "Content-Length is not a number")
+        if int(length) > limit:
+            raise _too_large(int(length), limit)
+        return await request.body()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(len(body), limit)
+    return bytes(body)
+
+
+def _too_large(size: int, limit: int) -> BadRequest:
+    return BadRequest(
+        413,
+        "body_too_large",
+        f"the body has {size} bytes; the limit is {limit} (--max-body-bytes)",
+        [
+            problem(
+                None, None, "body_too_large", f"body: {size} > {limit} bytes; send fewer readings"
+            )
+        ],
+    )
+
+
+class Guard:
+    """Pure ASGI middleware: bearer-token check (health stays open) and request metrics."""
+
+    def __init__(self, app: Any, service: Service):
+        self.app, self.service = app, service
+        token = service.token
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        path = scope["path"]
+        status = [500]
+
+        async def send_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        if self.expected is not None and not path.startswith("/health/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                self.service.metrics.rejections.labels("unauthorized").inc()
+                resp = _json(
+                    401,
+                    {
+                        "error": "unauthorized",
+                        "message": f"send the header Authorization: Bearer <{TOKEN_ENV}>",
+                    },
+                )
+                resp.headers["www-authenticate"] = "Bearer"
+                await resp(scope, receive, send_status)
+                self.service.metrics.observe_request(path, 401, time.perf_counter() - t0)
+                return
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.service.metrics.observe_request(path, status[0], time.perf_counter() - t0)
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    service = Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start()
+        try:
+            yield
+        finally:
+            service.close()
+
+    app = FastAPI(
+        title=f"{service.spec.name} prediction service",
+        description=f"Scores {service.spec.registered_model_name}@{CHAMPION} on live readings.",
+        lifespan=lifespan,
+        docs_url=None,  # the API is in the README; a schema-less /docs page would mislead
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.service = service
+
+    @app.post("/predict")
+    async def predict(request: Request) -> Response:
+        """One reading, a list of readings, or {"records": [...], "explain": bool}."""
+        t0 = time.perf_counter()
+        given = request.headers.get("x-request-id")
+        rid = given if given and REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        try:
+            q = request.query_params
+            explain = _flag("explain", q.get("explain"))
+            top = _top(q.get("top"), settings.explain_top)
+            body = await _read_body(request, settings.max_body_bytes)
+            status, payload = service.predict(body, explain, top, rid, t0)
+        except BadRequest as e:
+            status, payload = service.reject(e, rid, t0)
+        except Exception as e:
+            log.exception("request %s failed", rid)
+            status, payload = (
+                500,
+                {
+                    "error": "internal_error",
+                    "message": "the service failed on this request; see its log",
+                    "request_id": rid,
+                },
+            )
+            service.log_failure(rid, t0, f"{type(e).__name__}: {e}")
+        return _json(status, payload, rid)
+
+    @app.get("/health/live")
+    async def live() -> Response:
+        """The process is up."""
+        return _json(200, {"status": "live", "pid": service.pid})
+
+    @app.get("/health/ready")
+    async def ready() -> Response:
+        """200 once a champion is loaded; 503 with the reason before."""
+        champion = service.manager.snapshot.champion
+        if champion is None:
+            return _json(503, {"status": "not_ready", "reason": service.not_ready_reason()})
+        return _json(200, {"status": "ready", "model_version": champion.version})
+
+    @app.get("/model")
+    async def model() -> Response:
+        """Served versions, aliases, lineage summary from the version's tags, refusals."""
+        return _json(200, service.model_info())
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(Guard, service=service)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The uvicorn factory every worker calls: settings from MLOPS_SERVE_SETTINGS."""
+    logger = logging.getLogger("mlops")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s [pid %(process)d] %(name)s: %(message)s")
+        )
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return create_app(ServeSettings.from_env())
