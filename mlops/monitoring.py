@@ -274,7 +274,7 @@ def decide(
             )
     what = "drift share" if trigger == DRIFT else "realized metric"
     reason = (
-        f"{what} breached {run[-1].threshold} for {len(run)} consecutive partition(s) "
+        f"{what} breached {run[-1].threshold:.3f} for {len(run)} consecutive partition(s) "
         f"{run[0].partition}..{run[-1].partition} (champion v{run[-1].champion_version})"
     )
     return Decision(trigger, True, now, episode, reason, evidence)

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     timeline = run_demo(spec, args)
     if timeline is None:
         return 1
-    out = write_timeline(spec, timeline)
+    out = write_timeline(spec, timeline, drift_from=args.drift_from)
     print(
         f"\ndone in {time.perf_counter() - t0:.0f} s. Timeline: {out}.png\n"
         f"See it all: `make ui` (http://127.0.0.1:3000, Assets > {spec.name}; Runs show "
@@ -230,7 +230,7 @@ def timeline_row(
             failed = [f"{c[0]}: {c[2]}" for c in r.checks if not c[1]]
             reason = failed[0] if failed else (champ or {}).get("reason") or r.error
             events.append(
-                f"retrain ({why}) -> v{cand.get('model_version')} refused ({reason[:70]})"
+                f"retrain ({why}) -> v{cand.get('model_version')} refused ({reason[:100]})"
             )
     return {
         "n": n,
@@ -257,7 +257,7 @@ def _fmt_row(r: dict) -> str:
     )
 
 
-def write_timeline(spec: Spec, timeline: list[dict]) -> Path:
+def write_timeline(spec: Spec, timeline: list[dict], drift_from: int | None = None) -> Path:
     """timeline.json and timeline.png under .mlops/reports/<spec>/."""
     import json
 
@@ -265,6 +265,7 @@ def write_timeline(spec: Spec, timeline: list[dict]) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out = spec.root / ".mlops" / "reports" / spec.name / "timeline"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -283,7 +284,12 @@ def write_timeline(spec: Spec, timeline: list[dict]) -> Path:
         ax2.plot(*zip(*pts, strict=True), "o-")
     ax2.set_ylabel(f"realized {timeline[0]['metric']}\n(by labelled day)")
     ax3.step(days, [r["champion"] or 0 for r in timeline], where="post")
+    ax3.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax3.set_ylabel("champion version")
+    if drift_from is not None:
+        for ax in (ax1, ax2, ax3):
+            ax.axvline(drift_from - 0.5, c="k", ls=":", lw=1)
+        ax1.annotate("drift starts", (drift_from - 0.4, ax1.get_ylim()[1] * 0.9), fontsize=8)
     ax3.set_xlabel("day")
     for r in timeline:
         for e in r["events"]:
