@@ -41,6 +41,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/monitor.py
+	$(BIN)/python bench/serve.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
