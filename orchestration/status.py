@@ -20,6 +20,25 @@ def _when(ts: float | None) -> str | None:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds") if ts else None
 
 
+def _outcome(tracking_uri: str, model_name: str, run_id: str) -> dict[str, Any]:
+    """The version a training run registered and what the gate made of it."""
+    for mv in reversed(registry.search_versions(tracking_uri, model_name)):
+        tags = mv.tags or {}
+        if tags.get(f"{registry.TAG}dagster_run_id") != run_id:
+            continue
+        failed = [
+            v.removeprefix("failed: ")
+            for k, v in sorted(tags.items())
+            if k.startswith(f"{registry.TAG}gate.") and v.startswith("failed")
+        ]
+        promotion = tags.get(f"{registry.TAG}promotion", "")
+        return {
+            "version": int(mv.version),
+            "outcome": f"refused: {failed[0]}" if failed else promotion,
+        }
+    return {"version": None, "outcome": "no version registered"}
+
+
 def status(
     spec: Spec, instance: dg.DagsterInstance, lake: Lake, tracking_uri: str
 ) -> dict[str, Any]:
@@ -38,6 +57,7 @@ def status(
             "reason": r.tags.get(monitoring.TAG_REASON),
             "partition": r.tags.get(monitoring.TAG_PARTITION),
             "started": _when(rec.start_time if rec else None),
+            **_outcome(tracking_uri, name, r.run_id),
         }
     history = registry.deployment_history(lake, spec.name)
     last_deploy = None
@@ -131,7 +151,8 @@ def render(s: dict[str, Any]) -> str:
         )
     r = s["last_retraining"]
     lines.append(
-        f"  retraining   {r['trigger']} at {r['partition']} ({r['status']}): {r['reason']}"
+        f"  retraining   {r['trigger']} at {r['partition']} ({r['status']}): {r['reason']}\n"
+        f"               -> v{f(r['version'])} {r['outcome']}"
         if r
         else "  retraining   none yet"
     )
