@@ -137,7 +137,9 @@ class OnlineFeatures:
         self.counts["served"] += 1
         if append:
             keep_from = row[TS] - retention(self.spec)
-            self.store.append_row(self.spec.name, entity, row, keep_from=keep_from, keep_last=1)
+            self.store.append_row(
+                self.spec.name, entity, row, keep_from=keep_from, keep_last=1, want_state=False
+            )
         return OnlineResult(entity, values, state.as_of if state else None, fallback=why)
 
 

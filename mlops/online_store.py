@@ -73,7 +73,8 @@ class OnlineStore(Protocol):
         row: dict[str, Any],
         keep_from: datetime.datetime,
         keep_last: int = 1,
-    ) -> EntityState: ...
+        want_state: bool = True,
+    ) -> EntityState | None: ...
 
     def stats(self, spec_name: str) -> StoreStats: ...
 
@@ -347,7 +348,8 @@ class SQLiteOnlineStore:
         row: dict[str, Any],
         keep_from: datetime.datetime,
         keep_last: int = 1,
-    ) -> EntityState:
+        want_state: bool = True,
+    ) -> EntityState | None:
         """Read-append-trim-write under `BEGIN IMMEDIATE`: concurrent appenders serialize."""
         _check_keep_last(keep_last)
         raw = _raw_row(row)
@@ -371,6 +373,8 @@ class SQLiteOnlineStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        if not want_state:  # the serving path needs no copy back (0.1-0.3 ms per call)
+            return None
         as_of_us = rows[-1]["ts"] if rows else raw["ts"]
         for r in rows:
             r["ts"] = from_us(r["ts"])
@@ -566,7 +570,8 @@ class RedisOnlineStore:
         row: dict[str, Any],
         keep_from: datetime.datetime,
         keep_last: int = 1,
-    ) -> EntityState:
+        want_state: bool = True,
+    ) -> EntityState | None:
         """Read-append-trim-write in one Lua script: atomic on the server, one round trip."""
         import redis
 
@@ -581,6 +586,8 @@ class RedisOnlineStore:
             if "corrupt" in str(e):
                 raise _corrupt(spec_name, entity, str(e)) from e
             raise
+        if not want_state:
+            return None
         rows = _decode_raw(spec_name, entity, payload)
         as_of_us = rows[-1]["ts"] if rows else raw["ts"]
         for r in rows:
