@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlops import ingest
-from mlops.spec import FileFeed
+from mlops.labels import events_window
+from mlops.spec import FileFeed, Spec
 
 NEW = "new"
 KEEP = 32  # hex digits of a content hash kept in the cursor (128 bits)
@@ -106,6 +107,22 @@ def sql_days(start: dt.date, today: dt.date, known: list[str], rescan_days: int)
             first, min(dt.date.fromisoformat(max(known)), today) - dt.timedelta(days=rescan_days)
         )
     return [first + dt.timedelta(days=i) for i in range((today - first).days + 1)]
+
+
+def label_readiness(
+    spec: Spec, readings: dict[str, list[str]], events: dict[str, list[str]]
+) -> dict[str, str]:
+    """Partition -> digest of the event files its labels read, for days whose feed has fully
+    arrived (labels mature); days still waiting for the feed are left out."""
+    out = {}
+    for part in readings:
+        first, last = events_window(spec, dt.date.fromisoformat(part))
+        days = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
+        got = [events.get(d.isoformat()) for d in days]
+        if all(got):
+            h = hashlib.sha256("".join(g[1] for g in got).encode()).hexdigest()  # type: ignore[index]
+            out[part] = h
+    return out
 
 
 def encode(state: dict) -> str:

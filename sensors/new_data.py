@@ -11,14 +11,12 @@ The cursor holds the state (see mlops/watch.py); run keys make a lost cursor har
 """
 
 import datetime as dt
-import hashlib
 
 import dagster as dg
 
 from mlops import ingest, watch
-from mlops.labels import events_window
 from mlops.monitoring import MODEL_PERFORMANCE
-from mlops.spec import Spec
+from mlops.spec import FileSource, Spec
 from orchestration.jobs import data_job_name, labels_job_name, scoring_job_name
 from resources.lake import LakeResource
 
@@ -36,28 +34,10 @@ def _days_after(day: str, n: int) -> list[str]:
     return [(d + dt.timedelta(days=i)).isoformat() for i in range(1, n + 1)]
 
 
-def label_readiness(
-    spec: Spec, readings: dict[str, list[str]], events: dict[str, list[str]]
-) -> dict[str, str]:
-    """Partition -> digest of the event files its labels read, for days whose feed has fully
-    arrived (labels mature); days still waiting for the feed are left out."""
-    out = {}
-    for part in readings:
-        first, last = events_window(spec, dt.date.fromisoformat(part))
-        days = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
-        got = [events.get(d.isoformat()) for d in days]
-        if all(got):
-            h = hashlib.sha256("".join(g[1] for g in got).encode()).hexdigest()  # type: ignore[index]
-            out[part] = h
-    return out
-
-
 def build_new_data_sensor(spec: Spec, jobs: list) -> dg.SensorDefinition:
     """`jobs`: the spec's data, labels and scoring jobs (the sensor's targets)."""
     name = spec.name
     key = lambda a: dg.AssetKey([name, a])  # noqa: E731
-    from mlops.spec import FileSource
-
     files_source = isinstance(spec.source, FileSource)
     readings_dir = spec.landing_dir if files_source else None
     events_feed = spec.labels.events
@@ -187,7 +167,7 @@ def build_new_data_sensor(spec: Spec, jobs: list) -> dg.SensorDefinition:
 
         # 3. Labels whose feed has fully arrived (or was corrected), once the day is in the lake.
         if events_feed is not None:
-            for part, digest in sorted(label_readiness(spec, kept, events).items()):
+            for part, digest in sorted(watch.label_readiness(spec, kept, events).items()):
                 if budget <= 0:
                     break
                 if labelled.get(part) == digest or part in changed:
