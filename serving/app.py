@@ -33,7 +33,7 @@ from mlops.online_store import StoreUnavailable, make_store
 from mlops.registry import CHALLENGER, CHAMPION
 from mlops.spec import load_spec
 from serving.metrics import ServingMetrics
-from serving.models import ModelManager, ServedModel, Snapshot
+from serving.models import ModelManager, ServedModel, Snapshot, bound_registry_requests
 from serving.requests import BadRequest, Parsed, Record, RequestParser, problem
 from serving.settings import TOKEN_ENV, ServeSettings
 
@@ -525,11 +525,23 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.get("/health/ready")
     async def ready() -> Response:
-        """200 once a champion is loaded; 503 with the reason before."""
+        """200 once a champion is loaded; 503 with the reason before. A registry that cannot
+        be reached does not make a loaded worker unready (it only stops swaps): `registry`
+        says so."""
         champion = service.manager.snapshot.champion
         if champion is None:
             return _json(503, {"status": "not_ready", "reason": service.not_ready_reason()})
-        return _json(200, {"status": "ready", "model_version": champion.version})
+        error = service.manager.last_poll_error
+        registry = "ok" if error is None else f"degraded: {error}; no swap until it answers"
+        return _json(
+            200,
+            {
+                "status": "ready",
+                "model_version": champion.version,
+                "registry": registry,
+                "pid": service.pid,
+            },
+        )
 
     @app.get("/model")
     async def model() -> Response:
@@ -557,4 +569,5 @@ def app_from_env() -> FastAPI:
         )
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    bound_registry_requests()  # a poll fails in seconds while the registry is down
     return create_app(ServeSettings.from_env())

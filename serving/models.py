@@ -39,6 +39,58 @@ class Refused(Exception):
         self.reason = reason
 
 
+class RegistryUnavailable(RuntimeError):
+    """The tracking server could not be reached while loading a version: nothing is known
+    about the version itself, so it is not refused; the next poll tries again."""
+
+
+# Requests to the tracking server from a serving worker. MLflow's defaults (7 retries with
+# exponential backoff, 120 s timeout) keep one poll blocked for minutes while the server is
+# down, and asleep in a long backoff after it is back: the poller itself retries every
+# --poll-interval, so a poll should fail within seconds. The environment still overrides.
+REGISTRY_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+
+
+def bound_registry_requests() -> None:
+    """Set REGISTRY_HTTP_DEFAULTS in this (worker) process where they are not set."""
+    import os
+
+    for key, value in REGISTRY_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def registry_unreachable(error: BaseException) -> bool:
+    """True when `error`, or an error it wraps, is a failure to reach the tracking server
+    (refused, reset, timed out, retries exhausted) rather than a problem with the version.
+    MLflow wraps these in MlflowException (and the loader in RegistryError) with the
+    original kept as the context."""
+    import requests
+
+    transient = (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.RetryError,
+        requests.exceptions.ChunkedEncodingError,
+        ConnectionError,
+        TimeoutError,
+    )
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, transient):
+            return True
+        text = str(e)
+        if "API request to" in text and ("Max retries exceeded" in text or "timeout" in text):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 # Scoring ---------------------------------------------------------------------------------------
 
 
@@ -298,7 +350,9 @@ def lineage_summary(tags: dict[str, str]) -> dict[str, Any]:
 
 
 def load_served(tracking_uri: str, spec: Spec, alias: str, version: int) -> ServedModel:
-    """Load and smoke-score one version; raise Refused with the reason when it cannot serve."""
+    """Load and smoke-score one version; raise Refused with the reason when it cannot serve,
+    RegistryUnavailable when the tracking server could not be reached (retried next poll:
+    a registry restart during a load must not refuse a good version for good)."""
     from mlops.model_loader import load_model
     from mlops.registry import version_tags
 
@@ -306,6 +360,8 @@ def load_served(tracking_uri: str, spec: Spec, alias: str, version: int) -> Serv
     try:
         loaded = load_model(tracking_uri, name, version=version)
     except Exception as e:  # a broken artifact fails in many ways: all are refusals
+        if registry_unreachable(e):
+            raise RegistryUnavailable(f"loading {name} v{version}: {e}") from e
         raise Refused(f"it did not load: {type(e).__name__}: {e}") from None
     scorer = Scorer(loaded)
     scorer.check()
@@ -319,6 +375,8 @@ def load_served(tracking_uri: str, spec: Spec, alias: str, version: int) -> Serv
     try:
         lineage = lineage_summary(version_tags(tracking_uri, name, version))
     except Exception as e:
+        if registry_unreachable(e):  # else it would serve without lineage for good
+            raise RegistryUnavailable(f"reading the tags of {name} v{version}: {e}") from e
         lineage = {"error": f"tags unavailable: {e}"}
     info = {
         "name": name,
