@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 UV_VERSION := 0.13.8
 export DAGSTER_HOME := $(CURDIR)/.mlops/dagster
 
-.PHONY: demo test ui mlflow lint format lock bench clean
+.PHONY: demo test ui mlflow lint format lock bench clean prod prod-up prod-demo prod-backfill prod-status prod-down prod-clean
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,30 @@ ui: $(BIN)/.installed $(DAGSTER_HOME)/dagster.yaml
 # MLflow UI over the default store: runs, registered versions, aliases, artifacts.
 mlflow: $(BIN)/.installed
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/mlflow.db --host 127.0.0.1 --port 5000
+
+# Production profile (deploy/, README "Production profile"): PostgreSQL + Redis on this
+# machine (or the hosts in deploy/prod.env), an MLflow server, two celery workers, the daemon
+# and the UI; logs and pids under .mlops/prod/.
+prod: prod-up prod-demo
+
+prod-up: $(BIN)/.installed
+	$(BIN)/python deploy/prod.py up
+
+prod-demo: $(BIN)/.installed
+	$(BIN)/python deploy/prod.py demo -- $(DEMO_ARGS)
+
+JOB ?= machine_failure_data_job
+prod-backfill: $(BIN)/.installed
+	$(BIN)/python deploy/prod.py backfill -- --job $(JOB) --from $(FROM) --to $(TO)
+
+prod-status: $(BIN)/.installed
+	$(BIN)/python deploy/prod.py status
+
+prod-down: $(BIN)/.installed
+	$(BIN)/python deploy/prod.py down
+
+prod-clean: $(BIN)/.installed
+	$(BIN)/python deploy/prod.py clean
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/ingest.py

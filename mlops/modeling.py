@@ -237,8 +237,14 @@ def search(
     on_trial: Callable[[Trial], None] | None = None,
     trials: int | None = None,
     storage: str | None = None,
+    study_name: str | None = None,
 ) -> SearchResult:
-    """Optuna TPE over the spec's candidates and search spaces, seeded: same data, same trials."""
+    """Optuna TPE over the spec's candidates and search spaces, seeded: same data, same trials.
+
+    Trials live in memory unless `storage` (or MLOPS_OPTUNA_STORAGE, e.g. postgresql://...)
+    names a shared Optuna storage, where every search is its own study (`study_name`, else a
+    fresh one) that optuna-dashboard and other processes can read; the results are the same.
+    """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -252,7 +258,10 @@ def search(
                 )
     cands = {c.estimator: c for c in spec.model.candidates}
     sampler = optuna.samplers.TPESampler(seed=spec.model.seed)
-    study = optuna.create_study(direction=direction(metric), sampler=sampler, storage=storage)
+    storage = storage or optuna_storage()
+    study = optuna.create_study(
+        direction=direction(metric), sampler=sampler, storage=storage, study_name=study_name
+    )
     done: list[Trial] = []
 
     def objective(trial) -> float:
@@ -271,6 +280,11 @@ def search(
     study.optimize(objective, n_trials=trials or spec.model.trials)
     best = done[study.best_trial.number]
     return SearchResult(metric=metric, best=best, trials=done)
+
+
+def optuna_storage() -> str | None:
+    """The shared Optuna storage URL (MLOPS_OPTUNA_STORAGE), or None: trials in memory."""
+    return os.environ.get("MLOPS_OPTUNA_STORAGE") or None
 
 
 def primary_metric(spec: Spec) -> str:

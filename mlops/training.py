@@ -61,7 +61,11 @@ class FitResult:
 
 
 def fit_best(
-    spec: Spec, training_set: pl.DataFrame, trials: int | None = None, on_trial=None
+    spec: Spec,
+    training_set: pl.DataFrame,
+    trials: int | None = None,
+    on_trial=None,
+    study_name: str | None = None,
 ) -> FitResult:
     """The ML work alone (no MLflow): search, refit the best trial, pick the threshold."""
     from mlops.evaluation import choose_threshold
@@ -69,7 +73,9 @@ def fit_best(
     lay = modeling.layout(spec)
     frames = modeling.split_frames(spec, training_set, lay)
     (X_tr, y_tr, _), (X_va, y_va, _) = frames["train"], frames["valid"]
-    result = modeling.search(spec, X_tr, y_tr, X_va, y_va, on_trial=on_trial, trials=trials)
+    result = modeling.search(
+        spec, X_tr, y_tr, X_va, y_va, on_trial=on_trial, trials=trials, study_name=study_name
+    )
     best = result.best
     model = modeling.fit(
         spec.model.task, best.estimator, best.params, spec.model.seed, X_tr, y_tr, X_va, y_va
@@ -115,7 +121,11 @@ def train_candidate(
                 mlflow.log_metrics({f"valid_{metric}": t.value, "fit_seconds": t.seconds})
 
         metric = modeling.primary_metric(spec)
-        fit = fit_best(spec, training_set, trials, on_trial=log_trial)
+        study = None
+        if modeling.optuna_storage():  # shared trials: the study is named after this run
+            study = f"{spec.name}-{parent.info.run_id}"
+            mlflow.set_tag("optuna.study_name", study)
+        fit = fit_best(spec, training_set, trials, on_trial=log_trial, study_name=study)
         X_tr, _, _ = fit.frames["train"]
         mlflow.log_input(
             _dataset(spec, training_set, training_set_path, lineage), context="training"

@@ -1,7 +1,8 @@
 """The one Definitions: one asset graph, job set and resource set per spec in specs/.
 
 Set MLOPS_SPECS_DIR to load another folder of specs and MLOPS_LAKE_URL to move the lake
-(any fsspec URL); both default to this project's specs/ and .mlops/lake.
+(any fsspec URL); both default to this project's specs/ and .mlops/lake. MLOPS_EXECUTOR=celery
+runs every step on dagster-celery workers (orchestration/executors.py, deploy/).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mlops.config import (
     specs_dir,
 )
 from mlops.spec import find_specs
+from orchestration.executors import step_executor
 from orchestration.jobs import (
     build_jobs,
     data_job_name,
@@ -88,6 +90,7 @@ def build_definitions(
         jobs=jobs,
         sensors=sensors,
         schedules=schedules,
+        executor=step_executor(),  # MLOPS_EXECUTOR=celery in the production profile
         resources={
             "alerting": AlertingResource(webhook_url=os.environ.get("MLOPS_ALERT_WEBHOOK_URL", "")),
             "lake": LakeResource(base_url=lake_base_url or lake_url()),

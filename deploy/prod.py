@@ -1,0 +1,445 @@
+"""The production profile on one machine: `make prod-up`, `make prod-demo`, `make prod-down`.
+
+    .venv/bin/python deploy/prod.py up        # databases, MLflow server, celery workers,
+                                              # dagster-daemon, dagster-webserver
+    .venv/bin/python deploy/prod.py demo [-- demo args]   # the closed loop on them, then a
+                                              # backfill of the data job on the workers
+    .venv/bin/python deploy/prod.py backfill --from D --to D [--concurrency N]
+    .venv/bin/python deploy/prod.py status
+    .venv/bin/python deploy/prod.py down      # stop everything `up` started
+    .venv/bin/python deploy/prod.py clean     # down, drop the local databases, rm .mlops/prod
+
+Settings come from deploy/prod.env when it exists, else deploy/prod.env.example. Logs and pid
+files live under .mlops/prod/{logs,pids}; each service runs in its own process group and `down`
+stops exactly the groups whose pids it recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+STATE = ROOT / ".mlops" / "prod"
+LOGS, PIDS = STATE / "logs", STATE / "pids"
+BIN = Path(sys.executable).parent
+PATH_SETTINGS = ("DAGSTER_HOME", "MLOPS_LAKE_URL", "MLOPS_MLFLOW_ARTIFACTS_DESTINATION")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def load_env() -> tuple[dict[str, str], Path]:
+    """os.environ plus the profile's file (KEY=VALUE lines), the file winning: every process
+    gets the same values whatever the calling shell (or make, which exports DAGSTER_HOME)
+    has set."""
+    path = DEPLOY / "prod.env"
+    if not path.exists():
+        path = DEPLOY / "prod.env.example"
+    values: dict[str, str] = {}
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "=" not in line:
+            sys.exit(f"{path}:{n}: expected KEY=VALUE, got {line!r}")
+        key, value = line.split("=", 1)
+        values[key.strip()] = value.strip()
+    env = dict(values)
+    for key in PATH_SETTINGS:  # relative paths are relative to the project root
+        v = env.get(key, "")
+        if v and "://" not in v and not Path(v).is_absolute():
+            env[key] = str(ROOT / v)
+    return {**os.environ, **env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}, path
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def _pid(name: str) -> int | None:
+    f = PIDS / f"{name}.pid"
+    if not f.exists():
+        return None
+    pid = int(f.read_text())
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        f.unlink()
+        return None
+    return pid
+
+
+def start(name: str, args: list[str], env: dict[str, str]) -> None:
+    if _pid(name):
+        print(f"  {name}: already running (pid {_pid(name)})")
+        return
+    LOGS.mkdir(parents=True, exist_ok=True)
+    PIDS.mkdir(parents=True, exist_ok=True)
+    log = (LOGS / f"{name}.log").open("ab")
+    proc = subprocess.Popen(
+        args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    (PIDS / f"{name}.pid").write_text(str(proc.pid))
+    print(f"  {name}: pid {proc.pid}, log {LOGS / f'{name}.log'}")
+
+
+def stop(name: str, grace: float = 30) -> None:
+    pid = _pid(name)
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.3)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    (PIDS / f"{name}.pid").unlink(missing_ok=True)
+    print(f"  {name}: stopped")
+
+
+def wait_for(name: str, ready, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if _pid(name) is None:
+            sys.exit(f"{name} exited while starting: see {LOGS / f'{name}.log'}")
+        if time.monotonic() > deadline:
+            sys.exit(f"{name} not ready after {timeout:.0f} s: see {LOGS / f'{name}.log'}")
+        time.sleep(1)
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def log_has(name: str, text: str) -> bool:
+    log = LOGS / f"{name}.log"
+    return log.exists() and text in log.read_text(errors="replace")
+
+
+# --- databases -------------------------------------------------------------------------------
+
+
+def _databases(env: dict[str, str]) -> list:
+    """The profile's databases as SQLAlchemy URLs: Dagster's, MLflow's, Optuna's."""
+    from sqlalchemy.engine import make_url
+
+    dagster = make_url("postgresql+psycopg2://").set(
+        host=env["MLOPS_PG_HOST"],
+        port=int(env["MLOPS_PG_PORT"]),
+        username=env["MLOPS_PG_USER"],
+        password=env.get("MLOPS_PG_PASSWORD") or None,
+        database=env["MLOPS_PG_DB"],
+    )
+    urls = [dagster, make_url(env["MLOPS_MLFLOW_BACKEND_URI"])]
+    if env.get("MLOPS_OPTUNA_STORAGE"):
+        urls.append(make_url(env["MLOPS_OPTUNA_STORAGE"]))
+    return urls
+
+
+def _admin(url):
+    import psycopg2
+
+    conn = psycopg2.connect(
+        host=url.host,
+        port=url.port or 5432,
+        user=url.username,
+        password=url.password or "",
+        dbname="postgres",
+        connect_timeout=5,
+    )
+    conn.autocommit = True
+    return conn
+
+
+def create_databases(env: dict[str, str]) -> None:
+    import psycopg2
+
+    for url in _databases(env):
+        where = f"{url.host}:{url.port or 5432}/{url.database}"
+        try:
+            conn = _admin(url)
+        except psycopg2.OperationalError as e:
+            sys.exit(
+                f"PostgreSQL at {url.host}:{url.port or 5432} refused user {url.username}: "
+                f"{str(e).strip()}. Check the MLOPS_PG_* / *_URI lines of the env file."
+            )
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (url.database,))
+                if cur.fetchone():
+                    print(f"  database {where}: exists")
+                    continue
+                try:
+                    cur.execute(f'CREATE DATABASE "{url.database}"')
+                except psycopg2.Error as e:
+                    sys.exit(f"cannot create {where} ({e.pgerror or e}): create it, then rerun")
+                print(f"  database {where}: created")
+        finally:
+            conn.close()
+
+
+def drop_databases(env: dict[str, str]) -> None:
+    for url in _databases(env):
+        if url.host not in LOCAL_HOSTS:
+            print(f"  database {url.host}/{url.database}: not local, left alone")
+            continue
+        conn = _admin(url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)')
+        finally:
+            conn.close()
+        print(f"  database {url.host}/{url.database}: dropped")
+
+
+def forget_online_states(env: dict[str, str]) -> None:
+    """The specs' entity states in a local online store (the demo writes them)."""
+    from urllib.parse import urlsplit
+
+    url = env.get("MLOPS_ONLINE_STORE_URL", "")
+    if not url.startswith("redis") or urlsplit(url).hostname not in LOCAL_HOSTS:
+        return
+    sys.path.insert(0, str(ROOT))
+    from mlops.online_store import make_store
+    from mlops.spec import find_specs
+
+    store = make_store(url)
+    try:
+        for spec in find_specs(ROOT / "specs"):
+            store.delete_spec(spec.name)
+            print(f"  online store {url}: {spec.name} states deleted")
+    finally:
+        store.close()
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def workers(env: dict[str, str]) -> list[str]:
+    return [f"celery-worker-{i}" for i in range(1, int(env.get("MLOPS_CELERY_WORKERS", "2")) + 1)]
+
+
+def up(env: dict[str, str]) -> None:
+    home = Path(env["DAGSTER_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(DEPLOY / "dagster.yaml", home / "dagster.yaml")
+    print("databases:")
+    create_databases(env)
+    # Create Dagster's tables once, before several processes would race to.
+    subprocess.run(
+        [sys.executable, "-c", "import dagster as dg; dg.DagsterInstance.get().dispose()"],
+        env=env,
+        cwd=ROOT,
+        check=True,
+    )
+    print("services:")
+    dest = env["MLOPS_MLFLOW_ARTIFACTS_DESTINATION"]
+    if "://" not in dest:
+        Path(dest).mkdir(parents=True, exist_ok=True)
+    start(
+        "mlflow",
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            env["MLOPS_MLFLOW_BACKEND_URI"],
+            "--artifacts-destination",
+            dest,
+            "--serve-artifacts",
+            "--host",
+            env["MLOPS_MLFLOW_HOST"],
+            "--port",
+            env["MLOPS_MLFLOW_PORT"],
+            "--workers",
+            "1",
+        ],
+        env,
+    )
+    for name in workers(env):
+        start(
+            name,
+            [
+                str(BIN / "dagster-celery"),
+                "worker",
+                "start",
+                "-A",
+                "dagster_celery.app",
+                "-y",
+                str(DEPLOY / "celery.yaml"),
+                "-n",
+                name,
+                "-i",
+                "orchestration.definitions",
+                "-l",
+                "INFO",
+                "--",
+                "--concurrency=1",
+            ],
+            env,
+        )
+    start("dagster-daemon", [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], env)
+    ui = [env["MLOPS_DAGSTER_UI_HOST"], env["MLOPS_DAGSTER_UI_PORT"]]
+    start(
+        "dagster-webserver",
+        [str(BIN / "dagster-webserver"), "-w", "workspace.yaml", "-h", ui[0], "-p", ui[1]],
+        env,
+    )
+    mlflow_url = env["MLOPS_MLFLOW_TRACKING_URI"]
+    wait_for("mlflow", lambda: http_ok(f"{mlflow_url}/health"))
+    for name in workers(env):
+        wait_for(name, lambda name=name: log_has(name, " ready."))
+    wait_for("dagster-webserver", lambda: http_ok(f"http://{ui[0]}:{ui[1]}/server_info"))
+    print(
+        f"\nup. Dagster UI http://{ui[0]}:{ui[1]}  MLflow {env['MLOPS_MLFLOW_UI_URL']}\n"
+        f"logs {LOGS}; `make prod-demo` runs the loop on these services, `make prod-down` "
+        "stops them."
+    )
+
+
+def down(env: dict[str, str]) -> None:
+    for name in ["dagster-webserver", "dagster-daemon", *workers(env), "mlflow"]:
+        stop(name)
+    for f in PIDS.glob("*.pid") if PIDS.exists() else []:  # workers from a larger setting
+        stop(f.stem)
+
+
+def status(env: dict[str, str]) -> int:
+    names = ["mlflow", *workers(env), "dagster-daemon", "dagster-webserver"]
+    running = {n: _pid(n) for n in names}
+    for n, pid in running.items():
+        print(f"  {n:<20} {'pid ' + str(pid) if pid else 'not running'}")
+    return 0 if all(running.values()) else 1
+
+
+def require_up(env: dict[str, str]) -> None:
+    if status(env) != 0:
+        sys.exit("the production services are not all running: `make prod-up` first")
+
+
+def backfill(env: dict[str, str], args: list[str]) -> int:
+    require_up(env)
+    cmd = [sys.executable, "-m", "orchestration.executors", "backfill", *args]
+    return subprocess.run(cmd, env=env, cwd=ROOT).returncode
+
+
+def demo(env: dict[str, str], args: list[str]) -> int:
+    """The closed loop (orchestration/demo.py) with the instance in PostgreSQL, MLflow over
+    HTTP and Optuna in PostgreSQL (the demo executes its runs in its own process); then the
+    last days again as a Dagster backfill through the daemon: queued runs, launched within
+    deploy/dagster.yaml's limits, each sending its steps to the celery workers."""
+    import datetime as dt
+
+    import yaml
+
+    require_up(env)
+    code = subprocess.run([sys.executable, "-m", "orchestration.demo", *args], env=env, cwd=ROOT)
+    if code.returncode:
+        return code.returncode
+    spec = yaml.safe_load((ROOT / "specs" / "machine_failure.yaml").read_text())
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--days", type=int, default=60)
+    days = parser.parse_known_args(args)[0].days
+    last = dt.date.fromisoformat(str(spec["source"]["start_date"])) + dt.timedelta(days=days - 1)
+    parts = [(last - dt.timedelta(days=i)).isoformat() for i in (2, 1, 0)]
+    return daemon_backfill(env, f"{spec['name']}_data_job", parts)
+
+
+def daemon_backfill(env: dict[str, str], job: str, partitions: list[str]) -> int:
+    """`dagster job backfill`, then wait for the daemon to run it; prints where steps ran."""
+    import uuid
+
+    tag = uuid.uuid4().hex[:8]
+    print(f"\nbackfill of {job} for {', '.join(partitions)} through the daemon:")
+    subprocess.run(
+        [
+            str(BIN / "dagster"),
+            "job",
+            "backfill",
+            "-w",
+            "workspace.yaml",
+            "-j",
+            job,
+            "--partitions",
+            ",".join(partitions),
+            "--tags",
+            f'{{"mlops/demo": "{tag}"}}',
+            "--noprompt",
+        ],
+        env=env,
+        cwd=ROOT,
+        check=True,
+    )
+    script = f"""
+import time, dagster as dg
+with dg.DagsterInstance.get() as instance:
+    deadline = time.monotonic() + 900
+    while True:
+        runs = instance.get_runs(dg.RunsFilter(tags={{"mlops/demo": "{tag}"}}))
+        if len(runs) == {len(partitions)} and all(r.is_finished for r in runs):
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit("the backfill did not finish in 15 minutes: see the Dagster UI")
+        time.sleep(2)
+    ok = True
+    for r in sorted(runs, key=lambda r: r.tags["dagster/partition"]):
+        workers = set()
+        for rec in instance.all_logs(r.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+            data = rec.dagster_event.engine_event_data
+            if data and "Celery worker" in data.metadata:
+                workers.add(data.metadata["Celery worker"].value)
+        ok = ok and r.is_success
+        print(f"  {{r.tags['dagster/partition']}}: {{r.status.value}}, steps on {{sorted(workers)}}")
+    raise SystemExit(0 if ok else 1)
+"""
+    return subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT).returncode
+
+
+def clean(env: dict[str, str]) -> None:
+    down(env)
+    drop_databases(env)
+    forget_online_states(env)
+    shutil.rmtree(STATE, ignore_errors=True)
+    print(f"  removed {STATE}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("command", choices=["up", "down", "status", "demo", "backfill", "clean"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="demo / backfill arguments")
+    args = p.parse_args(argv)
+    env, source = load_env()
+    print(f"settings: {source.relative_to(ROOT)}")
+    if args.command == "up":
+        up(env)
+    elif args.command == "down":
+        down(env)
+    elif args.command == "status":
+        return status(env)
+    elif args.command == "demo":
+        return demo(env, [a for a in args.rest if a != "--"])
+    elif args.command == "backfill":
+        return backfill(env, [a for a in args.rest if a != "--"])
+    elif args.command == "clean":
+        clean(env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
