@@ -19,6 +19,27 @@ REPO = Path(__file__).resolve().parent.parent
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 
 
+def _forget_stale_defs_state_storage() -> None:
+    """Dagster keeps the definitions-state storage of the last instance that set one in a
+    context variable, as a weak reference; once a test's instance is gone, building any
+    Definitions in a later test fails with "undefined DagsterInstance weakref"."""
+    from dagster._core.storage.defs_state.base import _current_storage
+
+    _current_storage.set(None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dagster_context_per_module():
+    _forget_stale_defs_state_storage()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dagster_context():
+    _forget_stale_defs_state_storage()
+    yield
+
+
 @dataclass
 class Project:
     root: Path
