@@ -14,6 +14,7 @@ from mlops import ingest, labels, online, sql_source, training_set, validation
 from mlops.lake import sha256_bytes
 from mlops.spec import ASSET_NAMES, FileSource, Spec
 from orchestration.partitions import daily_partitions, lookback_mapping
+from orchestration.pools import online_store_pool
 from resources.lake import LakeResource
 from resources.online_store import OnlineStoreResource
 
@@ -314,6 +315,7 @@ def build_data_assets(
             dg.AssetDep(key["validated_data"], partition_mapping=lookback_mapping(spec)),
         ],
         kinds={"sqlite", "redis"},
+        pool=online_store_pool(spec),
         **common,
     )
     def online_features(

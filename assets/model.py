@@ -16,6 +16,7 @@ from mlops import promotion, registry, training
 from mlops.lake import Lake
 from mlops.spec import MODEL_ASSET_NAMES, Spec
 from orchestration.partitions import daily_partitions
+from orchestration.pools import registry_pool
 from resources.lake import LakeResource
 from resources.mlflow import MlflowResource
 
@@ -77,6 +78,7 @@ def build_model_assets(spec: Spec) -> list:
         key=key["candidate_model"],
         deps=[key["training_set"]],
         kinds={"mlflow", "xgboost"},
+        pool=registry_pool(spec),
         **common,
     )
     def candidate_model(
@@ -216,7 +218,13 @@ def build_model_assets(spec: Spec) -> list:
         check.__doc__ = f"Promotion gate '{gate}' (spec gates) for the evaluated version."
         return check
 
-    @dg.asset(key=key["champion_model"], deps=[key["model_evaluation"]], kinds={"mlflow"}, **common)
+    @dg.asset(
+        key=key["champion_model"],
+        deps=[key["model_evaluation"]],
+        kinds={"mlflow"},
+        pool=registry_pool(spec),
+        **common,
+    )
     def champion_model(
         context: dg.AssetExecutionContext, lake: LakeResource, mlflow: MlflowResource
     ) -> dg.MaterializeResult:
@@ -290,7 +298,7 @@ def build_model_assets(spec: Spec) -> list:
             },
         )
 
-    @dg.op(name=f"{name}_rollback")
+    @dg.op(name=f"{name}_rollback", pool=registry_pool(spec))
     def rollback_op(
         context: dg.OpExecutionContext,
         config: RollbackConfig,

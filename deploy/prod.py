@@ -242,9 +242,10 @@ def up(env: dict[str, str]) -> None:
     shutil.copyfile(DEPLOY / "dagster.yaml", home / "dagster.yaml")
     print("databases:")
     create_databases(env)
-    # Create Dagster's tables once, before several processes would race to.
+    # Create Dagster's tables and the concurrency pools once, before several processes would
+    # race to (orchestration/pools.py).
     subprocess.run(
-        [sys.executable, "-c", "import dagster as dg; dg.DagsterInstance.get().dispose()"],
+        [sys.executable, "-m", "orchestration.pools"],
         env=env,
         cwd=ROOT,
         check=True,

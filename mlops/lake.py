@@ -128,7 +128,8 @@ class Lake:
             self.fs.pipe_file(final, data)
             return
         folder = final.rsplit("/", 1)[0]
-        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}"
+        # Hidden, and not *.parquet: a glob over the folder (duckdb, polars) never reads it.
+        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}.partial"
         self.fs.makedirs(folder, exist_ok=True)
         try:
             with self.fs.open(tmp, "wb") as f:

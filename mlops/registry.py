@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import polars as pl
 
@@ -69,9 +70,9 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: str) -> str:
     c = client(tracking_uri)
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        location = (
-            artifact_root if "://" in artifact_root else Path(artifact_root).resolve().as_uri()
-        )
+        # A URI (file://, s3://, the server's mlflow-artifacts:/) as given; a path made absolute.
+        scheme = urlsplit(artifact_root).scheme
+        location = artifact_root if len(scheme) > 1 else Path(artifact_root).resolve().as_uri()
         exp_id = c.create_experiment(name, artifact_location=f"{location.rstrip('/')}/{name}")
     else:
         exp_id = exp.experiment_id

@@ -5,7 +5,9 @@ sensors and schedules (orchestration/replay.py) and print the per-day timeline; 
 timeline is also written as .mlops/reports/<spec>/timeline.{json,png}.
 
 Everything runs against the persistent Dagster instance in $DAGSTER_HOME (default
-.mlops/dagster), so `make ui` shows every run, materialization and check afterwards.
+.mlops/dagster), so `make ui` shows every run, materialization and check afterwards. With
+`--runs executor` (the default when MLOPS_EXECUTOR is set, as in the production profile:
+`make prod-demo`) each run's steps go to the code location's executor, i.e. celery workers.
 """
 
 import argparse
@@ -26,6 +28,7 @@ from mlops.config import (
     mlflow_artifact_root,
     mlflow_tracking_uri,
     online_store_url,
+    specs_dir,
 )
 from mlops.generate import generate
 from mlops.lake import Lake
@@ -34,9 +37,8 @@ from mlops.online_store import make_store
 from mlops.spec import Spec, load_spec
 from orchestration.definitions import build_definitions
 from orchestration.jobs import data_job_name, labels_job_name, training_job_name
-from orchestration.replay import Replay
-
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+from orchestration.pools import initialize_pools
+from orchestration.replay import EXECUTOR, IN_PROCESS, RUN_MODES, Replay
 
 
 def _instance() -> dg.DagsterInstance:
@@ -46,15 +48,6 @@ def _instance() -> dg.DagsterInstance:
     if not config.exists():
         config.write_text("telemetry:\n  enabled: false\n")
     return dg.DagsterInstance.get()
-
-
-def _meta(result: dg.ExecuteInProcessResult, asset: str, spec_name: str) -> dict:
-    key = dg.AssetKey([spec_name, asset])
-    for event in result.get_asset_materialization_events():
-        mat = event.step_materialization_data.materialization
-        if mat.asset_key == key:
-            return {k: v.value for k, v in mat.metadata.items()}
-    return {}
 
 
 def staged_spec(spec: Spec, staging: Path) -> Spec:
@@ -84,24 +77,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bad-rows", type=float, default=0.01)
     p.add_argument("--trials", type=int, default=None, help="first champion's Optuna trials")
     p.add_argument("--redeliver", type=int, default=45, help="day that re-delivers the day before")
+    p.add_argument(
+        "--runs",
+        choices=RUN_MODES,
+        default=EXECUTOR
+        if os.environ.get("MLOPS_EXECUTOR", "multiprocess") != "multiprocess"
+        else IN_PROCESS,
+        help="execute runs in this process, or send their steps to the code location's "
+        "executor (celery workers when MLOPS_EXECUTOR=celery); default: executor when "
+        "MLOPS_EXECUTOR is set",
+    )
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     spec = load_spec(args.spec)
+    if args.runs == EXECUTOR and spec.path.parent.resolve() != specs_dir().resolve():
+        p.error(
+            f"--runs executor reloads the code location, which loads the specs in "
+            f"{specs_dir()}: set MLOPS_SPECS_DIR={spec.path.parent} for this demo and the workers"
+        )
     timeline = run_demo(spec, args)
     if timeline is None:
         return 1
     out = write_timeline(spec, timeline, drift_from=args.drift_from)
+    ui = os.environ.get("MLOPS_DAGSTER_UI_PORT")
+    dagster_ui = (
+        f"http://{os.environ.get('MLOPS_DAGSTER_UI_HOST', '127.0.0.1')}:{ui}"
+        if ui
+        else "`make ui`, http://127.0.0.1:3000"
+    )
+    mlflow_ui = os.environ.get("MLOPS_MLFLOW_UI_URL") or "`make mlflow`, http://127.0.0.1:5000"
     print(
         f"\ndone in {time.perf_counter() - t0:.0f} s. Timeline: {out}.png\n"
-        f"See it all: `make ui` (http://127.0.0.1:3000, Assets > {spec.name}; Runs show "
-        f"each trigger's tags) and `make mlflow` (http://127.0.0.1:5000, Models > "
-        f"{spec.registered_model_name}); `.venv/bin/mlops status --spec {spec.name}`"
+        f"See it all: Dagster ({dagster_ui}; Assets > {spec.name}; Runs show each trigger's "
+        f"tags), MLflow ({mlflow_ui}; Models > {spec.registered_model_name}) and "
+        f"`.venv/bin/mlops status --spec {spec.name}`"
     )
     return 0
 
 
-def fresh_start(spec: Spec, staging: Path) -> Lake:
-    """The demo regenerates everything: landing files, lake, registry, online store."""
+def fresh_start(spec: Spec, staging: Path, defs: dg.Definitions) -> Lake:
+    """The demo regenerates everything: landing files, lake, registry, online store, and the
+    spec's runs and materializations in the Dagster instance (the regenerated files have the
+    same content, so their run keys would otherwise count as already run)."""
+    _forget_runs(spec, defs)
     for folder in (spec.landing_dir, spec.resolve(spec.labels.events.path), staging):
         shutil.rmtree(folder, ignore_errors=True)
     lake = Lake(lake_url())
@@ -115,9 +133,23 @@ def fresh_start(spec: Spec, staging: Path) -> Lake:
     return lake
 
 
+def _forget_runs(spec: Spec, defs: dg.Definitions) -> None:
+    repo = defs.get_repository_def()
+    jobs = [j.name for j in repo.get_all_jobs() if j.name.startswith(f"{spec.name}_")]
+    instance = _instance()
+    runs = [r for job in jobs for r in instance.get_runs(dg.RunsFilter(job_name=job))]
+    for r in runs:
+        instance.delete_run(r.run_id)
+    keys = [k for k in defs.resolve_asset_graph().get_all_asset_keys() if k.path[0] == spec.name]
+    instance.wipe_assets(keys)
+    if runs:
+        print(f"forgot {len(runs)} earlier {spec.name} runs and their materializations")
+
+
 def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
     staging = spec.root / ".mlops" / "staging" / spec.name
-    lake = fresh_start(spec, staging)
+    defs = build_definitions(spec.path.parent)
+    lake = fresh_start(spec, staging, defs)
     report = generate(
         staged_spec(spec, staging),
         days=args.days,
@@ -132,10 +164,10 @@ def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
         f"generated {args.days} days: {report.rows} readings, {report.events} failure events, "
         f"{len(report.bad_rows)} bad rows (drift {args.drift} from day {args.drift_from})"
     )
-    defs = build_definitions(spec.path.parent)
     instance = _instance()
+    initialize_pools(instance, [spec])  # before runs race to (orchestration/pools.py)
     alerts = _alerts_to_file(spec)
-    replay = Replay(spec, defs, instance, lake, mlflow_tracking_uri(), staging)
+    replay = Replay(spec, defs, instance, lake, mlflow_tracking_uri(), staging, runs=args.runs)
     days = [spec.source.start_date + dt.timedelta(days=i) for i in range(args.days)]
     build, rest = days[: args.build_days], days[args.build_days :]
 
@@ -159,7 +191,7 @@ def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
     )
 
     # 2. The first champion.
-    if not _train_and_promote(defs, instance, spec, args.trials, build[-1].isoformat()):
+    if not _train_and_promote(replay, spec, args.trials, build[-1].isoformat()):
         return None
 
     # 3. The replay: one day at a time through the sensors and schedules.
@@ -308,53 +340,55 @@ def _lag(r: dict) -> int:
 
 
 def _fresh_mlflow(model_name: str) -> None:
-    """The demo regenerates everything, so it starts its MLflow store afresh too."""
+    """The demo regenerates everything, so it starts its registry afresh too: the local store
+    is removed; on a tracking server (the production profile) the registered model is
+    deleted, so versions count from 1 again (runs stay in their experiment)."""
     uri = mlflow_tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).unlink(missing_ok=True)
         shutil.rmtree(mlflow_artifact_root(), ignore_errors=True)
+        return
+    from mlflow.exceptions import MlflowException
+
+    from mlops import registry
+
+    c = registry.client(uri)
+    try:
+        c.get_registered_model(model_name)
+    except MlflowException:
+        return
+    c.delete_registered_model(model_name)
+    print(f"deleted registered model {model_name} at {uri} (the demo starts from v1)")
 
 
-def _train_and_promote(defs, instance, spec, trials: int | None, partition: str) -> bool:
+def _train_and_promote(replay: Replay, spec: Spec, trials: int | None, partition: str) -> bool:
     """Candidate -> evaluation -> gate -> champion, printed as the gate decided it."""
     from mlops import registry
 
-    job = defs.resolve_job_def(training_job_name(spec))
     cfg = {"ops": {f"{spec.name}__candidate_model": {"config": {"trials": trials}}}}
     first = monitoring.Decision(
         "initial", True, partition, None, "first champion", {"latest_partition": partition}
     )
-    result = job.execute_in_process(
-        instance=instance,
-        run_config={**QUIET, **cfg},
-        raise_on_error=False,
-        tags=first.tags(spec),
-    )
-    failures = [e for e in result.all_events if e.is_step_failure]
-    if failures:
-        print(f"training failed: {failures[0].event_specific_data.error.message}", file=sys.stderr)
+    run = replay.run_job(training_job_name(spec), run_config=cfg, tags=first.tags(spec))
+    cand = run.metadata.get("candidate_model")
+    if cand is None or "model_evaluation" not in run.metadata:
+        print(f"training failed: {run.error}", file=sys.stderr)
         return False
-    cand = _meta(result, "candidate_model", spec.name)
-    ev = _meta(result, "model_evaluation", spec.name)
+    ev = run.metadata["model_evaluation"]
     print(
         f"\ncandidate v{cand['model_version']}: {cand['estimator']} after {cand['trials']} "
         f"trials (valid {_primary(cand)})"
     )
-    for e in result.all_events:
-        if e.event_type_value == "ASSET_CHECK_EVALUATION":
-            c = e.asset_check_evaluation_data
-            print(
-                f"  {'PASS' if c.passed else 'FAIL'} {c.asset_check_key.name}: "
-                f"{c.metadata['reason'].value}"
-            )
-    champ = registry.alias_version(
-        mlflow_tracking_uri(), spec.registered_model_name, registry.CHAMPION
-    )
+    for name, passed, reason in run.checks:
+        print(f"  {'PASS' if passed else 'FAIL'} {name}: {reason}")
+    tracking = replay.tracking_uri
+    champ = registry.alias_version(tracking, spec.registered_model_name, registry.CHAMPION)
     print(f"champion: v{champ}" if champ else "no champion: the gate kept it out")
     print(ev["metrics"])
-    run = cand["mlflow_run_id"]
-    exp = registry.client(mlflow_tracking_uri()).get_run(run).info.experiment_id
-    print(f"  MLflow run: http://127.0.0.1:5000/#/experiments/{exp}/runs/{run}")
+    mlflow_run = cand["mlflow_run_id"]
+    exp = registry.client(tracking).get_run(mlflow_run).info.experiment_id
+    ui = os.environ.get("MLOPS_MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    print(f"  MLflow run: {ui}/#/experiments/{exp}/runs/{mlflow_run}")
     print(
         f"  lineage:    .venv/bin/mlops lineage --spec {spec.name} "
         f"--version {cand['model_version']}"

@@ -7,6 +7,7 @@ import dagster as dg
 from mlops.spec import Spec
 from orchestration.partitions import daily_partitions
 
+TAG_TRAINING = "mlops/training"
 DAILY_ASSETS = ("raw_data", "validated_data", "quarantine", "labels", "features", "online_features")
 
 
@@ -62,6 +63,8 @@ def build_jobs(spec: Spec) -> list[dg.UnresolvedAssetJobDefinition]:
                 ]
             ),
             description=f"{spec.name}: training set -> candidate -> evaluation -> gate -> champion.",
+            # The production profile runs one training per spec at a time, however started.
+            tags={TAG_TRAINING: spec.name},
         ),
         dg.define_asset_job(
             batch_predictions_job_name(spec),

@@ -5,6 +5,15 @@ new-data sensor, run what it requested, tick the scoring schedule at the day's s
 tick the retraining sensors and the retraining schedule, tick the run-failure sensor. Runs
 carry the same `dagster/sensor_name` / `dagster/run_key` / schedule tags the daemon would
 set, and a request whose run key already ran is skipped, as the daemon skips it.
+
+Where a run executes (`runs`):
+- `in-process`: `execute_in_process` in this process, every step in turn (the default
+  profile: nothing but Python);
+- `executor`: `dg.execute_job` of the job reconstructed from the code location
+  (orchestration.definitions), so the job's own executor runs the steps: with
+  MLOPS_EXECUTOR=celery (the production profile) each step is a task that a dagster-celery
+  worker executes against the same instance. This process orchestrates the run, as the run
+  worker the daemon launches would.
 """
 
 import datetime as dt
@@ -29,6 +38,8 @@ from sensors.retrain import drift_retrain_sensor_name, metric_decline_sensor_nam
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 # Data before labels before scoring: the order the daemon's runs would finish in.
 _JOB_ORDER = ("data", "labels", "scoring")
+IN_PROCESS, EXECUTOR = "in-process", "executor"
+RUN_MODES = (IN_PROCESS, EXECUTOR)
 
 
 @dataclass
@@ -59,10 +70,14 @@ class Replay:
         lake: Lake,
         tracking_uri: str,
         staging: Path,
+        runs: str = IN_PROCESS,
     ):
+        if runs not in RUN_MODES:
+            raise ValueError(f"runs={runs!r}: use one of {', '.join(RUN_MODES)}")
         self.spec, self.defs, self.instance, self.lake = spec, defs, instance, lake
         self.tracking_uri = tracking_uri
         self.staging = staging
+        self.runs = runs
         self.cursors: dict[str, str | None] = {}
         self.resources = defs.resources
 
@@ -130,17 +145,45 @@ class Replay:
                 tags["dagster/run_key"] = req.run_key
                 if self._already_ran(tags):
                     continue
-            job = self.defs.resolve_job_def(job_name)
-            result = job.execute_in_process(
+            assets = list(req.asset_selection) if req.asset_selection else None
+            config = dict(req.run_config) if req.run_config else {}
+            out.append(self.run_job(job_name, req.partition_key, assets, config, tags))
+        return out
+
+    def run_job(
+        self,
+        job_name: str,
+        partition: str | None = None,
+        assets: list[dg.AssetKey] | None = None,
+        run_config: dict | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> RunOutcome:
+        """One run of `job_name`, recorded in the instance, where `self.runs` says."""
+        config = {**QUIET, **(run_config or {})}
+        tags = dict(tags or {})
+        if self.runs == IN_PROCESS:
+            result = self.defs.resolve_job_def(job_name).execute_in_process(
                 instance=self.instance,
-                partition_key=req.partition_key,
-                asset_selection=list(req.asset_selection) if req.asset_selection else None,
-                run_config={**QUIET, **(dict(req.run_config) if req.run_config else {})},
+                partition_key=partition,
+                asset_selection=assets,
+                run_config=config,
                 tags=tags,
                 raise_on_error=False,
             )
-            out.append(_outcome(job_name, req.partition_key, result, tags))
-        return out
+            return _outcome(job_name, partition, result, tags)
+        from orchestration.executors import recon_job
+
+        if partition is not None:
+            tags["dagster/partition"] = partition
+        with dg.execute_job(
+            recon_job(job_name),
+            self.instance,
+            run_config=config,
+            tags=tags,
+            asset_selection=assets,
+            raise_on_error=False,
+        ) as result:
+            return _outcome(job_name, partition, result, tags)
 
     def _already_ran(self, tags: dict[str, str]) -> bool:
         keys = ("dagster/run_key", "dagster/sensor_name", "dagster/schedule_name")
@@ -212,11 +255,18 @@ def _outcome(job: str, partition: str | None, result, tags: dict[str, str]) -> R
             c = e.asset_check_evaluation_data
             reason = c.metadata.get("reason")
             checks.append((c.asset_check_key.name, c.passed, reason.value if reason else ""))
-    errors = [
-        e.event_specific_data.error.message.strip().splitlines()[-1]
-        for e in result.all_events
-        if e.is_step_failure and e.event_specific_data and e.event_specific_data.error
-    ]
+
+    def errors(of_steps: bool) -> list[str]:
+        return [
+            e.event_specific_data.error.message.strip().splitlines()[-1]
+            for e in result.all_events
+            if (e.is_step_failure if of_steps else e.is_failure)
+            and e.event_specific_data
+            and getattr(e.event_specific_data, "error", None)
+        ]
+
+    # A step's error says most; a run that failed before any step ran (an executor that
+    # cannot reach its broker) has only the run's.
     return RunOutcome(
         job,
         partition,
@@ -225,7 +275,7 @@ def _outcome(job: str, partition: str | None, result, tags: dict[str, str]) -> R
         tags,
         meta,
         checks,
-        "; ".join(errors),
+        "; ".join(errors(True) or errors(False)),
     )
 
 

@@ -57,6 +57,7 @@ START = dt.date(2026, 1, 1)
 DAYS = 52  # landing files; the backfill takes the first 50, the kill test day 52
 LAKE_ASSETS = ("raw_data", "validated_data", "quarantine", "labels", "features")
 PG = {"host": "127.0.0.1", "port": 5432, "user": "root"}
+LOOP = "fleet"  # the closed loop's spec
 LOCK_ERRORS = re.compile(
     r"deadlock|database is locked|could not obtain lock|LockNotAvailable|could not serialize",
     re.IGNORECASE,
@@ -211,6 +212,9 @@ def prod(tmp_path_factory) -> Prod:
     logs.mkdir()
     project = make_project(root)
     small_data(project, days=DAYS, machines=3, seed=3)
+    # The closed loop's own spec beside it (its own landing folders, lake folder and model):
+    # the workers load the code location once, with both.
+    (root / "specs" / f"{LOOP}.yaml").write_text(_loop_spec_text())
     with contextlib.ExitStack() as stack:
         dagster_db = stack.enter_context(pg_database("mlops_test_dagster"))
         mlflow_db = stack.enter_context(pg_database("mlops_test_mlflow"))
@@ -227,6 +231,7 @@ def prod(tmp_path_factory) -> Prod:
             "MLOPS_PG_DB": dagster_db,
         }
         prefix = f"mlops-test-{uuid.uuid4().hex[:8]}:"
+        port = _free_port()
         env = {
             **os.environ,
             **pg_env,
@@ -234,8 +239,9 @@ def prod(tmp_path_factory) -> Prod:
             "DAGSTER_HOME": str(home),
             "MLOPS_SPECS_DIR": str(root / "specs"),
             "MLOPS_LAKE_URL": str(root / "lake_prod"),
-            "MLOPS_MLFLOW_TRACKING_URI": f"sqlite:///{root / '.mlops' / 'unused.db'}",
-            "MLOPS_MLFLOW_ARTIFACT_ROOT": str(root / ".mlops" / "mlartifacts"),
+            "MLOPS_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+            "MLOPS_MLFLOW_ARTIFACT_ROOT": "mlflow-artifacts:/",
+            "MLOPS_OPTUNA_STORAGE": pg_url(optuna_db),
             "MLOPS_ONLINE_STORE_URL": f"sqlite:///{root / 'online_prod.db'}",
             "MLOPS_EXECUTOR": "celery",
             "MLOPS_CELERY_BROKER": "redis://127.0.0.1:6379/1",
@@ -282,8 +288,7 @@ def prod(tmp_path_factory) -> Prod:
                     workers[name],
                 )
             )
-        # The MLflow server starts now (its schema migration takes a while); test (f) waits.
-        port = _free_port()
+        # The MLflow server starts now (its schema migration takes a while); tests wait.
         procs.append(
             _start(
                 [
@@ -371,29 +376,96 @@ def test_executor_and_backfill_waves_come_from_the_environment(tmp_path, monkeyp
     ]
 
 
-# --- (a) the platform's jobs run on the production profile --------------------------------
+# --- (a) the demo's closed loop on the production profile ----------------------------------
 
 
-def test_data_job_runs_on_celery_workers_against_postgres(prod: Prod):
-    days = [_day(n) for n in (1, 2, 3)]
-    summary = prod.drive(*[f"--partition={d}" for d in days], "--no-waves", "--concurrency=1")
-    assert summary["failed"] == 0, summary["stdout"] + summary["stderr"][-3000:]
-    assert summary["executor"] == "celery" and summary["runs"] == 3
+def _loop_spec_text() -> str:
+    """The embedded spec under another name, small enough for a test (as in test_loop)."""
+    text = (REPO / "specs" / "machine_failure.yaml").read_text()
+    for old, new in (
+        ("name: machine_failure", f"name: {LOOP}"),  # and registered_name
+        (".mlops/landing/machine_failure/", f".mlops/landing/{LOOP}/"),
+        ("latency_budget_ms: 50", "latency_budget_ms: 500"),  # a loaded CI machine
+        ("training_window_days: 14", "training_window_days: 6"),
+        ("retrain_cooldown_partitions: 7", "retrain_cooldown_partitions: 4"),
+    ):
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
 
+
+LOOP_DAYS, LOOP_BUILD, LOOP_DRIFT = 15, 8, 11
+
+
+def test_demo_loop_runs_on_celery_workers_postgres_and_the_mlflow_server(prod: Prod):
+    """`make prod-demo`'s loop (orchestration.demo with MLOPS_EXECUTOR=celery) at small
+    scale: every run in the Postgres instance, every step on a celery worker, every model in
+    the MLflow server, every Optuna trial in Postgres; the drift is caught and retrained on."""
+    from mlflow import MlflowClient
+
+    url = prod.env["MLOPS_MLFLOW_TRACKING_URI"]
+    _wait_http(f"{url}/health", prod.logs / "mlflow.log")
+    spec_path = prod.root / "specs" / f"{LOOP}.yaml"
+    args = ["--spec", str(spec_path), "--days", str(LOOP_DAYS), "--build-days", str(LOOP_BUILD)]
+    args += ["--drift-from", str(LOOP_DRIFT), "--machines", "20", "--trials", "2"]
+    t0 = time.monotonic()
+    demo = subprocess.run(
+        [sys.executable, "-m", "orchestration.demo", *args],
+        env=prod.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
+    print(f"the loop on the production profile: {time.monotonic() - t0:.0f} s")
+    timeline = json.loads((prod.root / ".mlops" / "reports" / LOOP / "timeline.json").read_text())
+    assert [r["n"] for r in timeline] == list(range(LOOP_BUILD + 1, LOOP_DAYS + 1))
+
+    # Every run is in PostgreSQL, and every step that ran, ran on a celery worker.
     assert type(prod.instance.run_storage).__name__ == "PostgresRunStorage"
     assert type(prod.instance.event_log_storage).__name__ == "PostgresEventLogStorage"
-    assert type(prod.instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+    runs = [r for r in prod.instance.get_runs() if r.job_name.startswith(f"{LOOP}_")]
+    jobs = {r.job_name.removeprefix(f"{LOOP}_") for r in runs}
+    assert {"data_job", "labels_job", "scoring_job", "training_job"} <= jobs, jobs
     used = set()
-    for o in summary["outcomes"]:
-        run = prod.instance.get_run_by_id(o["run_id"])
-        assert run.status == dg.DagsterRunStatus.SUCCESS and run.tags["dagster/partition"]
-        steps = prod.worker_of_steps(o["run_id"])
-        plan = prod.instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
-        # every step of the whole job (6 assets, 2 checks) ran in a celery worker
-        assert set(steps) == set(plan.step_keys_to_execute) and len(steps) >= 6, steps
-        used |= set(steps.values())
+    for r in runs:
+        started = {
+            rec.dagster_event.step_key
+            for rec in prod.instance.all_logs(r.run_id, of_type=dg.DagsterEventType.STEP_START)
+        }
+        on_workers = prod.worker_of_steps(r.run_id)
+        assert started and started == set(on_workers), (r.job_name, started, on_workers)
+        used |= set(on_workers.values())
     assert used == set(prod.workers), f"steps ran on {used}, workers {set(prod.workers)}"
-    prod.assert_same_as_reference(days)
+    # The spec's pools exist at deploy/dagster.yaml's default limit (one step at a time).
+    for pool in (f"{LOOP}/online_store", f"{LOOP}/registry"):
+        assert prod.instance.event_log_storage.get_concurrency_info(pool).slot_count == 1
+
+    # The drift was caught: a retraining after the drift began, with its reason.
+    drift_day = (START + dt.timedelta(days=LOOP_DRIFT - 1)).isoformat()
+    retrains = [
+        r
+        for r in runs
+        if r.job_name == f"{LOOP}_training_job" and r.tags.get("mlops/trigger") != "initial"
+    ]
+    assert retrains, demo.stdout[-3000:]
+    assert all(r.tags["mlops/trigger_partition"] >= drift_day for r in retrains)
+    assert all(r.tags["mlops/trigger_reason"] for r in retrains)
+
+    # Models are in the MLflow server (artifacts served by it); trials in PostgreSQL.
+    client = MlflowClient(url)
+    versions = client.search_model_versions(f"name = '{LOOP}'")
+    assert len(versions) == 1 + len(retrains), [v.version for v in versions]
+    champion = client.get_model_version_by_alias(LOOP, "champion")
+    assert int(champion.version) == timeline[-1]["champion"]
+    mlflow_run = client.get_run(champion.run_id)
+    assert mlflow_run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    assert mlflow_run.data.tags["mlops.dagster_run_id"] in {r.run_id for r in runs}
+    import optuna
+
+    study = mlflow_run.data.tags["optuna.study_name"]
+    assert optuna.load_study(study_name=study, storage=prod.env["MLOPS_OPTUNA_STORAGE"]).trials
 
 
 # --- (b) a 50-partition backfill on two workers -------------------------------------------
@@ -693,7 +765,7 @@ def test_mlflow_server_on_postgres_records_the_same_lineage(prod: Prod, tmp_path
         tmp_path / "specs",
         p.lake.base_url,
         url,
-        "mlflow-artifacts:///",  # the server stores artifacts (--serve-artifacts)
+        "mlflow-artifacts:/",  # the server stores artifacts (--serve-artifacts)
         f"sqlite:///{tmp_path / '.mlops' / 'online.db'}",
     )
     remote = _train(defs, prod.instance)
