@@ -9,6 +9,7 @@ import datetime as dt
 import dagster as dg
 import polars as pl
 
+from assets.metadata import md_table
 from mlops import features as feats
 from mlops import ingest, labels, online, sql_source, training_set, validation
 from mlops.lake import sha256_bytes
@@ -31,17 +32,6 @@ class TrainingSetConfig(dg.Config):
 
 def _day(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> dt.date:
     return dt.date.fromisoformat(context.partition_key)
-
-
-def _preview(df: pl.DataFrame, n: int = 5) -> dg.MetadataValue:
-    with pl.Config(
-        tbl_formatting="MARKDOWN",
-        tbl_hide_dataframe_shape=True,
-        tbl_hide_column_data_types=True,
-        tbl_cols=12,
-        fmt_str_lengths=40,
-    ):
-        return dg.MetadataValue.md(str(df.head(n)))
 
 
 def build_data_assets(
@@ -177,10 +167,11 @@ def build_data_assets(
                 "rows_quarantined": result.rows_quarantined,
                 "quarantine_rate": rate,
                 "reasons": dg.MetadataValue.json(result.reasons()),
-                "preview": _preview(
+                "preview": md_table(
                     result.quarantine.select(
                         ingest.SOURCE_FILE, ingest.ROW_NUMBER, "column", "check", "value"
-                    )
+                    ),
+                    5,
                 ),
                 "path": dg.MetadataValue.path(quar_w.path),
             },
@@ -302,7 +293,7 @@ def build_data_assets(
                 "rows": out.height,
                 "features": len(feats.feature_names(spec)),
                 "lookback_partitions": dg.MetadataValue.json(needed),
-                "preview": _preview(out),
+                "preview": md_table(out, 5, cols=12),
                 "path": dg.MetadataValue.path(written.path),
             },
         )

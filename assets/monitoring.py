@@ -7,6 +7,7 @@ table; the retraining sensors read those summaries, so the rules see exactly wha
 import dagster as dg
 import polars as pl
 
+from assets.metadata import md_table
 from mlops import monitoring, promotion, registry
 from mlops.labels import entity_column
 from mlops.lake import write_json
@@ -15,16 +16,6 @@ from mlops.spec import Spec
 from orchestration.partitions import daily_partitions
 from resources.lake import LakeResource
 from resources.mlflow import MlflowResource
-
-
-def _md_table(df: pl.DataFrame, n: int = 12) -> dg.MetadataValue:
-    with pl.Config(
-        tbl_formatting="MARKDOWN",
-        tbl_hide_dataframe_shape=True,
-        tbl_hide_column_data_types=True,
-        float_precision=4,
-    ):
-        return dg.MetadataValue.md(str(df.head(n)))
 
 
 def scored_version(predictions: pl.DataFrame) -> int:
@@ -129,7 +120,7 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
                 "rows_compared": dg.MetadataValue.json(
                     {"reference": result.reference_rows, "current": result.current_rows}
                 ),
-                "columns": _md_table(result.columns.sort("score", descending=True)),
+                "columns": md_table(result.columns.sort("score", descending=True), 12),
                 "report": dg.MetadataValue.path(html),
             },
         )

@@ -8,22 +8,11 @@ reads one day of them (by the readings' event time) into the lake and compares t
 import dagster as dg
 import polars as pl
 
+from assets.metadata import md_table
 from mlops.inference_log import compare_routes, inference_log_dir, read_day
 from mlops.spec import Spec
 from orchestration.partitions import daily_partitions
 from resources.lake import LakeResource
-
-
-def _table_md(df: pl.DataFrame, n: int = 10) -> dg.MetadataValue:
-    with pl.Config(
-        tbl_formatting="MARKDOWN",
-        tbl_hide_dataframe_shape=True,
-        tbl_hide_column_data_types=True,
-        tbl_cols=16,
-        fmt_str_lengths=40,
-        float_precision=4,
-    ):
-        return dg.MetadataValue.md(str(df.head(n)))
 
 
 def build_serving_assets(spec: Spec) -> list[dg.AssetsDefinition]:
@@ -55,11 +44,11 @@ def build_serving_assets(spec: Spec) -> list[dg.AssetsDefinition]:
                     sorted(log["model_version"].drop_nulls().unique().to_list())
                 ),
                 "fallbacks": served.filter(pl.col("fallback").is_not_null()).height,
-                "route_comparison": _table_md(routes),
+                "route_comparison": md_table(routes),
                 "routes": dg.MetadataValue.json(routes.to_dicts()),
                 "log_dir": dg.MetadataValue.path(str(folder)),
                 "path": dg.MetadataValue.path(written.path),
-                "preview": _table_md(
+                "preview": md_table(
                     log.select(
                         "event_time", "entity", "route", "model_version", "score", "decision"
                     ),

@@ -27,20 +27,17 @@ import datetime as dt
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
-
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import project  # noqa: E402
+from deploy import services  # noqa: E402
 from mlops.generate import generate  # noqa: E402
 from mlops.lake import Lake  # noqa: E402
 from mlops.spec import load_spec  # noqa: E402
@@ -48,71 +45,27 @@ from mlops.spec import load_spec  # noqa: E402
 BIN = Path(sys.executable).parent
 JOB = "machine_failure_data_job"
 ASSETS = ("raw_data", "validated_data", "quarantine", "labels", "features")
-PG = {"host": "127.0.0.1", "port": 5432, "user": "root"}
-
-
-@contextlib.contextmanager
-def database():
-    import psycopg2
-
-    name = f"mlops_bench_{uuid.uuid4().hex[:10]}"
-    conn = psycopg2.connect(dbname="postgres", connect_timeout=5, **PG)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        yield name
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.close()
+PG = services.PG
 
 
 @contextlib.contextmanager
 def celery_workers(root: Path, env: dict[str, str], n: int):
     """n `dagster-celery worker` processes (one step at a time each) on the profile's broker."""
-    cfg = yaml.safe_load((REPO / "deploy" / "celery.yaml").read_text())
-    transport = cfg["execution"]["config"]["config_source"]["broker_transport_options"]
-    transport["global_keyprefix"] = env["MLOPS_CELERY_KEY_PREFIX"]
-    (root / "celery.yaml").write_text(yaml.safe_dump(cfg))
-    procs, logs = [], []
+    prefix = env["MLOPS_CELERY_KEY_PREFIX"]
+    config = services.celery_config(root / "celery.yaml", prefix)
+    procs, logs = [], {}
     try:
         for i in range(1, n + 1):
             name = f"bench-w{i}-{uuid.uuid4().hex[:4]}"
-            log = root / f"{name}.log"
-            logs.append((name, log))
-            args = [str(BIN / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app"]
-            args += ["-y", str(root / "celery.yaml"), "-n", name, "-i", "orchestration.definitions"]
-            args += ["-l", "INFO", "--", "--concurrency=1"]
-            with log.open("wb") as out:
-                procs.append(
-                    subprocess.Popen(
-                        args, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )  # fmt: skip
-        deadline = time.monotonic() + 180
-        for name, log in logs:
-            while " ready." not in log.read_text():
-                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                    raise SystemExit(f"worker {name} did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield [name for name, _ in logs]
+            logs[name] = root / f"{name}.log"
+            procs.append(services.start(services.celery_worker_args(config, name), env, logs[name]))
+        for name, log in logs.items():
+            services.wait_until(lambda log=log: services.worker_ready(log), name, log)
+        yield list(logs)
     finally:
         for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-        import redis
-
-        r = redis.Redis.from_url(env["MLOPS_CELERY_BROKER"])
-        keys = list(r.scan_iter(f"{env['MLOPS_CELERY_KEY_PREFIX']}*"))
-        if keys:
-            r.delete(*keys)
+            services.stop(p, grace=30)
+        services.forget_broker_keys(env["MLOPS_CELERY_BROKER"], prefix)
 
 
 def backfill(env: dict[str, str], first: str, last: str, concurrency: int, out: Path) -> dict:
@@ -158,7 +111,7 @@ def main() -> int:
         }
 
         # 1. The production profile: celery workers on Redis, PostgreSQL instance.
-        with database() as db:
+        with services.scratch_database("mlops_bench") as db:
             home = root / "home_prod"
             home.mkdir()
             (home / "dagster.yaml").write_text((REPO / "deploy" / "dagster.yaml").read_text())

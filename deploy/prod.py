@@ -24,10 +24,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: the project's packages, deploy.services
+
+from deploy import services  # noqa: E402
+
 DEPLOY = ROOT / "deploy"
 STATE = ROOT / ".mlops" / "prod"
 LOGS, PIDS = STATE / "logs", STATE / "pids"
@@ -120,14 +123,6 @@ def wait_for(name: str, ready, timeout: float = 180) -> None:
         time.sleep(1)
 
 
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def log_has(name: str, text: str) -> bool:
     log = LOGS / f"{name}.log"
     return log.exists() and text in log.read_text(errors="replace")
@@ -216,7 +211,6 @@ def forget_online_states(env: dict[str, str]) -> None:
     url = env.get("MLOPS_ONLINE_STORE_URL", "")
     if not url.startswith("redis") or urlsplit(url).hostname not in LOCAL_HOSTS:
         return
-    sys.path.insert(0, str(ROOT))
     from mlops.online_store import make_store
     from mlops.spec import find_specs
 
@@ -254,47 +248,15 @@ def up(env: dict[str, str]) -> None:
     dest = env["MLOPS_MLFLOW_ARTIFACTS_DESTINATION"]
     if "://" not in dest:
         Path(dest).mkdir(parents=True, exist_ok=True)
-    start(
-        "mlflow",
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            env["MLOPS_MLFLOW_BACKEND_URI"],
-            "--artifacts-destination",
-            dest,
-            "--serve-artifacts",
-            "--host",
-            env["MLOPS_MLFLOW_HOST"],
-            "--port",
-            env["MLOPS_MLFLOW_PORT"],
-            "--workers",
-            "1",
-        ],
-        env,
+    mlflow = services.mlflow_server_args(
+        env["MLOPS_MLFLOW_BACKEND_URI"],
+        dest,
+        int(env["MLOPS_MLFLOW_PORT"]),
+        env["MLOPS_MLFLOW_HOST"],
     )
+    start("mlflow", mlflow, env)
     for name in workers(env):
-        start(
-            name,
-            [
-                str(BIN / "dagster-celery"),
-                "worker",
-                "start",
-                "-A",
-                "dagster_celery.app",
-                "-y",
-                str(DEPLOY / "celery.yaml"),
-                "-n",
-                name,
-                "-i",
-                "orchestration.definitions",
-                "-l",
-                "INFO",
-                "--",
-                "--concurrency=1",
-            ],
-            env,
-        )
+        start(name, services.celery_worker_args(DEPLOY / "celery.yaml", name), env)
     start("dagster-daemon", [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], env)
     ui = [env["MLOPS_DAGSTER_UI_HOST"], env["MLOPS_DAGSTER_UI_PORT"]]
     start(
@@ -303,10 +265,10 @@ def up(env: dict[str, str]) -> None:
         env,
     )
     mlflow_url = env["MLOPS_MLFLOW_TRACKING_URI"]
-    wait_for("mlflow", lambda: http_ok(f"{mlflow_url}/health"))
+    wait_for("mlflow", lambda: services.http_ok(f"{mlflow_url}/health"))
     for name in workers(env):
         wait_for(name, lambda name=name: log_has(name, " ready."))
-    wait_for("dagster-webserver", lambda: http_ok(f"http://{ui[0]}:{ui[1]}/server_info"))
+    wait_for("dagster-webserver", lambda: services.http_ok(f"http://{ui[0]}:{ui[1]}/server_info"))
     print(
         f"\nup. Dagster UI http://{ui[0]}:{ui[1]}  MLflow {env['MLOPS_MLFLOW_UI_URL']}\n"
         f"logs {LOGS}; `make prod-demo` runs the loop on these services, `make prod-down` "

@@ -100,3 +100,35 @@ def test_closed_loop_story(tmp_path, monkeypatch, capsys):
         monitoring.METRIC_DECLINE,
         "schedule",
     )
+
+
+def test_a_second_demo_rebuilds_what_the_first_built(tmp_path, monkeypatch):
+    """The demo regenerates the same files, so their run keys repeat: a second `make demo`
+    on the same instance must forget the first one's runs, or the sensor's requests would
+    all count as already run and nothing would be built."""
+    from mlops.config import lake_url, mlflow_tracking_uri
+    from mlops.generate import generate
+    from mlops.lake import Lake
+    from orchestration.replay import Replay
+
+    p = make_project(tmp_path)
+    for key, value in _env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    spec, staging = p.spec, tmp_path / ".mlops" / "staging" / p.spec.name
+    day = spec.source.start_date
+    instance = dg.DagsterInstance.get()
+
+    def build() -> list[str]:
+        lake = demo.fresh_start(spec, staging, p.defs)
+        generate(demo.staged_spec(spec, staging), days=1, machines=3, seed=1)
+        replay = Replay(spec, p.defs, instance, lake, mlflow_tracking_uri(), staging)
+        replay.land(day)
+        return [r.run_id for r in replay.ingest_round() if r.success]
+
+    first = build()
+    assert len(first) == 1
+    second = build()
+    assert len(second) == 1 and second != first, "the second demo built nothing"
+    runs = instance.get_runs(dg.RunsFilter(job_name=f"{spec.name}_data_job"))
+    assert [r.run_id for r in runs] == second  # the first demo's run is forgotten
+    assert Lake(lake_url()).exists(spec.name, "features", day.isoformat())

@@ -26,15 +26,28 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
 import pytest
-import yaml
 
+from deploy.services import (
+    PG,
+    celery_config,
+    celery_worker_args,
+    forget_broker_keys,
+    free_port,
+    http_ok,
+    mlflow_server_args,
+    pg_url,
+    scratch_database,
+    start,
+    stop,
+    wait_until,
+    worker_ready,
+)
 from mlops import watch
 from mlops.lake import Lake
 from orchestration.definitions import build_definitions
@@ -56,7 +69,6 @@ JOB = f"{NAME}_data_job"
 START = dt.date(2026, 1, 1)
 DAYS = 52  # landing files; the backfill takes the first 50, the kill test day 52
 LAKE_ASSETS = ("raw_data", "validated_data", "quarantine", "labels", "features")
-PG = {"host": "127.0.0.1", "port": 5432, "user": "root"}
 LOOP = "fleet"  # the closed loop's spec
 LOCK_ERRORS = re.compile(
     r"deadlock|database is locked|could not obtain lock|LockNotAvailable|could not serialize",
@@ -66,58 +78,6 @@ LOCK_ERRORS = re.compile(
 
 def _day(n: int) -> str:
     return (START + dt.timedelta(days=n - 1)).isoformat()
-
-
-@contextlib.contextmanager
-def pg_database(prefix: str):
-    """A fresh database, dropped (with its connections) afterwards."""
-    import psycopg2
-
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    conn = psycopg2.connect(dbname="postgres", **PG)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        yield name
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.close()
-
-
-def pg_url(db: str) -> str:
-    return f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{db}"
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """A service in its own process group (it spawns children), output to `log`."""
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            args, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _stop(proc: subprocess.Popen, grace: float = 20) -> None:
-    """SIGTERM to the process group (celery: warm shutdown), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -216,9 +176,9 @@ def prod(tmp_path_factory) -> Prod:
     # the workers load the code location once, with both.
     (root / "specs" / f"{LOOP}.yaml").write_text(_loop_spec_text())
     with contextlib.ExitStack() as stack:
-        dagster_db = stack.enter_context(pg_database("mlops_test_dagster"))
-        mlflow_db = stack.enter_context(pg_database("mlops_test_mlflow"))
-        optuna_db = stack.enter_context(pg_database("mlops_test_optuna"))
+        dagster_db = stack.enter_context(scratch_database("mlops_test_dagster"))
+        mlflow_db = stack.enter_context(scratch_database("mlops_test_mlflow"))
+        optuna_db = stack.enter_context(scratch_database("mlops_test_optuna"))
         home = root / "dagster_home"
         home.mkdir()
         # The profile's dagster.yaml as shipped; the environment points it at this database.
@@ -231,7 +191,7 @@ def prod(tmp_path_factory) -> Prod:
             "MLOPS_PG_DB": dagster_db,
         }
         prefix = f"mlops-test-{uuid.uuid4().hex[:8]}:"
-        port = _free_port()
+        port = free_port()
         env = {
             **os.environ,
             **pg_env,
@@ -249,67 +209,24 @@ def prod(tmp_path_factory) -> Prod:
             "MLOPS_CELERY_KEY_PREFIX": prefix,
         }
         env.pop("CI", None)  # the services' processes need not know
-        # deploy/celery.yaml plus this run's broker key prefix (what the executor uses).
-        celery_cfg = yaml.safe_load((REPO / "deploy" / "celery.yaml").read_text())
-        source = celery_cfg["execution"]["config"]["config_source"]
-        source["broker_transport_options"]["global_keyprefix"] = prefix
-        (root / "celery.yaml").write_text(yaml.safe_dump(celery_cfg))
+        celery_cfg = celery_config(root / "celery.yaml", prefix)
         monkey = stack.enter_context(pytest.MonkeyPatch.context())
         for k, v in pg_env.items():
             monkey.setenv(k, v)
 
         procs: list[subprocess.Popen] = []
-        stack.callback(_forget_broker_keys, prefix)  # (exit order: after the workers stop)
-        stack.callback(lambda: [_stop(p) for p in procs])
+        # (exit order: the broker keys go after the workers stop)
+        stack.callback(forget_broker_keys, env["MLOPS_CELERY_BROKER"], prefix)
+        stack.callback(lambda: [stop(p) for p in procs])
         workers = {}
         for n in (1, 2):
             name = f"w{n}-{prefix[11:19]}"
             workers[name] = logs / f"{name}.log"
-            procs.append(
-                _start(
-                    [
-                        str(BIN / "dagster-celery"),
-                        "worker",
-                        "start",
-                        "-A",
-                        "dagster_celery.app",
-                        "-y",
-                        str(root / "celery.yaml"),
-                        "-n",
-                        name,
-                        "-i",
-                        "orchestration.definitions",  # imported once, before the first task
-                        "-l",
-                        "INFO",
-                        "--",
-                        "--concurrency=1",
-                    ],
-                    env,
-                    workers[name],
-                )
-            )
+            procs.append(start(celery_worker_args(celery_cfg, name), env, workers[name]))
         # The MLflow server starts now (its schema migration takes a while); tests wait.
-        procs.append(
-            _start(
-                [
-                    str(BIN / "mlflow"),
-                    "server",
-                    "--backend-store-uri",
-                    pg_url(mlflow_db),
-                    "--artifacts-destination",
-                    str(root / "mlflow-artifacts"),
-                    "--serve-artifacts",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--workers",
-                    "1",
-                ],
-                env,
-                logs / "mlflow.log",
-            )
-        )
+        artifacts = str(root / "mlflow-artifacts")
+        args = mlflow_server_args(pg_url(mlflow_db), artifacts, port)
+        procs.append(start(args, env, logs / "mlflow.log"))
         instance = stack.enter_context(dg.DagsterInstance.from_config(str(home)))
         prod = Prod(
             root,
@@ -324,23 +241,9 @@ def prod(tmp_path_factory) -> Prod:
             optuna_db,
             logs,
         )
-        deadline = time.monotonic() + 180
         for name, log in workers.items():
-            while f"{name}@" not in log.read_text() or " ready." not in log.read_text():
-                dead = [p for p in procs if p.poll() is not None]
-                assert not dead, f"a service exited: {log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"{name} not ready: {log.read_text()[-3000:]}"
-                time.sleep(0.5)
+            wait_until(lambda log=log: worker_ready(log), f"celery worker {name}", log)
         yield prod
-
-
-def _forget_broker_keys(prefix: str) -> None:
-    import redis
-
-    r = redis.Redis.from_url("redis://127.0.0.1:6379/1")
-    keys = list(r.scan_iter(f"{prefix}*"))
-    if keys:
-        r.delete(*keys)
 
 
 # --- the executor comes from the environment (no services needed) ------------------------
@@ -404,7 +307,7 @@ def test_demo_loop_runs_on_celery_workers_postgres_and_the_mlflow_server(prod: P
     from mlflow import MlflowClient
 
     url = prod.env["MLOPS_MLFLOW_TRACKING_URI"]
-    _wait_http(f"{url}/health", prod.logs / "mlflow.log")
+    wait_until(lambda: http_ok(f"{url}/health"), "MLflow server", prod.logs / "mlflow.log")
     spec_path = prod.root / "specs" / f"{LOOP}.yaml"
     args = ["--spec", str(spec_path), "--days", str(LOOP_DAYS), "--build-days", str(LOOP_BUILD)]
     args += ["--drift-from", str(LOOP_DRIFT), "--machines", "20", "--trials", "2"]
@@ -454,7 +357,7 @@ def test_demo_loop_runs_on_celery_workers_postgres_and_the_mlflow_server(prod: P
     assert all(r.tags["mlops/trigger_reason"] for r in retrains)
 
     # Models are in the MLflow server (artifacts served by it); trials in PostgreSQL.
-    client = MlflowClient(url)
+    client = MlflowClient(url, registry_uri=url)  # not the process-wide registry
     versions = client.search_model_versions(f"name = '{LOOP}'")
     assert len(versions) == 1 + len(retrains), [v.version for v in versions]
     champion = client.get_model_version_by_alias(LOOP, "champion")
@@ -717,19 +620,6 @@ def test_two_runs_racing_for_one_partition_leave_one_correct_result(prod: Prod):
 # --- (f) MLflow over HTTP on PostgreSQL, Optuna in PostgreSQL ----------------------------
 
 
-def _wait_http(url: str, proc_log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"{url} not up: {proc_log.read_text()[-3000:]}"
-        time.sleep(1)
-
-
 def _train(defs: dg.Definitions, instance: dg.DagsterInstance) -> dict:
     job = defs.resolve_job_def(f"{NAME}_training_job")
     cfg = {"ops": {f"{NAME}__candidate_model": {"config": {"trials": 2}}}}
@@ -758,7 +648,7 @@ def test_mlflow_server_on_postgres_records_the_same_lineage(prod: Prod, tmp_path
     local = _train(p.defs, dg.DagsterInstance.ephemeral())  # the default profile
 
     url = f"http://127.0.0.1:{prod.mlflow_port}"
-    _wait_http(f"{url}/health", prod.logs / "mlflow.log")
+    wait_until(lambda: http_ok(f"{url}/health"), "MLflow server", prod.logs / "mlflow.log")
     optuna_url = pg_url(prod.optuna_db)
     monkeypatch.setenv("MLOPS_OPTUNA_STORAGE", optuna_url)
     defs = build_definitions(
@@ -770,8 +660,8 @@ def test_mlflow_server_on_postgres_records_the_same_lineage(prod: Prod, tmp_path
     )
     remote = _train(defs, prod.instance)
 
-    a = MlflowClient(p.tracking_uri)
-    b = MlflowClient(url)
+    a = MlflowClient(p.tracking_uri, registry_uri=p.tracking_uri)
+    b = MlflowClient(url, registry_uri=url)
     run_a, run_b = a.get_run(local["mlflow_run_id"]), b.get_run(remote["mlflow_run_id"])
     assert run_b.info.artifact_uri.startswith("mlflow-artifacts:/")
     tags_a = {k: v for k, v in run_a.data.tags.items() if k.startswith("mlops.")}

@@ -42,6 +42,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploy.services import free_port, mlflow_server_args
 from mlops import registry, training
 from mlops.inference_log import log_files, read_lines
 from mlops.online import states_from_rows
@@ -56,12 +57,6 @@ POLL = 0.5  # seconds between registry polls in each worker
 CLIENT_TIMEOUT = 5.0  # a request without an answer in this time counts as a hang
 LOAD_THREADS = 3
 REDIS_SERVER = "/usr/bin/redis-server"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(fn: Callable[[], bool], timeout: float, what: str | Callable[[], str]) -> float:
@@ -134,7 +129,7 @@ class Dependency:
 
 
 def _redis(root: Path) -> Dependency:
-    port = _free_port()
+    port = free_port()
     cmd = [_require_redis_server(), "--port", str(port), "--bind", "127.0.0.1"]
     cmd += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
     return Dependency("redis", cmd, port, root / "redis.log", root)
@@ -180,10 +175,8 @@ def _postgres_database() -> tuple[str, Callable[[], None]] | None:
 
 
 def _mlflow(root: Path, backend: str) -> Dependency:
-    port = _free_port()
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend]
-    cmd += ["--artifacts-destination", str(root / "mlflow-artifacts"), "--serve-artifacts"]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    port = free_port()
+    cmd = mlflow_server_args(backend, str(root / "mlflow-artifacts"), port)
     return Dependency("mlflow", cmd, port, root / "mlflow.log", root)
 
 
@@ -386,7 +379,7 @@ def _workers_agree(w: World, path: str, check: Callable[[dict], bool]) -> bool:
 
 
 def _start_service(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str, Path]:
-    port = _free_port()
+    port = free_port()
     stderr = root / "serve.stderr"
     cmd = [str(BIN / "mlops"), "serve", "--spec", str(root / "specs" / f"{NAME}.yaml")]
     cmd += ["--port", str(port), "--workers", "2", "--mode", "champion"]

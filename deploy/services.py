@@ -1,0 +1,157 @@
+"""The production profile's local services, for `deploy/prod.py`, bench/ and the tests:
+scratch PostgreSQL databases, processes in their own process group, dagster-celery workers,
+an MLflow server, and waiting for each to be ready."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PG = {"host": "127.0.0.1", "port": 5432, "user": "root"}
+
+
+def pg_url(db: str, host: str = PG["host"], port: int = PG["port"], user: str = PG["user"]) -> str:
+    return f"postgresql+psycopg2://{user}@{host}:{port}/{db}"
+
+
+@contextlib.contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A fresh database on the local PostgreSQL, dropped (with its connections) afterwards."""
+    import psycopg2
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(dbname="postgres", connect_timeout=5, **PG)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        yield name
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A service in its own process group (it spawns children), its output appended to log."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            args, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM to the process group (celery: warm shutdown), SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def wait_until(ready: Callable[[], bool], what: str, log: Path, timeout: float = 180) -> None:
+    """Poll `ready` until true; RuntimeError with the log's tail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            raise RuntimeError(f"{what} not ready after {timeout:.0f} s; {log}:\n{tail}")
+        time.sleep(0.5)
+
+
+def worker_ready(log: Path) -> bool:
+    return log.exists() and " ready." in log.read_text(errors="replace")
+
+
+def celery_config(path: Path, key_prefix: str = "") -> Path:
+    """deploy/celery.yaml, with the broker key prefix the executor uses (MLOPS_CELERY_KEY_PREFIX)
+    when there is one, written to `path`."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "deploy" / "celery.yaml").read_text())
+    if key_prefix:
+        source = cfg["execution"]["config"]["config_source"]
+        source["broker_transport_options"]["global_keyprefix"] = key_prefix
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def celery_worker_args(config: Path, name: str) -> list[str]:
+    """A dagster-celery worker running one step at a time, the code location imported once,
+    before its first task."""
+    return [
+        str(BIN / "dagster-celery"),
+        "worker",
+        "start",
+        "-A",
+        "dagster_celery.app",
+        "-y",
+        str(config),
+        "-n",
+        name,
+        "-i",
+        "orchestration.definitions",
+        "-l",
+        "INFO",
+        "--",
+        "--concurrency=1",
+    ]
+
+
+def mlflow_server_args(backend: str, artifacts: str, port: int, host: str = "127.0.0.1"):
+    """An MLflow tracking server that also serves the artifact store (mlflow-artifacts:/)."""
+    return [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        artifacts,
+        "--serve-artifacts",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+
+
+def forget_broker_keys(broker: str, prefix: str) -> None:
+    """Every key a run with this broker key prefix left in Redis."""
+    import redis
+
+    r = redis.Redis.from_url(broker)
+    keys = list(r.scan_iter(f"{prefix}*"))
+    if keys:
+        r.delete(*keys)
