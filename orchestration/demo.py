@@ -6,7 +6,7 @@ timeline is also written as .mlops/reports/<spec>/timeline.{json,png}.
 
 Everything runs against the persistent Dagster instance in $DAGSTER_HOME (default
 .mlops/dagster), so `make ui` shows every run, materialization and check afterwards. With
-`--runs executor` (the default when MLOPS_EXECUTOR is set, as in the production profile:
+`--runs executor` (the default when MLOPS_EXECUTOR=celery, as in the production profile:
 `make prod-demo`) each run's steps go to the code location's executor, i.e. celery workers.
 """
 
@@ -80,12 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--runs",
         choices=RUN_MODES,
-        default=EXECUTOR
-        if os.environ.get("MLOPS_EXECUTOR", "multiprocess") != "multiprocess"
-        else IN_PROCESS,
+        default=IN_PROCESS
+        if (os.environ.get("MLOPS_EXECUTOR") or "multiprocess").strip().lower() == "multiprocess"
+        else EXECUTOR,
         help="execute runs in this process, or send their steps to the code location's "
-        "executor (celery workers when MLOPS_EXECUTOR=celery); default: executor when "
-        "MLOPS_EXECUTOR is set",
+        "executor (celery workers when MLOPS_EXECUTOR=celery, the default then)",
     )
     args = p.parse_args(argv)
     t0 = time.perf_counter()
