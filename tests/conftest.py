@@ -28,6 +28,29 @@ def _forget_stale_defs_state_storage() -> None:
     _current_storage.set(None)
 
 
+def _ignore_dead_defs_state_storage() -> None:
+    """The same, wherever it happens: a storage whose instance is gone reads as no storage.
+
+    The resets below run between modules and tests; an instance dropped inside a module's
+    fixture (seen in CI: test_model_lifecycle, after the previous module on that worker)
+    still broke the next Definitions. Only a test process creates and drops instances by
+    the hundred; a platform process keeps its one instance."""
+    from dagster._core.storage.defs_state import base
+
+    def get(cls):
+        storage = base._current_storage.get()
+        ref = getattr(storage, "_instance_weakref", None)
+        if ref is not None and ref() is None:
+            base._current_storage.set(None)
+            return None
+        return storage
+
+    base.DefsStateStorage.get = classmethod(get)
+
+
+_ignore_dead_defs_state_storage()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_dagster_context_per_module():
     _forget_stale_defs_state_storage()
