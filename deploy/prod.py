@@ -123,11 +123,6 @@ def wait_for(name: str, ready, timeout: float = 180) -> None:
         time.sleep(1)
 
 
-def log_has(name: str, text: str) -> bool:
-    log = LOGS / f"{name}.log"
-    return log.exists() and text in log.read_text(errors="replace")
-
-
 # --- databases -------------------------------------------------------------------------------
 
 
@@ -255,7 +250,11 @@ def up(env: dict[str, str]) -> None:
         env["MLOPS_MLFLOW_HOST"],
     )
     start("mlflow", mlflow, env)
+    since = {}
     for name in workers(env):
+        # A worker started now must say " ready." below what the log holds; one that is
+        # already running said it before.
+        since[name] = 0 if _pid(name) else services.log_size(LOGS / f"{name}.log")
         start(name, services.celery_worker_args(DEPLOY / "celery.yaml", name), env)
     start("dagster-daemon", [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], env)
     ui = [env["MLOPS_DAGSTER_UI_HOST"], env["MLOPS_DAGSTER_UI_PORT"]]
@@ -267,7 +266,8 @@ def up(env: dict[str, str]) -> None:
     mlflow_url = env["MLOPS_MLFLOW_TRACKING_URI"]
     wait_for("mlflow", lambda: services.http_ok(f"{mlflow_url}/health"))
     for name in workers(env):
-        wait_for(name, lambda name=name: log_has(name, " ready."))
+        log = LOGS / f"{name}.log"
+        wait_for(name, lambda log=log, n=since[name]: services.worker_ready(log, n))
     wait_for("dagster-webserver", lambda: services.http_ok(f"http://{ui[0]}:{ui[1]}/server_info"))
     print(
         f"\nup. Dagster UI http://{ui[0]}:{ui[1]}  MLflow {env['MLOPS_MLFLOW_UI_URL']}\n"

@@ -89,8 +89,18 @@ def wait_until(ready: Callable[[], bool], what: str, log: Path, timeout: float =
         time.sleep(0.5)
 
 
-def worker_ready(log: Path) -> bool:
-    return log.exists() and " ready." in log.read_text(errors="replace")
+def log_size(log: Path) -> int:
+    return log.stat().st_size if log.exists() else 0
+
+
+def worker_ready(log: Path, since: int = 0) -> bool:
+    """A celery worker said " ready." in its log after byte `since` (a log appended to across
+    restarts holds the last start's line too)."""
+    if not log.exists():
+        return False
+    with log.open("rb") as f:
+        f.seek(since)
+        return b" ready." in f.read()
 
 
 def celery_config(path: Path, key_prefix: str = "") -> Path:

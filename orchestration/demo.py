@@ -114,11 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def fresh_start(spec: Spec, staging: Path, defs: dg.Definitions) -> Lake:
+def fresh_start(
+    spec: Spec, staging: Path, defs: dg.Definitions, instance: dg.DagsterInstance
+) -> Lake:
     """The demo regenerates everything: landing files, lake, registry, online store, and the
     spec's runs and materializations in the Dagster instance (the regenerated files have the
     same content, so their run keys would otherwise count as already run)."""
-    _forget_runs(spec, defs)
+    _forget_runs(spec, defs, instance)
     for folder in (spec.landing_dir, spec.resolve(spec.labels.events.path), staging):
         shutil.rmtree(folder, ignore_errors=True)
     lake = Lake(lake_url())
@@ -132,10 +134,9 @@ def fresh_start(spec: Spec, staging: Path, defs: dg.Definitions) -> Lake:
     return lake
 
 
-def _forget_runs(spec: Spec, defs: dg.Definitions) -> None:
+def _forget_runs(spec: Spec, defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
     repo = defs.get_repository_def()
     jobs = [j.name for j in repo.get_all_jobs() if j.name.startswith(f"{spec.name}_")]
-    instance = _instance()
     runs = [r for job in jobs for r in instance.get_runs(dg.RunsFilter(job_name=job))]
     for r in runs:
         instance.delete_run(r.run_id)
@@ -148,7 +149,8 @@ def _forget_runs(spec: Spec, defs: dg.Definitions) -> None:
 def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
     staging = spec.root / ".mlops" / "staging" / spec.name
     defs = build_definitions(spec.path.parent)
-    lake = fresh_start(spec, staging, defs)
+    instance = _instance()
+    lake = fresh_start(spec, staging, defs, instance)
     report = generate(
         staged_spec(spec, staging),
         days=args.days,
@@ -163,7 +165,6 @@ def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
         f"generated {args.days} days: {report.rows} readings, {report.events} failure events, "
         f"{len(report.bad_rows)} bad rows (drift {args.drift} from day {args.drift_from})"
     )
-    instance = _instance()
     initialize_pools(instance, [spec])  # before runs race to (orchestration/pools.py)
     alerts = _alerts_to_file(spec)
     replay = Replay(spec, defs, instance, lake, mlflow_tracking_uri(), staging, runs=args.runs)

@@ -125,6 +125,16 @@ def mlflow_db(root: Path) -> str:
     return f"sqlite:///{db}"
 
 
+def embedded_spec_text(*edits: tuple[str, str]) -> str:
+    """The embedded spec's text with each (old, new) replaced; an `old` the spec no longer
+    holds fails, so a test never runs on a setting it meant to change."""
+    text = (REPO / "specs" / "machine_failure.yaml").read_text()
+    for old, new in edits:
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
 def make_project(
     root: Path,
     spec_text: str | None = None,

@@ -22,23 +22,19 @@ from mlops.config import mlflow_tracking_uri
 from mlops.labels import MATURE, entity_column
 from mlops.model_loader import load_model
 from orchestration import demo
-from tests.conftest import REPO, make_project
+from tests.conftest import embedded_spec_text, make_project
 from tests.test_definitions import _env
 
 BUILD, DRIFT_FROM, DAYS = 14, 19, 40
 
 
 def _spec_text() -> str:
-    text = (REPO / "specs" / "machine_failure.yaml").read_text()
-    for old, new in (
+    return embedded_spec_text(
         ("latency_budget_ms: 50", "latency_budget_ms: 500"),  # a loaded CI machine
         ("trials: 10", "trials: 3"),
         ("training_window_days: 14", "training_window_days: 8"),
         ("retrain_cooldown_partitions: 7", "retrain_cooldown_partitions: 5"),
-    ):
-        assert old in text, old
-        text = text.replace(old, new)
-    return text
+    )
 
 
 def test_closed_loop_story(tmp_path, monkeypatch, capsys):
@@ -119,7 +115,7 @@ def test_a_second_demo_rebuilds_what_the_first_built(tmp_path, monkeypatch):
     instance = dg.DagsterInstance.get()
 
     def build() -> list[str]:
-        lake = demo.fresh_start(spec, staging, p.defs)
+        lake = demo.fresh_start(spec, staging, p.defs, instance)
         generate(demo.staged_spec(spec, staging), days=1, machines=3, seed=1)
         replay = Replay(spec, p.defs, instance, lake, mlflow_tracking_uri(), staging)
         replay.land(day)

@@ -55,6 +55,7 @@ from tests.conftest import (
     QUIET,
     REPO,
     Project,
+    embedded_spec_text,
     make_project,
     require_postgres,
     require_redis,
@@ -284,17 +285,13 @@ def test_executor_and_backfill_waves_come_from_the_environment(tmp_path, monkeyp
 
 def _loop_spec_text() -> str:
     """The embedded spec under another name, small enough for a test (as in test_loop)."""
-    text = (REPO / "specs" / "machine_failure.yaml").read_text()
-    for old, new in (
+    return embedded_spec_text(
         ("name: machine_failure", f"name: {LOOP}"),  # and registered_name
         (".mlops/landing/machine_failure/", f".mlops/landing/{LOOP}/"),
         ("latency_budget_ms: 50", "latency_budget_ms: 500"),  # a loaded CI machine
         ("training_window_days: 14", "training_window_days: 6"),
         ("retrain_cooldown_partitions: 7", "retrain_cooldown_partitions: 4"),
-    ):
-        assert old in text, old
-        text = text.replace(old, new)
-    return text
+    )
 
 
 LOOP_DAYS, LOOP_BUILD, LOOP_DRIFT = 15, 8, 11

@@ -19,11 +19,9 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,44 +36,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from assets.model import score_frame
 from assets.serving import build_serving_assets
+from deploy.services import free_port
 from mlops import registry, training
 from mlops.inference_log import compare_routes, inference_log_dir, log_files, read_lines
 from mlops.model_loader import load_model
 from mlops.online_store import make_store
 from resources.lake import LakeResource
-from tests.conftest import QUIET, REPO, make_project, materialization_meta, small_data
+from tests.conftest import QUIET, make_project, materialization_meta, small_data
+from tests.serving_support import samples, training_frame, variant, wait
 
 NAME = "machine_failure"
 BIN = Path(sys.executable).parent
 DAY3 = "2026-01-03"
 MAX_BODY, MAX_BATCH, POLL = 20_000, 50, 0.5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _variant(root: Path, estimator: str, params: dict[str, Any]) -> Path:
-    data = yaml.safe_load((REPO / "specs" / f"{NAME}.yaml").read_text())
-    data["model"]["candidates"] = [{"estimator": estimator, "params": params}]
-    path = root / "variants" / estimator / f"{NAME}.yaml"
-    path.parent.mkdir(parents=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def _training_frame(lake, days: list[str]) -> pl.DataFrame:
-    """Day features with a label the model can learn (high vibration) and a day split."""
-    feats = lake.read_many(NAME, "features", days)
-    split = {days[0]: "train", days[1]: "valid", days[2]: "test"}
-    return feats.with_columns(
-        (pl.col("vibration_max_24h") > pl.col("vibration_max_24h").median())
-        .cast(pl.Int64)
-        .alias("failure_24h"),
-        pl.col("timestamp").dt.date().cast(pl.String).replace_strict(split).alias("split"),
-    )
 
 
 def _body(row: dict[str, Any]) -> dict[str, Any]:
@@ -109,17 +82,6 @@ class World:
     versions: dict[str, int] = field(default_factory=dict)
 
 
-def _wait(fn: Callable[[], bool], timeout: float, what: str | Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if fn():
-            return
-        time.sleep(0.1)
-    raise AssertionError(
-        f"timed out after {timeout} s waiting for {what if isinstance(what, str) else what()}"
-    )
-
-
 def _workers_agree(server: Server, check: Callable[[dict], bool], workers: int = 2) -> bool:
     """True when `workers` distinct worker pids answer /model with `check` true (probed on
     fresh connections, in parallel, so both workers get some)."""
@@ -142,7 +104,7 @@ def _workers_agree(server: Server, check: Callable[[dict], bool], workers: int =
 
 
 def _start_server(root: Path, env: dict[str, str]) -> Server:
-    port = _free_port()
+    port = free_port()
     stderr = root / "server.stderr"
     proc = subprocess.Popen(
         [
@@ -201,7 +163,7 @@ def world(tmp_path_factory, request) -> World:
     # the champion alias exists and v1 passed its smoke test.
     server = _start_server(root, env)
     request.addfinalizer(lambda: _stop(server))
-    frame = _training_frame(p.lake, ["2026-01-01", "2026-01-02", DAY3])
+    frame = training_frame(p.lake, ["2026-01-01", "2026-01-02", DAY3])
     arts = str(root / ".mlops" / "mlartifacts")
     lineage = {"training_set_hash": "0" * 64, "training_partitions": ["2026-01-01", DAY3]}
     xgb = training.train_candidate(
@@ -231,7 +193,7 @@ def world(tmp_path_factory, request) -> World:
         ch, cl = body.get("champion"), body.get("challenger")
         return bool(ch and cl and ch["version"] == xgb.version and cl["version"] == lr.version)
 
-    _wait(
+    wait(
         lambda: server.proc.poll() is None and _workers_agree(server, both_loaded),
         120,
         lambda: (
@@ -245,7 +207,7 @@ def world(tmp_path_factory, request) -> World:
 def training_spec(root: Path, estimator: str, params: dict[str, Any]):
     from mlops.spec import load_spec
 
-    return load_spec(_variant(root, estimator, params))
+    return load_spec(variant(root, estimator, params))
 
 
 def _stop(server: Server) -> None:
@@ -267,16 +229,6 @@ def replay(world: World) -> list[dict[str, Any]]:
             assert r.status_code == 200, r.text
             out.append(r.json())
     return out
-
-
-def _samples(text: str, name: str, **labels: str) -> list[Any]:
-    """The samples of one metric series in Prometheus text, filtered by labels."""
-    return [
-        s
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    ]
 
 
 def _reading(machine: str, when: dt.datetime, **values: Any) -> dict[str, Any]:
@@ -386,10 +338,10 @@ def test_every_kind_of_bad_input_gets_its_4xx_with_field_and_reason(world):
         store = make_store(f"sqlite:///{world.root / '.mlops' / 'online.db'}")
         assert store.get_state(NAME, "M0004").as_of < when  # not appended
         metrics = c.get("/metrics").text
-    reasons = {s.labels["reason"] for s in _samples(metrics, "mlops_serving_rejections_total")}
+    reasons = {s.labels["reason"] for s in samples(metrics, "mlops_serving_rejections_total")}
     assert reasons >= {"missing", "extra", "type", "max", "min", "category", "not_null",
                        "malformed_json", "body_too_large", "too_many_records", "unknown_entity"}  # fmt: skip
-    statuses = {s.labels["status"] for s in _samples(metrics, "mlops_serving_requests_total")}
+    statuses = {s.labels["status"] for s in samples(metrics, "mlops_serving_requests_total")}
     assert "500" not in statuses
 
 
@@ -429,17 +381,17 @@ def test_model_endpoint_and_prometheus_metrics(world, replay):
     text = metrics.text
     assert metrics.headers["content-type"].startswith("text/plain")
     # Counters add up over both workers (prometheus multiprocess mode).
-    (ok,) = _samples(text, "mlops_serving_requests_total", endpoint="/predict", status="200")
+    (ok,) = samples(text, "mlops_serving_requests_total", endpoint="/predict", status="200")
     assert ok.value >= len(replay)
-    (latency,) = _samples(text, "mlops_serving_request_duration_seconds_count", endpoint="/predict")
+    (latency,) = samples(text, "mlops_serving_request_duration_seconds_count", endpoint="/predict")
     assert latency.value >= len(replay)
     for route in ("champion", "shadow"):
-        (below,) = _samples(text, "mlops_serving_prediction_score_bucket", route=route, le="0.5")
-        (total,) = _samples(text, "mlops_serving_prediction_score_count", route=route)
+        (below,) = samples(text, "mlops_serving_prediction_score_bucket", route=route, le="0.5")
+        (total,) = samples(text, "mlops_serving_prediction_score_count", route=route)
         assert 0 < below.value < total.value  # scores on both sides of 0.5
-    (preds,) = _samples(text, "mlops_serving_predictions_total", route="shadow", decision="1")
+    (preds,) = samples(text, "mlops_serving_predictions_total", route="shadow", decision="1")
     assert preds.labels["model_version"] == str(world.versions["lr"])
-    versions = _samples(text, "mlops_serving_model_version", alias="champion")
+    versions = samples(text, "mlops_serving_model_version", alias="champion")
     assert len({s.labels["pid"] for s in versions}) == 2  # one gauge per live worker
     assert {s.value for s in versions} == {world.versions["xgb"]}
     families = {f.name for f in text_string_to_metric_families(text)}
@@ -469,7 +421,7 @@ class ThreadServer:
             os.environ.pop("MLOPS_SERVE_TOKEN", None)
             if old is not None:
                 os.environ["MLOPS_SERVE_TOKEN"] = old
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
@@ -477,7 +429,7 @@ class ThreadServer:
 
     def __enter__(self) -> ThreadServer:
         self.thread.start()
-        _wait(lambda: self._ready(), 60, "the in-process server")
+        wait(lambda: self._ready(), 60, "the in-process server")
         return self
 
     def _ready(self) -> bool:
@@ -511,7 +463,7 @@ def test_canary_routes_a_fraction_to_the_challenger_behind_a_token(world):
         denied = httpx.post(srv.url + "/predict", json=_reading("M0006", dt.datetime(2026, 1, 4)))
         wrong = httpx.get(srv.url + "/model", headers={"authorization": "Bearer nope"})
         auth = {"authorization": "Bearer s3cret"}
-        _wait(
+        wait(
             lambda: httpx.get(srv.url + "/model", headers=auth).json()["challenger"] is not None,
             30,
             "the canary's challenger",
@@ -542,7 +494,7 @@ def test_canary_routes_a_fraction_to_the_challenger_behind_a_token(world):
 
 
 def test_a_down_feature_store_is_503_not_500(world):
-    down = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     with ThreadServer(_settings(world, store_url=down, log="down")) as srv:
         r = httpx.post(srv.url + "/predict", json=_reading("M0001", dt.datetime(2026, 1, 4)))
         metrics = httpx.get(srv.url + "/metrics").text
@@ -608,13 +560,13 @@ class Load:
 def test_swap_under_load_fails_no_request_and_names_the_version(world):
     server, v1, v2 = world.server, world.versions["xgb"], world.versions["lr"]
     with Load(server, threads=4, hour=4) as load:
-        _wait(
+        wait(
             lambda: all(len(r) >= 5 for r in load.results.values()),
             30,
             lambda: f"the load to start: {load.errors[:3]}",
         )
         registry.set_alias(world.uri, NAME, registry.CHAMPION, v2)
-        _wait(
+        wait(
             lambda: (
                 load.tail_versions(10) == {v2} and all(len(r) > 20 for r in load.results.values())
             ),
@@ -677,7 +629,7 @@ def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(world):
                     r["version"] == broken and r["alias"] == "champion" for r in body["refused"]
                 )
 
-            _wait(lambda: _workers_agree(server, refused), 60, f"both workers to refuse v{broken}")
+            wait(lambda: _workers_agree(server, refused), 60, f"both workers to refuse v{broken}")
     registry.set_alias(world.uri, NAME, registry.CHAMPION, good)
     assert not load.errors, load.errors[:5]
     assert load.tail_versions(1000) == {good}
@@ -687,7 +639,7 @@ def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(world):
     reasons = {r["version"]: r["reason"] for r in body["refused"]}
     assert any("did not load" in r and "XGBoostError" in r for r in reasons.values()), reasons
     assert any("scoring its input example failed" in r for r in reasons.values()), reasons
-    (refusals,) = _samples(metrics, "mlops_serving_swap_refusals_total", alias="champion")
+    (refusals,) = samples(metrics, "mlops_serving_swap_refusals_total", alias="champion")
     assert refusals.value == 4  # two versions, refused once by each of two workers
     err = server.stderr_text()
     assert "refused machine_failure" in err and "keeps serving" in err
@@ -699,7 +651,7 @@ def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(world):
 def test_sigterm_under_load_loses_no_acknowledged_request(world):
     server = world.server
     with Load(server, threads=4, hour=6) as load:
-        _wait(lambda: sum(map(len, load.results.values())) > 200, 60, "traffic")
+        wait(lambda: sum(map(len, load.results.values())) > 200, 60, "traffic")
         server.proc.send_signal(signal.SIGTERM)
         server.proc.wait(60)
     assert server.proc.returncode == 0, server.stderr_text()[-2000:]
@@ -751,7 +703,7 @@ def test_drift_report_uses_the_served_traffic(world, replay, tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     # The models' reference: the training set their lineage names (hash 0...0).
     lake.write(
-        NAME, "training_set", _training_frame(p.lake, ["2026-01-01", "2026-01-02", DAY3]), "0" * 16
+        NAME, "training_set", training_frame(p.lake, ["2026-01-01", "2026-01-02", DAY3]), "0" * 16
     )
     lake.write(NAME, "features", p.lake.read(NAME, "features", DAY3), DAY3)
     (log_asset,) = build_serving_assets(p.spec)

@@ -19,6 +19,7 @@ Tests run in file order over one module-scoped world (the load runs throughout).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import shutil
@@ -28,7 +29,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,18 +37,16 @@ from typing import Any
 
 import dagster as dg
 import httpx
-import polars as pl
 import pytest
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.services import free_port, mlflow_server_args
+from deploy.services import free_port, mlflow_server_args, pg_url, scratch_database
 from mlops import registry, training
 from mlops.inference_log import log_files, read_lines
 from mlops.online import states_from_rows
 from mlops.online_store import EntityState, RedisOnlineStore
 from mlops.spec import load_spec
-from tests.conftest import POSTGRES_URL, QUIET, REPO, make_project, mlflow_db, small_data
+from tests.conftest import QUIET, make_project, mlflow_db, small_data
+from tests.serving_support import samples, training_frame, variant, wait
 
 NAME = "machine_failure"
 BIN = Path(sys.executable).parent
@@ -57,18 +55,6 @@ POLL = 0.5  # seconds between registry polls in each worker
 CLIENT_TIMEOUT = 5.0  # a request without an answer in this time counts as a hang
 LOAD_THREADS = 3
 REDIS_SERVER = "/usr/bin/redis-server"
-
-
-def _wait(fn: Callable[[], bool], timeout: float, what: str | Callable[[], str]) -> float:
-    """Seconds until `fn()` is true; fails after `timeout`."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if fn():
-            return time.monotonic() - t0
-        time.sleep(0.1)
-    raise AssertionError(
-        f"timed out after {timeout} s waiting for {what if isinstance(what, str) else what()}"
-    )
 
 
 def _require_redis_server() -> str:
@@ -144,34 +130,21 @@ def _redis_up(url: str) -> bool:
         return False
 
 
-def _postgres_database() -> tuple[str, Callable[[], None]] | None:
-    """A fresh PostgreSQL database for the MLflow backend and how to drop it; None where
-    PostgreSQL does not answer locally (CI must have it, as for the SQL source tests)."""
-    import sqlalchemy as sa
-    from sqlalchemy.pool import NullPool
+def _mlflow_backend(root: Path, request) -> str:
+    """A scratch PostgreSQL database for the MLflow backend, dropped after the module (after
+    the servers stop: finalizers run last in, first out). Locally without PostgreSQL, a
+    migrated SQLite file does as well for this test; CI must have PostgreSQL."""
+    import psycopg2
 
-    admin = sa.create_engine(
-        POSTGRES_URL,
-        poolclass=NullPool,
-        isolation_level="AUTOCOMMIT",
-        connect_args={"connect_timeout": 2},
-    )
-    name = f"mlops_resilience_{uuid.uuid4().hex[:12]}"
+    stack = contextlib.ExitStack()
     try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.DBAPIError as e:
-        admin.dispose()
+        name = stack.enter_context(scratch_database("mlops_resilience"))
+    except psycopg2.OperationalError as e:
         if os.environ.get("CI") == "true":
             pytest.fail(f"PostgreSQL is not reachable at 127.0.0.1:5432 (required in CI): {e}")
-        return None
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}", drop
+        return mlflow_db(root)
+    request.addfinalizer(stack.close)
+    return pg_url(name)
 
 
 def _mlflow(root: Path, backend: str) -> Dependency:
@@ -188,27 +161,6 @@ def _mlflow_up(url: str) -> bool:
 
 
 # The project: data, models, online state -----------------------------------------------------
-
-
-def _variant(root: Path, estimator: str, params: dict[str, Any]) -> Path:
-    data = yaml.safe_load((REPO / "specs" / f"{NAME}.yaml").read_text())
-    data["model"]["candidates"] = [{"estimator": estimator, "params": params}]
-    path = root / "variants" / estimator / f"{NAME}.yaml"
-    path.parent.mkdir(parents=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def _training_frame(lake) -> pl.DataFrame:
-    """Features of the three days with a label the model can learn and a day split."""
-    feats = lake.read_many(NAME, "features", DAYS)
-    split = dict(zip(DAYS, ("train", "valid", "test"), strict=True))
-    return feats.with_columns(
-        (pl.col("vibration_max_24h") > pl.col("vibration_max_24h").median())
-        .cast(pl.Int64)
-        .alias("failure_24h"),
-        pl.col("timestamp").dt.date().cast(pl.String).replace_strict(split).alias("split"),
-    )
 
 
 def _reading(machine: str, when: dt.datetime, vibration: float) -> dict[str, Any]:
@@ -400,12 +352,7 @@ def world(tmp_path_factory, request) -> World:
 
     root = tmp_path_factory.mktemp("resilience")
     redis_dep = _redis(root)
-    pg = _postgres_database()
-    if pg is not None:
-        backend, drop = pg
-        request.addfinalizer(drop)
-    else:  # no PostgreSQL here (locally): a migrated SQLite file does as well for this test
-        backend = mlflow_db(root)
+    backend = _mlflow_backend(root, request)
     mlflow_dep = _mlflow(root, backend)
     # Finalizers run last-in first-out: the servers die before the database is dropped.
     request.addfinalizer(mlflow_dep.kill)
@@ -448,14 +395,14 @@ def world(tmp_path_factory, request) -> World:
             partition_key=day, instance=p.instance, run_config=QUIET, asset_selection=selection
         )
     states = states_from_rows(p.spec, p.lake.read_many(NAME, "validated_data", DAYS))
-    frame = _training_frame(p.lake)
+    frame = training_frame(p.lake, DAYS)
     lap("data_s")
 
-    _wait(lambda: _redis_up(store_url), 30, lambda: f"redis-server:\n{redis_dep.tail()}")
+    wait(lambda: _redis_up(store_url), 30, lambda: f"redis-server:\n{redis_dep.tail()}")
     store = RedisOnlineStore(store_url)
     assert store.write_states(NAME, states) == 8
     store.close()
-    _wait(lambda: _mlflow_up(uri), 180, lambda: f"the MLflow server:\n{mlflow_dep.tail()}")
+    wait(lambda: _mlflow_up(uri), 180, lambda: f"the MLflow server:\n{mlflow_dep.tail()}")
     lap("mlflow_ready_s")
 
     # Created here, with the server's default artifact location (mlflow-artifacts:/...), so
@@ -463,7 +410,7 @@ def world(tmp_path_factory, request) -> World:
     registry.client(uri).create_experiment(NAME)
     lineage = {"training_set_hash": "0" * 64, "training_partitions": [DAYS[0], DAYS[-1]]}
     v1 = training.train_candidate(
-        load_spec(_variant(root, "xgboost", {"n_estimators": 30, "max_depth": 3})),
+        load_spec(variant(root, "xgboost", {"n_estimators": 30, "max_depth": 3})),
         frame,
         lineage,
         uri,
@@ -493,21 +440,12 @@ def world(tmp_path_factory, request) -> World:
         w.pids = set(seen)
         return len(seen) >= 2 and all(b["version"] == v1 for b in seen.values())
 
-    _wait(both_serve_v1, 120, lambda: f"both workers to serve v{v1}:\n{w.stderr_text()}")
+    wait(both_serve_v1, 120, lambda: f"both workers to serve v{v1}:\n{w.stderr_text()}")
     lap("service_ready_s")
     load.enter("up")
     load.start()
-    _wait(lambda: load.count("up", 200) >= 20, 30, lambda: f"traffic: {load.summary()}")
+    wait(lambda: load.count("up", 200) >= 20, 30, lambda: f"traffic: {load.summary()}")
     return w
-
-
-def _samples(text: str, name: str, **labels: str) -> list[Any]:
-    return [
-        s
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    ]
 
 
 # 1. The MLflow server restarts -----------------------------------------------------------------
@@ -521,7 +459,7 @@ def test_registry_restart_keeps_predictions_and_swaps_again(world: World, monkey
     w.mlflow.kill()
     t_down = time.monotonic()
     # Both workers notice (their polls fail within seconds) and say so, still ready.
-    w.timings["registry_degraded_s"] = _wait(
+    w.timings["registry_degraded_s"] = wait(
         lambda: _workers_agree(
             w,
             "/health/ready",
@@ -539,7 +477,7 @@ def test_registry_restart_keeps_predictions_and_swaps_again(world: World, monkey
         load_served(w.uri, w.spec, registry.CHAMPION, v2)
     assert not isinstance(unavailable.value, Refused)
     monkeypatch.undo()
-    _wait(
+    wait(
         lambda: time.monotonic() - t_down > 3 and w.answered("mlflow_down", 200, 20),
         30,
         lambda: f"both workers to answer while the registry is down: {load.summary()}",
@@ -548,25 +486,25 @@ def test_registry_restart_keeps_predictions_and_swaps_again(world: World, monkey
 
     load.enter("mlflow_restarting")
     w.mlflow.start()
-    w.timings["mlflow_restart_s"] = _wait(
+    w.timings["mlflow_restart_s"] = wait(
         lambda: _mlflow_up(w.uri), 180, lambda: f"the MLflow server again:\n{w.mlflow.tail()}"
     )
     load.enter("mlflow_back")
-    w.timings["registry_ok_again_s"] = _wait(
+    w.timings["registry_ok_again_s"] = wait(
         lambda: _workers_agree(w, "/health/ready", lambda b: b["registry"] == "ok"),
         30,
         lambda: f"both workers to reach the registry again: {_probe(w.url, '/health/ready')}",
     )
     registry.set_alias(w.uri, NAME, registry.CHAMPION, v2)
     t_alias = time.monotonic()
-    _wait(
+    wait(
         lambda: _workers_agree(w, "/model", lambda b: b["version"] == v2),
         60,
         lambda: f"both workers to swap to v{v2}:\n{w.stderr_text()}",
     )
     w.timings["swap_after_restart_s"] = time.monotonic() - t_alias
     load.enter("swapped")
-    _wait(lambda: w.answered("swapped", 200, 20), 30, lambda: f"traffic: {load.summary()}")
+    wait(lambda: w.answered("swapped", 200, 20), 30, lambda: f"traffic: {load.summary()}")
     w.alive()
 
     for phase in ("mlflow_down", "mlflow_restarting", "mlflow_back"):
@@ -587,20 +525,20 @@ def test_feature_store_restart_is_503_then_recovers(world: World):
     w, load, v2 = world, world.load, world.versions["v2"]
     load.enter("redis_down")
     w.redis.kill()
-    _wait(lambda: w.answered("redis_down", 503, 30), 30, lambda: f"503s: {load.summary()}")
+    wait(lambda: w.answered("redis_down", 503, 30), 30, lambda: f"503s: {load.summary()}")
     live = httpx.get(w.url + "/health/live", timeout=CLIENT_TIMEOUT)
     ready = httpx.get(w.url + "/health/ready", timeout=CLIENT_TIMEOUT)
     w.alive()
 
     load.enter("redis_restarting")
     w.redis.start()
-    _wait(lambda: _redis_up(w.store_url), 30, lambda: f"redis-server again:\n{w.redis.tail()}")
+    wait(lambda: _redis_up(w.store_url), 30, lambda: f"redis-server again:\n{w.redis.tail()}")
     load.enter("redis_empty")  # a Redis without persistence comes back without the state
     store = RedisOnlineStore(w.store_url)
     assert store.write_states(NAME, w.states) == len(w.states)
     store.close()
     load.enter("redis_back")
-    _wait(lambda: w.answered("redis_back", 200, 20), 30, lambda: f"traffic: {load.summary()}")
+    wait(lambda: w.answered("redis_back", 200, 20), 30, lambda: f"traffic: {load.summary()}")
     w.alive()
 
     assert live.status_code == 200 and ready.status_code == 200  # the model is still loaded
@@ -640,11 +578,11 @@ def test_no_500_no_hang_no_worker_lost(world: World):
     assert n503 >= 30
 
     metrics = httpx.get(w.url + "/metrics", timeout=CLIENT_TIMEOUT).text
-    (unavailable,) = _samples(metrics, "mlops_serving_feature_store_unavailable_total")
+    (unavailable,) = samples(metrics, "mlops_serving_feature_store_unavailable_total")
     assert unavailable.value == n503  # summed over both workers, one per 503 answer
     codes = {
         s.labels["status"]: s.value
-        for s in _samples(metrics, "mlops_serving_requests_total", endpoint="/predict")
+        for s in samples(metrics, "mlops_serving_requests_total", endpoint="/predict")
     }
     assert "500" not in codes and codes["503"] == n503 and codes["200"] == statuses[200]
 
