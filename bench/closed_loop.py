@@ -136,13 +136,17 @@ def loop_summary(stream: Stream, backtest: dict) -> dict:
             spans[-1]["to"] = d["day"]
         else:
             spans.append({"version": d.get("champion_version"), "from": d["day"], "to": d["day"]})
+
+    def scorer(d: dict) -> object:  # the version that scored the day, where the JSON says
+        return d.get("scored_by", d.get("champion_version"))
+
     before_onset = [d for d in days if stream.index(d["day"]) < onset]
-    old_champion = before_onset[-1].get("champion_version") if before_onset else None
+    old_champion = scorer(before_onset[-1]) if before_onset else None
     serving = next(
         (
             stream.index(d["day"]) - onset
             for d in days
-            if stream.index(d["day"]) >= onset and d.get("champion_version") != old_champion
+            if stream.index(d["day"]) >= onset and scorer(d) not in (old_champion, None)
         ),
         None,
     )
@@ -150,7 +154,7 @@ def loop_summary(stream: Stream, backtest: dict) -> dict:
         "first_trigger_lag_days": after[0][0] if after else None,
         "first_trigger": after[0][1].get("trigger") if after else None,
         "first_promoted_lag_days": promoted[0] if promoted else None,
-        "new_champion_serving_lag_days": serving,
+        "new_champion_scoring_lag_days": serving,
         "retrainings_before_onset": sum(1 for lag in lags if lag < 0),
         "retrainings_total": len(retrainings),
         "refused_total": sum(1 for r in retrainings if r.get("outcome") == "refused"),

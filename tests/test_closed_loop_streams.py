@@ -130,7 +130,7 @@ def test_loop_summary_reads_the_backtest_contract():
     loop = closed_loop.loop_summary(s, backtest)
     assert loop["first_trigger_lag_days"] == 1 and loop["first_trigger"] == "metric_decline"
     assert loop["first_promoted_lag_days"] == 3
-    assert loop["new_champion_serving_lag_days"] == 4
+    assert loop["new_champion_scoring_lag_days"] == 4
     assert (loop["retrainings_before_onset"], loop["retrainings_total"]) == (1, 3)
     assert loop["post_change_days"] == 10 and loop["post_change_days_with_labels"] == 9
     assert loop["post_change"] == pytest.approx({"roc_auc": 0.9, "accuracy": 0.8})
