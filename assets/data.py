@@ -13,6 +13,7 @@ from assets.metadata import md_table
 from mlops import features as feats
 from mlops import ingest, labels, online, sql_source, training_set, validation
 from mlops.lake import sha256_bytes
+from mlops.monitoring import TAG_CHANGE_POINT
 from mlops.spec import ASSET_NAMES, FileSource, Spec
 from orchestration.partitions import daily_partitions, lookback_mapping
 from orchestration.pools import online_store_pool
@@ -25,9 +26,11 @@ QUARANTINE_RATE_CHECK = "quarantine_rate_check"
 
 
 class TrainingSetConfig(dg.Config):
-    """Pin the training window's last day (YYYY-MM-DD); default: the latest mature day."""
+    """Pin the training window's last day (YYYY-MM-DD; default: the latest mature day), or
+    train from a change point (default: the triggering run's `mlops/change_point` tag)."""
 
     end_date: str | None = None
+    change_point: str | None = None
 
 
 def _day(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> dt.date:
@@ -249,7 +252,9 @@ def build_data_assets(
         """Label per prediction point (event within the horizon), with label maturity."""
         store = lake.get()
         valid = store.read(name, "validated_data", context.partition_key)
-        rows, info = labels.build_labels(spec, valid, _day(context))
+        built = store.partitions(name, "validated_data")
+        through = dt.date.fromisoformat(built[-1]) if built else None
+        rows, info = labels.build_labels(spec, valid, _day(context), data_through=through)
         written = store.write(name, "labels", rows, context.partition_key)
         mature = int(rows[labels.MATURE].sum()) if rows.height else 0
         return dg.MaterializeResult(
@@ -353,17 +358,20 @@ def build_data_assets(
         """Point-in-time correct features + mature labels over the window, split by time."""
         store = lake.get()
         label_days = store.partitions(name, "labels")
+        # A retraining after a detected change trains from its change point (run tag).
+        change_point = config.change_point or context.run.tags.get(TAG_CHANGE_POINT) or None
         try:
-            window = training_set.choose_window(
+            window, df = training_set.assemble(
                 spec,
+                store,
                 label_days,
                 store.partitions(name, "features"),
                 training_set.label_maturity(spec, store, label_days),
                 end=config.end_date,
+                change_point=change_point,
             )
         except training_set.TrainingSetError as e:
             raise dg.Failure(str(e)) from None
-        df = training_set.build_training_set(spec, store, window)
         written = store.write(name, "training_set", df)
         # Versioned copy: a model can always be traced (and retrained) from its exact set.
         store.write(name, "training_set", df, partition=written.content_hash[:16])
@@ -381,6 +389,7 @@ def build_data_assets(
                 "input_data_versions": dg.MetadataValue.json(inputs),
                 "input_data_version_digest": sha256_bytes(repr(sorted(inputs.items())).encode()),
                 "skipped_immature_days": dg.MetadataValue.json(window.skipped_immature),
+                "window_policy": dg.MetadataValue.json(window.policy),
                 "path": dg.MetadataValue.path(written.path),
                 "versioned_path": dg.MetadataValue.path(
                     store.url(name, "training_set", written.content_hash[:16])

@@ -57,6 +57,21 @@ COLUMN_SCHEMA = {
     "score": pl.Float64,
     "threshold": pl.Float64,
     "drifted": pl.Boolean,
+    "p_value": pl.Float64,
+}
+# Stat tests whose score is already a p-value: they account for the sample size themselves.
+P_VALUE_TESTS = {
+    "ks",
+    "chisquare",
+    "z",
+    "t_test",
+    "fisher_exact",
+    "mannw",
+    "anderson",
+    "cramer_von_mises",
+    "g_test",
+    "epps_singleton",
+    "empirical_mmd",
 }
 
 
@@ -125,6 +140,7 @@ def drift_config(spec: Spec) -> dict[str, Any]:
         "share_threshold": m.drift_threshold,
         "sample_rows": m.drift_sample_rows,
         "max_columns": m.drift_max_columns,
+        "significance": m.drift_significance,
     }
 
 
@@ -282,13 +298,45 @@ def _stattests(method: str) -> tuple[Any, Any]:
     return num, cat
 
 
-def _test(stat: Any, kind: str, ref: pl.Series, cur: pl.Series, threshold: float | None):
-    """One Evidently stat test on two cleaned columns -> (score, threshold, drifted)."""
+def _test(
+    stat: Any,
+    kind: str,
+    ref: pl.Series,
+    cur: pl.Series,
+    threshold: float | None,
+    significance: float | None = None,
+):
+    """One Evidently stat test on two cleaned columns -> (score, threshold, drifted, p).
+
+    With `significance`, a distance (Wasserstein, Jensen-Shannon, PSI...) counts as drift
+    only when a two-sample test also rejects "same distribution" at that level (KS for
+    numbers, chi-square for categories): between two samples of a few hundred rows from one
+    distribution a distance can pass its threshold by chance, and a drifted day would then
+    retrain a model that was fine. On large samples the distance decides, as before."""
     from evidently.legacy.core import ColumnType
 
     column_type = ColumnType.Numerical if kind == NUM else ColumnType.Categorical
     result = stat(ref.to_pandas(), cur.to_pandas(), column_type, threshold)
-    return float(result.drift_score), float(result.actual_threshold), bool(result.drifted)
+    drifted, p = bool(result.drifted), None
+    if significance is not None and stat.name not in P_VALUE_TESTS:
+        p = _p_value(kind, ref, cur)
+        drifted = drifted and p < significance
+    return float(result.drift_score), float(result.actual_threshold), drifted, p
+
+
+def _p_value(kind: str, ref: pl.Series, cur: pl.Series) -> float:
+    """Two-sample test that both columns come from one distribution."""
+    from scipy import stats
+
+    if kind == NUM:
+        return float(stats.ks_2samp(ref.to_numpy(), cur.to_numpy()).pvalue)
+    a, b = ref.cast(pl.String).value_counts(), cur.cast(pl.String).value_counts()
+    table = a.join(b, on=a.columns[0], how="full", coalesce=True).fill_null(0)
+    counts = table.select(table.columns[1:]).to_numpy()
+    counts = counts[counts.sum(axis=1) > 0]
+    if counts.shape[0] < 2:
+        return 1.0
+    return float(stats.chi2_contingency(counts)[1])
 
 
 # --- the report -------------------------------------------------------------------------
@@ -309,6 +357,7 @@ def compute_drift(
     column_order: list[str] | None = None,
     seed: int = 0,
     html_rows: int = HTML_ROWS,
+    significance: float | None = None,
 ) -> DriftResult:
     """Per-column drift of `current` against `reference`, the drift share and the HTML.
 
@@ -373,8 +422,8 @@ def compute_drift(
     for name in tested:
         kind = CAT if name in cat_set else NUM
         stat, threshold = (cat_test, cat_threshold) if kind == CAT else (num_test, column_threshold)
-        score, used, drifted = _test(stat, kind, *cleaned[name], threshold)
-        rows.append((name, kind, stat.name, score, used, drifted))
+        score, used, drifted, p = _test(stat, kind, *cleaned[name], threshold, significance)
+        rows.append((name, kind, stat.name, score, used, drifted, p))
     columns = pl.DataFrame(rows, schema=COLUMN_SCHEMA, orient="row")
     n_drifted = int(columns["drifted"].sum()) if columns.height else 0
     drift_share = n_drifted / columns.height if columns.height else 0.0
@@ -388,13 +437,14 @@ def compute_drift(
         if why:
             notes.append(f"prediction not tested: {why}")
         else:
-            score, used, drifted = _test(num_test, NUM, r, c, column_threshold)
+            score, used, drifted, p = _test(num_test, NUM, r, c, column_threshold, significance)
             prediction = {
                 "column": prediction_column,
                 "method": num_test.name,
                 "score": score,
                 "threshold": used,
                 "drifted": drifted,
+                "p_value": p,
             }
 
     # The HTML runs on a nested subsample of the scored rows (see the module docstring).

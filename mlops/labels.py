@@ -146,16 +146,26 @@ def _finish(spec: Spec, rows: pl.DataFrame, as_of: dt.datetime | None) -> pl.Dat
     )
 
 
-def build_labels(spec: Spec, valid: pl.DataFrame, day: dt.date) -> tuple[pl.DataFrame, dict]:
-    """Labels for one day's valid rows, plus metadata about where they came from."""
+def build_labels(
+    spec: Spec, valid: pl.DataFrame, day: dt.date, data_through: dt.date | None = None
+) -> tuple[pl.DataFrame, dict]:
+    """Labels for one day's valid rows, plus metadata about where they came from.
+
+    `data_through`: the newest day whose data is in the lake (column labels only): the
+    clock of their maturity, so a label follows the data, never the wall clock, and a file
+    or a SQL source behave alike."""
     valid = with_entity(spec, valid)
     if spec.labels.kind == "column":
         # The target is in the rows; rows are final once `maturity` has passed after the
-        # latest landed day (a re-delivered file can still correct them before that).
-        days = ingest.landed_days(spec.source, spec.landing_dir)
-        as_of = dt.datetime.combine(days[-1] + dt.timedelta(days=1), dt.time()) if days else None
+        # newest day in the lake (a re-delivered file can still correct them before that).
+        through = max(data_through or day, day)
+        as_of = dt.datetime.combine(through + dt.timedelta(days=1), dt.time())
         labels = column_labels(spec, valid, as_of)
-        return labels, {"source": f"column {spec.labels.column}", "data_version": None}
+        return labels, {
+            "source": f"column {spec.labels.column}",
+            "data_through": through.isoformat(),
+            "data_version": None,
+        }
     batch = load_events(spec, day)
     labels = event_labels(spec, valid, batch.events, batch.as_of)
     return labels, {

@@ -26,6 +26,7 @@ import polars as pl
 
 from mlops.features import feature_names
 from mlops.spec import CandidateSpec, Spec
+from mlops.training_set import SAMPLE_WEIGHT
 
 XGBOOST = "xgboost"
 
@@ -136,17 +137,33 @@ def fit(
     y_train: np.ndarray,
     X_valid: pd.DataFrame,
     y_valid: np.ndarray,
+    w_train: np.ndarray | None = None,
 ):
-    """Fit one estimator; xgboost stops early on the validation split."""
+    """Fit one estimator; xgboost stops early on the validation split. `w_train`: sample
+    weights (a retraining after a change weighs the post-change rows up)."""
     params = dict(params)
     if name == XGBOOST:
         rounds = params.pop("early_stopping_rounds", 30)
         est = make_estimator(task, name, {**params, "early_stopping_rounds": rounds}, seed)
-        est.fit(X_train, y_train, eval_set=[(X_valid, y_valid)], verbose=False)
+        est.fit(
+            X_train, y_train, sample_weight=w_train, eval_set=[(X_valid, y_valid)], verbose=False
+        )
         return est
     est = make_estimator(task, name, params, seed)
-    est.fit(X_train, y_train)
+    if w_train is None:
+        est.fit(X_train, y_train)
+    elif hasattr(est, "steps"):  # a pipeline: the weights go to its last step, the estimator
+        est.fit(X_train, y_train, **{f"{est.steps[-1][0]}__sample_weight": w_train})
+    else:
+        est.fit(X_train, y_train, sample_weight=w_train)
     return est
+
+
+def sample_weights(part: pl.DataFrame) -> np.ndarray | None:
+    """The training set's per-row weights, when it has any (None: all rows count alike)."""
+    if SAMPLE_WEIGHT not in part.columns:
+        return None
+    return part[SAMPLE_WEIGHT].cast(pl.Float64).fill_null(1.0).to_numpy()
 
 
 def predict(task: str, model, X: pd.DataFrame) -> np.ndarray:
@@ -238,6 +255,7 @@ def search(
     trials: int | None = None,
     storage: str | None = None,
     study_name: str | None = None,
+    w_train: np.ndarray | None = None,
 ) -> SearchResult:
     """Optuna TPE over the spec's candidates and search spaces, seeded: same data, same trials.
 
@@ -268,7 +286,9 @@ def search(
         name = trial.suggest_categorical("estimator", sorted(cands))
         params = _suggest(trial, cands[name])
         t0 = time.perf_counter()
-        model = fit(task, name, params, spec.model.seed, X_train, y_train, X_valid, y_valid)
+        model = fit(
+            task, name, params, spec.model.seed, X_train, y_train, X_valid, y_valid, w_train
+        )
         value = search_score(task, metric, y_valid, predict(task, model, X_valid))
         best_iter = getattr(model, "best_iteration", None) if name == XGBOOST else None
         t = Trial(trial.number, name, params, value, time.perf_counter() - t0, best_iter)

@@ -8,6 +8,7 @@ be tested tick by tick without Dagster.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,6 +36,12 @@ TAG_REASON = "mlops/trigger_reason"
 TAG_EVIDENCE = "mlops/trigger_evidence"
 TAG_EPISODE = "mlops/episode"
 TAG_SPEC = "mlops/spec"
+TAG_ATTEMPT = "mlops/attempt"  # 1 for an episode's first retraining, 2 for its first retry...
+TAG_CHANGE_POINT = "mlops/change_point"  # the episode's first breached partition
+TAG_OBSERVED = "mlops/trigger_observed"  # the newest breached partition it saw
+# Triggers whose retrainings start a cooldown: a detected change. A scheduled or manual
+# retraining never delays the recovery from one.
+CHANGE_TRIGGERS = (DRIFT, METRIC_DECLINE)
 
 
 class MonitoringError(ValueError):
@@ -178,18 +185,33 @@ class Decision:
     episode: str | None  # "<trigger>:v<champion>:<first partition>" of the current run
     reason: str
     evidence: dict[str, Any]
+    attempt: int = 1  # which retraining of the episode this is
+    change_point: str | None = None  # the episode's first breached partition
+    observed: str | None = None  # the newest breached partition (retries count from it)
+
+    @property
+    def run_key(self) -> str | None:
+        if self.episode is None:
+            return None
+        return self.episode if self.attempt == 1 else f"{self.episode}#{self.attempt}"
 
     def tags(self, spec: Spec) -> dict[str, str]:
         import json
 
-        return {
+        tags = {
             TAG_SPEC: spec.name,
             TAG_TRIGGER: self.trigger,
             TAG_PARTITION: self.partition or "",
             TAG_REASON: self.reason[:900],
             TAG_EPISODE: self.episode or "",
             TAG_EVIDENCE: json.dumps(self.evidence, sort_keys=True, default=str)[:3000],
+            TAG_ATTEMPT: str(self.attempt),
         }
+        if self.change_point:
+            tags[TAG_CHANGE_POINT] = self.change_point
+        if self.observed:
+            tags[TAG_OBSERVED] = self.observed
+        return tags
 
 
 def _day(p: str) -> dt.date:
@@ -202,16 +224,16 @@ def partitions_between(a: str, b: str) -> int:
 
 
 def current_run(observations: list[Observation]) -> list[Observation]:
-    """The trailing run of breached, calendar-consecutive partitions with one champion."""
+    """The trailing run of breached observations with one champion.
+
+    A day with no observation (no data landed, or not labelled) does not end the run: only
+    a monitored day that did not breach does, or a change of champion."""
     obs = sorted(observations, key=lambda o: o.partition)
     run: list[Observation] = []
     for o in reversed(obs):
         if not o.breached:
             break
-        if run and (
-            partitions_between(o.partition, run[-1].partition) != 1
-            or o.champion_version != run[-1].champion_version
-        ):
+        if run and o.champion_version != run[-1].champion_version:
             break
         run.append(o)
     return list(reversed(run))
@@ -223,14 +245,25 @@ def decide(
     consecutive: int,
     cooldown_partitions: int,
     last_retrain_partition: str | None,
-    handled_episodes: set[str],
+    attempts: Mapping[str, list[str]],
     now: str | None = None,
+    *,
+    champion: int | None = None,
+    retry_after: int = 1,
+    max_attempts: int = 4,
 ) -> Decision:
-    """Retrain when the newest partitions breached `consecutive` times in a row (same
-    champion), the episode has not had its retraining, and the cooldown has passed.
+    """Retrain when the newest observations breached `consecutive` times in a row against
+    the serving champion.
 
-    `now` is the newest data partition: the clock of the cooldown, since realized metrics
-    lag the data by the label maturity (default: the newest observation)."""
+    - An episode is a run of breached observations against one champion. Its first
+      retraining waits for the cooldown (partitions since the last change-triggered
+      retraining); a refused one re-arms after `retry_after` more breached observations, up
+      to `max_attempts`, so one refusal never ends the recovery. A promotion ends the
+      episode (a new champion serves), and so does a day that no longer breaches.
+    - `attempts`: episode -> the newest breached partition each earlier retraining saw.
+    - `now` is the newest data partition: the clock of the cooldown, since realized metrics
+      lag the data by the label maturity (default: the newest observation).
+    """
     if not observations:
         return Decision(trigger, False, now, None, "no observations yet", {})
     latest = max(o.partition for o in observations)
@@ -238,46 +271,68 @@ def decide(
     run = current_run(observations)
     if not run or run[-1].partition != latest:
         return Decision(trigger, False, now, None, f"{latest}: no breach", {})
-    episode = f"{trigger}:v{run[0].champion_version}:{run[0].partition}"
-    evidence = {
-        "partitions": [o.partition for o in run],
-        "values": [o.value for o in run],
-        "threshold": run[-1].threshold,
-        "champion_version": run[-1].champion_version,
-        "consecutive_required": consecutive,
-    }
-    if len(run) < consecutive:
+    breached_v = run[-1].champion_version
+    if champion is not None and breached_v is not None and breached_v != champion:
         return Decision(
             trigger,
             False,
             now,
-            episode,
-            f"{len(run)}/{consecutive} consecutive breached partitions",
-            evidence,
+            None,
+            f"the breach was against v{breached_v}; v{champion} serves now (episode over)",
+            {},
         )
-    if episode in handled_episodes:
-        return Decision(
-            trigger, False, now, episode, f"episode {episode} already retrained", evidence
-        )
+    episode = f"{trigger}:v{run[0].champion_version}:{run[0].partition}"
+    evidence: dict[str, Any] = {
+        "partitions": [o.partition for o in run],
+        "values": [o.value for o in run],
+        "threshold": run[-1].threshold,
+        "champion_version": breached_v,
+        "consecutive_required": consecutive,
+        "change_point": run[0].partition,
+    }
+    base = {
+        "episode": episode,
+        "evidence": evidence,
+        "change_point": run[0].partition,
+        "observed": run[-1].partition,
+    }
+    if len(run) < consecutive:
+        why = f"{len(run)}/{consecutive} consecutive breached partitions"
+        return Decision(trigger, False, now, reason=why, **base)  # type: ignore[arg-type]
+    prior = sorted(attempts.get(episode, []))
+    what = "drift share" if trigger == DRIFT else "realized metric"
+    reason = (
+        f"{what} breached {run[-1].threshold:.3f} for {len(run)} consecutive partition(s) "
+        f"{run[0].partition}..{run[-1].partition} (champion v{breached_v})"
+    )
+    if prior:
+        evidence["earlier_attempts"] = prior
+        if len(prior) >= max_attempts:
+            why = (
+                f"episode {episode}: {len(prior)} retraining(s), none promoted; no more "
+                f"attempts (monitoring.max_attempts_per_episode {max_attempts}) until the "
+                "breach ends or a champion is promoted by hand"
+            )
+            return Decision(trigger, False, now, reason=why, attempt=len(prior), **base)  # type: ignore[arg-type]
+        since = sum(1 for o in run if o.partition > prior[-1])
+        if since < retry_after:
+            why = (
+                f"episode {episode}: retraining {len(prior)} was not promoted; retry after "
+                f"{retry_after} more breached partition(s) ({since} so far)"
+            )
+            return Decision(trigger, False, now, reason=why, attempt=len(prior), **base)  # type: ignore[arg-type]
+        reason += f"; retry {len(prior) + 1}: the breach persists after {prior[-1]}"
+        return Decision(trigger, True, now, reason=reason, attempt=len(prior) + 1, **base)  # type: ignore[arg-type]
     if last_retrain_partition is not None:
         since = partitions_between(last_retrain_partition, now)
         evidence["last_retrain_partition"] = last_retrain_partition
         if since < cooldown_partitions:
-            return Decision(
-                trigger,
-                False,
-                now,
-                episode,
+            why = (
                 f"cooldown: {since}/{cooldown_partitions} partitions since the retraining "
-                f"at {last_retrain_partition}",
-                evidence,
+                f"at {last_retrain_partition}"
             )
-    what = "drift share" if trigger == DRIFT else "realized metric"
-    reason = (
-        f"{what} breached {run[-1].threshold:.3f} for {len(run)} consecutive partition(s) "
-        f"{run[0].partition}..{run[-1].partition} (champion v{run[-1].champion_version})"
-    )
-    return Decision(trigger, True, now, episode, reason, evidence)
+            return Decision(trigger, False, now, reason=why, **base)  # type: ignore[arg-type]
+    return Decision(trigger, True, now, reason=reason, **base)  # type: ignore[arg-type]
 
 
 def cooldown_ok(
@@ -287,6 +342,91 @@ def cooldown_ok(
         last_retrain_partition is None
         or partitions_between(last_retrain_partition, partition) >= cooldown_partitions
     )
+
+
+# --- every built day is scored and monitored (DESIGN §6: follow the data) ---------------
+
+SCORE, LABELS, PERFORMANCE = "score", "labels", "performance"
+PROMOTING_ACTIONS = ("promote", "force_promote", "rollback")
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """A day's next monitoring step: score it, refresh its labels, or evaluate it."""
+
+    kind: str  # SCORE | LABELS | PERFORMANCE
+    partition: str
+    reason: str
+    with_performance: bool = False  # LABELS: evaluate the day in the same run
+
+
+def monitoring_start(lake: Lake, spec: Spec) -> str | None:
+    """The last day the first champion trained on, or None while there is no champion.
+
+    Days after it are scored and monitored whenever they land; the first champion's own
+    training days are in-sample, so monitoring them would say nothing."""
+    from mlops.registry import deployment_history
+
+    hist = deployment_history(lake, spec.name)
+    moves = hist.filter(pl.col("action").is_in(PROMOTING_ACTIONS)).sort("time")
+    if moves.height == 0:
+        return None
+    first = int(moves["to_version"][0])
+    doc = read_json(lake, spec.name, "model_evaluation", f"v{first}") or {}
+    window = doc.get("window") or []
+    # A champion promoted by hand with no recorded window: monitor every day.
+    return max(window) if window else "0000-00-00"
+
+
+def current_champion(lake: Lake, spec: Spec) -> int | None:
+    """The version the deployment history last moved `champion` to (no registry call)."""
+    from mlops.registry import deployment_history
+
+    moves = deployment_history(lake, spec.name).filter(pl.col("action").is_in(PROMOTING_ACTIONS))
+    return int(moves["to_version"][-1]) if moves.height else None
+
+
+def label_due(spec: Spec, day: str, data_through: str | None) -> bool:
+    """Column labels: every row of `day` is final once the data has reached day + maturity."""
+    if data_through is None:
+        return False
+    end_of_day = dt.datetime.combine(_day(day) + dt.timedelta(days=1), dt.time())
+    through = dt.datetime.combine(_day(data_through) + dt.timedelta(days=1), dt.time())
+    return end_of_day + spec.maturity <= through
+
+
+def follow_ups(
+    spec: Spec,
+    *,
+    start: str | None,
+    features: list[str],
+    scored: set[str],
+    labelled: list[str],
+    mature: set[str],
+    performed: set[str],
+    data_through: str | None,
+    busy: set[str] = frozenset(),  # type: ignore[assignment]
+) -> list[FollowUp]:
+    """What the lake still lacks, oldest day first: with a champion, every day after
+    `start` is scored (drift report included) and, once its labels are mature, evaluated;
+    column labels are refreshed when the data clock passes their maturity (event feeds
+    mature when their files arrive: the new-data sensor requests those)."""
+    out: list[FollowUp] = []
+    if spec.labels.kind == "column":
+        for d in labelled:
+            if d not in mature and d not in busy and label_due(spec, d, data_through):
+                perf = start is not None and d > start and d in scored
+                why = f"labels of {d} final: data through {data_through}"
+                out.append(FollowUp(LABELS, d, why, with_performance=perf))
+    if start is not None:
+        due = {f.partition for f in out}
+        for d in features:
+            if d > start and d not in scored and d not in busy:
+                out.append(FollowUp(SCORE, d, f"{d} built and not scored yet"))
+        for d in sorted(scored):
+            if d > start and d in mature and d not in performed and d not in busy | due:
+                out.append(FollowUp(PERFORMANCE, d, f"{d} scored and its labels are mature"))
+    return sorted(out, key=lambda f: (f.partition, f.kind))
 
 
 # --- what the monitoring assets recorded ------------------------------------------------

@@ -326,12 +326,39 @@ class MonitoringSpec(_Strict):
     )
     drift_sample_rows: int = Field(20_000, ge=100, description="rows sampled per side")
     drift_max_columns: int = Field(50, ge=1, description="columns tested, highest-importance first")
+    drift_significance: float | None = Field(
+        0.001,
+        gt=0,
+        lt=1,
+        description="a distance counts as drift only when a two-sample test (KS, chi-square) "
+        "also rejects at this level: small days cannot drift by chance; null = distance only",
+    )
     consecutive_drift_days: int = Field(2, ge=1)
     metric_decline_tolerance: float = Field(0.05, ge=0)
     consecutive_decline_days: int = Field(1, ge=1)
-    retrain_cooldown_partitions: int = Field(7, ge=0)
+    retrain_cooldown_partitions: int = Field(
+        7,
+        ge=0,
+        description="partitions after a drift- or decline-triggered retraining before a new "
+        "episode may retrain (scheduled retrainings never delay a recovery)",
+    )
+    retry_after_partitions: int = Field(
+        1, ge=1, description="a refused retraining re-arms after this many more breached days"
+    )
+    max_attempts_per_episode: int = Field(
+        4, ge=1, description="retrainings per episode (one breach against one champion)"
+    )
+    recovery_min_rows: int = Field(
+        200,
+        ge=1,
+        description="labelled rows after the change point (and of each class, for "
+        "classification, a tenth of it) before a retraining trains on them alone; fewer: "
+        "the spec window, with the post-change rows weighted up",
+    )
     scoring_schedule: str = "0 2 * * *"
-    retraining_schedule: str | None = "0 3 * * 0"
+    retraining_schedule: str | None = Field(
+        None, description="cron of a periodic retraining; none unless named"
+    )
 
 
 class Spec(_Strict):
@@ -521,13 +548,41 @@ def summary(spec: Spec) -> str:
         f"split {'/'.join(str(s) for s in m.split)}",
         f"  gates      {spec.gates.primary_metric}, thresholds {spec.gates.thresholds or '-'}, "
         f"min improvement {spec.gates.min_improvement}, latency {spec.gates.latency_budget_ms} ms",
-        f"  monitoring {spec.monitoring.drift_method} drift > {spec.monitoring.drift_threshold} "
-        f"for {spec.monitoring.consecutive_drift_days} day(s), cooldown "
-        f"{spec.monitoring.retrain_cooldown_partitions} partitions",
+        *_automation_lines(spec),
         f"  assets     {', '.join(f'{spec.name}/{a}' for a in (*ASSET_NAMES, *MODEL_ASSET_NAMES))}",
         f"  spec hash  {spec.content_hash[:12]}",
     ]
     return "\n".join(lines)
+
+
+def _automation_lines(spec: Spec) -> list[str]:
+    """Every sensor and schedule that will run for the spec, and the retraining policy."""
+    m = spec.monitoring
+    periodic = (
+        f"retraining_schedule '{m.retraining_schedule}' (skipped within the cooldown)"
+        if m.retraining_schedule
+        else "no periodic retraining (set monitoring.retraining_schedule to a cron for one)"
+    )
+    return [
+        f"  automation new_data_sensor: new or corrected {'files' if isinstance(spec.source, FileSource) else 'rows'} -> the day's data run"
+        + ("; label feed arrived -> labels" if spec.labels.kind == "event_feed" else ""),
+        "             monitoring_sensor: every built day after the first champion's window "
+        "-> scoring + drift report; mature labels -> model_performance",
+        f"             drift_retrain_sensor: {m.drift_method} drift share > {m.drift_threshold} "
+        f"for {m.consecutive_drift_days} day(s)",
+        f"             metric_decline_sensor: realized {spec.gates.primary_metric} more than "
+        f"{m.metric_decline_tolerance} below the champion's evaluation for "
+        f"{m.consecutive_decline_days} day(s)",
+        f"             retraining policy: cooldown {m.retrain_cooldown_partitions} partitions "
+        f"after a change-triggered retraining; a refused one retried after "
+        f"{m.retry_after_partitions} more breached day(s), up to {m.max_attempts_per_episode} "
+        f"per episode; trains from the change point once {m.recovery_min_rows} labelled rows "
+        "follow it",
+        f"             scoring_schedule '{m.scoring_schedule}' (safety net: scores yesterday if "
+        "not scored)",
+        f"             {periodic}",
+        "             run_failure_sensor: alerts on every failed run",
+    ]
 
 
 def _redacted(url: str) -> str:

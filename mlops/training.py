@@ -72,13 +72,22 @@ def fit_best(
 
     lay = modeling.layout(spec)
     frames = modeling.split_frames(spec, training_set, lay)
-    (X_tr, y_tr, _), (X_va, y_va, _) = frames["train"], frames["valid"]
+    (X_tr, y_tr, part_tr), (X_va, y_va, _) = frames["train"], frames["valid"]
+    w_tr = modeling.sample_weights(part_tr)
     result = modeling.search(
-        spec, X_tr, y_tr, X_va, y_va, on_trial=on_trial, trials=trials, study_name=study_name
+        spec,
+        X_tr,
+        y_tr,
+        X_va,
+        y_va,
+        on_trial=on_trial,
+        trials=trials,
+        study_name=study_name,
+        w_train=w_tr,
     )
     best = result.best
     model = modeling.fit(
-        spec.model.task, best.estimator, best.params, spec.model.seed, X_tr, y_tr, X_va, y_va
+        spec.model.task, best.estimator, best.params, spec.model.seed, X_tr, y_tr, X_va, y_va, w_tr
     )
     threshold = None
     if spec.model.task == "binary_classification":

@@ -21,6 +21,7 @@ from mlops.spec import Spec
 FEATURE_TIME = "feature_time"
 SPLIT = "split"
 SPLITS = ("train", "valid", "test")
+SAMPLE_WEIGHT = "sample_weight"  # optional: per-row training weight (after a change)
 
 
 class TrainingSetError(ValueError):
@@ -32,6 +33,10 @@ class TrainingWindow:
     days: list[str]  # partition keys of the label days in the window
     feature_partitions: list[str]  # the window plus the feature rows an ASOF may reach back to
     skipped_immature: list[str] = field(default_factory=list)
+    policy: dict = field(default_factory=lambda: {"mode": SPEC_WINDOW})
+
+
+SPEC_WINDOW, FROM_CHANGE, WEIGHTED = "spec_window", "from_change_point", "weighted"
 
 
 def choose_window(
@@ -40,17 +45,20 @@ def choose_window(
     feature_days: list[str],
     mature: dict[str, bool],
     end: str | None = None,
+    since: str | None = None,
+    min_days: int = 3,
 ) -> TrainingWindow:
-    """The last `training_window_days` days whose labels are mature and whose features exist."""
+    """The last `training_window_days` days whose labels are mature and whose features
+    exist (`since`: only days from then on)."""
     have_features = set(feature_days)
     usable = [d for d in sorted(label_days) if d in have_features and (end is None or d <= end)]
     immature = [d for d in usable if not mature.get(d, False)]
-    usable = [d for d in usable if mature.get(d, False)]
-    if len(usable) < 3:
+    usable = [d for d in usable if mature.get(d, False) and (since is None or d >= since)]
+    if len(usable) < min_days:
         raise TrainingSetError(
             f"{spec.name}: {len(usable)} day(s) with mature labels and features "
             f"({len(immature)} more whose labels are not mature yet); a time-ordered "
-            "train/valid/test split needs at least 3. Materialize more days of labels and "
+            f"train/valid/test split needs at least {min_days}. Materialize more days of labels and "
             "features, or wait for labels to mature."
         )
     days = usable[-spec.model.training_window_days :]
@@ -135,7 +143,79 @@ def build_training_set(spec: Spec, lake: Lake, window: TrainingWindow) -> pl.Dat
     )
     df = historical_features(spec, lake, points, window.feature_partitions).sort([ts, ent])
     # A label with no feature row at or before it: keep it out rather than train on nulls.
-    return df.filter(pl.col(FEATURE_TIME).is_not_null())
+    df = df.filter(pl.col(FEATURE_TIME).is_not_null())
+    if len(window.days) < 3:  # too few days to split by day: split the rows in time order
+        df = df.with_columns(pl.Series(SPLIT, split_rows(spec, df.height), dtype=pl.String))
+    return df
+
+
+def split_rows(spec: Spec, n: int) -> list[str]:
+    """Row -> split for `n` time-ordered rows, by the spec's fractions (each split >= 1)."""
+    n_train = min(max(1, round(n * spec.model.split[0])), max(n - 2, 0))
+    n_valid = min(max(1, round(n * spec.model.split[1])), max(n - n_train - 1, 0))
+    return ["train"] * n_train + ["valid"] * n_valid + ["test"] * (n - n_train - n_valid)
+
+
+def assemble(
+    spec: Spec,
+    lake: Lake,
+    label_days: list[str],
+    feature_days: list[str],
+    mature: dict[str, bool],
+    end: str | None = None,
+    change_point: str | None = None,
+) -> tuple[TrainingWindow, pl.DataFrame]:
+    """The training set of a training run: the spec window, or after a detected change
+    (`change_point`: the episode's first breached day) the rows from the change point on,
+    once there are `monitoring.recovery_min_rows` of them with both classes in every split;
+    until then the spec window with the post-change rows weighted up to half the weight, so
+    a challenger leans to the new regime as soon as it has any of it."""
+    window = choose_window(spec, label_days, feature_days, mature, end)
+    if change_point is None:
+        return window, build_training_set(spec, lake, window)
+    policy: dict = {"change_point": change_point}
+    try:
+        post = choose_window(spec, label_days, feature_days, mature, end, change_point, 1)
+        post_df = build_training_set(spec, lake, post)
+        problem = _too_small(spec, post_df)
+    except TrainingSetError as e:
+        post_df, problem = None, str(e)
+    if post_df is not None and problem is None:
+        post.policy = {**policy, "mode": FROM_CHANGE, "rows_after_change": post_df.height}
+        return post, post_df
+    df = build_training_set(spec, lake, window)
+    ts = spec.source.timestamp_column
+    after = pl.col(ts).dt.strftime("%Y-%m-%d") >= change_point
+    n_post = df.filter(after).height
+    weight = max(1.0, (df.height - n_post) / n_post) if n_post else 1.0
+    df = df.with_columns(
+        pl.when(after).then(pl.lit(weight)).otherwise(pl.lit(1.0)).alias(SAMPLE_WEIGHT)
+    )
+    window.policy = {
+        **policy,
+        "mode": WEIGHTED,
+        "rows_after_change": n_post,
+        "post_change_weight": round(weight, 3),
+        "why_not_from_change_point": problem,
+    }
+    return window, df
+
+
+def _too_small(spec: Spec, df: pl.DataFrame) -> str | None:
+    """Why rows after a change cannot train and judge a model alone (None: they can)."""
+    need = spec.monitoring.recovery_min_rows
+    if df.height < need:
+        return f"{df.height} labelled rows after the change point, fewer than {need}"
+    if spec.model.task == "binary_classification":
+        per_class = max(5, need // 10)
+        label = spec.labels.name
+        for s in SPLITS:
+            counts = df.filter(pl.col(SPLIT) == s)[label].cast(pl.Int64).value_counts()
+            got = dict(counts.iter_rows())
+            low = min(got.get(0, 0), got.get(1, 0))
+            if low < (per_class if s == "train" else 1):
+                return f"the {s} split after the change point has {low} row(s) of a class"
+    return None
 
 
 def summarize(spec: Spec, df: pl.DataFrame) -> dict[str, dict[str, float]]:

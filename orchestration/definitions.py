@@ -35,10 +35,12 @@ from orchestration.jobs import (
 )
 from orchestration.schedules import build_schedules
 from resources.alerting import AlertingResource
+from resources.clock import ClockResource
 from resources.lake import LakeResource
 from resources.mlflow import MlflowResource
 from resources.online_store import OnlineStoreResource
 from sensors.alerts import build_failure_sensor
+from sensors.monitoring import build_monitoring_sensor
 from sensors.new_data import build_new_data_sensor
 from sensors.retrain import build_retrain_sensors
 
@@ -79,6 +81,11 @@ def build_definitions(
                 [by_name[n(spec)] for n in (data_job_name, labels_job_name, scoring_job_name)],
             )
         )
+        sensors.append(
+            build_monitoring_sensor(
+                spec, [by_name[n(spec)] for n in (scoring_job_name, labels_job_name)]
+            )
+        )
         sensors.extend(build_retrain_sensors(spec, by_name[training_job_name(spec)]))
         sensors.append(build_failure_sensor(spec, spec_jobs))
         schedules.extend(
@@ -92,6 +99,7 @@ def build_definitions(
         schedules=schedules,
         executor=step_executor(),  # MLOPS_EXECUTOR=celery in the production profile
         resources={
+            "clock": ClockResource(),
             "alerting": AlertingResource(webhook_url=os.environ.get("MLOPS_ALERT_WEBHOOK_URL", "")),
             "lake": LakeResource(base_url=lake_base_url or lake_url()),
             "online_store": OnlineStoreResource(url=online_url or online_store_url()),

@@ -12,6 +12,7 @@ Everything runs against the persistent Dagster instance in $DAGSTER_HOME (defaul
 
 import argparse
 import datetime as dt
+import json
 import os
 import shutil
 import sys
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import dagster as dg
 
-from mlops import modeling, monitoring
 from mlops.config import (
     PROJECT_ROOT,
     lake_url,
@@ -32,13 +32,11 @@ from mlops.config import (
 )
 from mlops.generate import generate
 from mlops.lake import Lake
-from mlops.monitoring import DRIFT_REPORT, MODEL_PERFORMANCE
 from mlops.online_store import make_store
 from mlops.spec import Spec, load_spec
+from orchestration.backtest import BacktestError, write_plot
 from orchestration.definitions import build_definitions
-from orchestration.jobs import data_job_name, labels_job_name, training_job_name
-from orchestration.pools import initialize_pools
-from orchestration.replay import EXECUTOR, IN_PROCESS, RUN_MODES, Replay
+from orchestration.replay import EXECUTOR, IN_PROCESS, RUN_MODES
 
 
 def _instance() -> dg.DagsterInstance:
@@ -75,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--machines", type=int, default=50)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--bad-rows", type=float, default=0.01)
-    p.add_argument("--trials", type=int, default=None, help="first champion's Optuna trials")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="Optuna trials of every training (default: the spec's)",
+    )
     p.add_argument("--redeliver", type=int, default=45, help="day that re-delivers the day before")
     p.add_argument(
         "--runs",
@@ -147,12 +150,18 @@ def _forget_runs(spec: Spec, defs: dg.Definitions, instance: dg.DagsterInstance)
 
 
 def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
+    """Generate the example into a staging folder, then the backtest engine lands it day by
+    day into the live landing folders (the demo owns the embedded example's state)."""
+    from orchestration.backtest import Options, run
+    from orchestration.replay import Feed
+
     staging = spec.root / ".mlops" / "staging" / spec.name
     defs = build_definitions(spec.path.parent)
     instance = _instance()
-    lake = fresh_start(spec, staging, defs, instance)
+    fresh_start(spec, staging, defs, instance)
+    staged = staged_spec(spec, staging)
     report = generate(
-        staged_spec(spec, staging),
+        staged,
         days=args.days,
         machines=args.machines,
         seed=args.seed,
@@ -165,178 +174,48 @@ def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
         f"generated {args.days} days: {report.rows} readings, {report.events} failure events, "
         f"{len(report.bad_rows)} bad rows (drift {args.drift} from day {args.drift_from})"
     )
-    initialize_pools(instance, [spec])  # before runs race to (orchestration/pools.py)
-    alerts = _alerts_to_file(spec)
-    replay = Replay(spec, defs, instance, lake, mlflow_tracking_uri(), staging, runs=args.runs)
-    days = [spec.source.start_date + dt.timedelta(days=i) for i in range(args.days)]
-    build, rest = days[: args.build_days], days[args.build_days :]
-
-    # 1. The first month lands at once: the sensor turns it into one run per day.
-    for day in build:
-        replay.land(day)
-    runs = replay.ingest_round()
-    failed = [r for r in runs if not r.success]
-    if failed:
-        print(
-            f"{len(failed)} run(s) failed, e.g. {failed[0].error}; see `make ui`", file=sys.stderr
-        )
-        return None
-    data = [r for r in runs if r.job == data_job_name(spec)]
-    rows = sum(r.metadata["validated_data"]["rows_in"] for r in data)
-    quar = sum(r.metadata["validated_data"]["rows_quarantined"] for r in data)
-    print(
-        f"days 1-{len(build)}: {len(data)} data runs and "
-        f"{sum(r.job == labels_job_name(spec) for r in runs)} label runs from the new-data "
-        f"sensor; {rows} rows, {quar} quarantined"
-    )
-
-    # 2. The first champion.
-    if not _train_and_promote(replay, spec, args.trials, build[-1].isoformat()):
-        return None
-
-    # 3. The replay: one day at a time through the sensors and schedules.
-    print(f"\n{'day':<12}{'rows':>6}{'quar.':>6}{'drift':>7}{'champ':>6}{'realized':>16}  event")
-    timeline = []
-    training = training_job_name(spec)
-    t_replay = time.perf_counter()
-    for n, day in enumerate(rest, start=len(build) + 1):
-        replay.land(day)
-        events = []
-        if n == args.redeliver:
-            again = replay.land(day - dt.timedelta(days=1))
-            events.append(f"re-delivered {', '.join(again)}")
-        result = replay.day(day, training)
-        row = timeline_row(replay, spec, n, day, result, events)
-        row["elapsed_s"] = round(time.perf_counter() - t_replay, 1)
-        timeline.append(row)
-        print(_fmt_row(row))
-    n_alerts = sum(1 for _ in alerts.open()) if alerts.exists() else 0
-    print(f"\n{n_alerts} run-failure alert(s) (refused gates included): {alerts}")
-    return timeline
-
-
-def _alerts_to_file(spec: Spec) -> Path:
-    """The run-failure sensor's alerts go to a file during the demo, not over the timeline."""
-    import logging
-
-    path = spec.root / ".mlops" / "reports" / spec.name / "alerts.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    log = logging.getLogger("mlops.alerts")
-    for h in list(log.handlers):
-        log.removeHandler(h)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    log.propagate = False
-    return path
-
-
-def timeline_row(
-    replay: Replay, spec: Spec, n: int, day: dt.date, result, events: list[str]
-) -> dict:
-    key = day.isoformat()
-    data = next(
-        (r for r in result.runs if r.job == data_job_name(spec) and r.partition == key), None
-    )
-    v = (data.metadata.get("validated_data") if data else None) or {}
-    if events and not any(r.job == data_job_name(spec) and r.partition != key for r in result.runs):
-        events[-1] += ": no run (same content)"
-    drift = replay.summary(DRIFT_REPORT, key) or {}
-    perf = [r for r in result.runs if MODEL_PERFORMANCE in r.metadata]
-    realized, realized_day = None, None
-    if perf:
-        realized_day = perf[-1].partition
-        realized = (replay.summary(MODEL_PERFORMANCE, realized_day) or {}).get("realized")
-    for r in result.runs:
-        if not r.success and r.job != training_job_name(spec):
-            events.append(f"{r.job} {r.partition} failed: {r.error[:80]}")
-        if r.job != training_job_name(spec):
-            continue
-        why = r.tags.get(monitoring.TAG_TRIGGER, "?")
-        champ = r.metadata.get("champion_model")
-        cand = r.metadata.get("candidate_model", {})
-        if champ and champ.get("promoted"):
-            events.append(f"retrain ({why}) -> v{cand.get('model_version')} promoted")
-        else:
-            failed = [f"{c[0]}: {c[2]}" for c in r.checks if not c[1]]
-            reason = failed[0] if failed else (champ or {}).get("reason") or r.error
-            events.append(
-                f"retrain ({why}) -> v{cand.get('model_version')} refused ({reason[:100]})"
+    feeds = [Feed(spec.source, staged.landing_dir, spec.landing_dir)]
+    if spec.labels.events is not None and staged.labels.events is not None:
+        feeds.append(
+            Feed(
+                spec.labels.events,
+                staged.resolve(staged.labels.events.path),
+                spec.resolve(spec.labels.events.path),
             )
-    return {
-        "n": n,
-        "day": key,
-        "rows": v.get("rows_in"),
-        "quarantined": v.get("rows_quarantined"),
-        "drift_share": drift.get("drift_share"),
-        "drifted": (drift.get("drift_share") or 0) > spec.monitoring.drift_threshold,
-        "champion": replay.champion(),
-        "realized": realized,
-        "realized_day": realized_day,
-        "metric": modeling.primary_metric(spec),
-        "events": events,
-    }
-
-
-def _fmt_row(r: dict) -> str:
-    drift = f"{r['drift_share']:.2f}" if r["drift_share"] is not None else "-"
-    drift += "*" if r["drifted"] else " "
-    real = f"{r['realized']:.3f} ({r['realized_day'][5:]})" if r["realized"] is not None else "-"
-    return (
-        f"{r['n']:>3} {r['day']:<8}{r['rows'] or 0:>6}{r['quarantined'] or 0:>6}{drift:>7}"
-        f"{'v' + str(r['champion']):>6}{real:>16}  {'; '.join(r['events'])}"
+        )
+    days = [spec.source.start_date + dt.timedelta(days=i) for i in range(args.days)]
+    opts = Options(
+        build_days=args.build_days,
+        runs=args.runs,
+        trials=args.trials,
+        redeliver=args.redeliver,
+        marker=args.drift_from,
     )
+    try:
+        out = run(spec, feeds, days, opts, reports=spec.root / ".mlops" / "reports" / spec.name)
+    except BacktestError as e:
+        print(f"error: {e}; see `make ui`", file=sys.stderr)
+        return None
+    if out is None:
+        return None
+    write_json(spec, out)
+    return out.timeline
+
+
+def write_json(spec: Spec, out) -> Path:
+    path = spec.root / ".mlops" / "reports" / spec.name / "backtest.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out.summary(), indent=2, default=str))
+    return path
 
 
 def write_timeline(spec: Spec, timeline: list[dict], drift_from: int | None = None) -> Path:
     """timeline.json and timeline.png under .mlops/reports/<spec>/."""
-    import json
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     out = spec.root / ".mlops" / "reports" / spec.name / "timeline"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(timeline, indent=2))
-    days = [r["n"] for r in timeline]
-    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
-    ax1.bar(
-        days,
-        [r["drift_share"] or 0 for r in timeline],
-        color=["tab:red" if r["drifted"] else "tab:gray" for r in timeline],
-    )
-    ax1.axhline(spec.monitoring.drift_threshold, ls="--", c="k", lw=1)
-    ax1.set_ylabel("drift share")
-    pts = [(r["n"] - _lag(r), r["realized"]) for r in timeline if r["realized"] is not None]
-    if pts:
-        ax2.plot(*zip(*pts, strict=True), "o-")
-    ax2.set_ylabel(f"realized {timeline[0]['metric']}\n(by labelled day)")
-    ax3.step(days, [r["champion"] or 0 for r in timeline], where="post")
-    ax3.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax3.set_ylabel("champion version")
-    if drift_from is not None:
-        for ax in (ax1, ax2, ax3):
-            ax.axvline(drift_from - 0.5, c="k", ls=":", lw=1)
-        ax1.annotate("drift starts", (drift_from - 0.4, ax1.get_ylim()[1] * 0.9), fontsize=8)
-    ax3.set_xlabel("day")
-    for r in timeline:
-        for e in r["events"]:
-            if e.startswith("retrain"):
-                for ax in (ax1, ax2, ax3):
-                    ax.axvline(r["n"], c="tab:green" if "promoted" in e else "tab:orange", lw=1)
-    fig.suptitle(f"{spec.name}: closed loop (green: promoted, orange: refused)")
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=90)
-    plt.close(fig)
+    write_plot(spec, timeline, out.with_suffix(".png"), marker=drift_from)
     return out
-
-
-def _lag(r: dict) -> int:
-    return (dt.date.fromisoformat(r["day"]) - dt.date.fromisoformat(r["realized_day"])).days
 
 
 def _fresh_mlflow(model_name: str) -> None:
@@ -359,47 +238,6 @@ def _fresh_mlflow(model_name: str) -> None:
         return
     c.delete_registered_model(model_name)
     print(f"deleted registered model {model_name} at {uri} (the demo starts from v1)")
-
-
-def _train_and_promote(replay: Replay, spec: Spec, trials: int | None, partition: str) -> bool:
-    """Candidate -> evaluation -> gate -> champion, printed as the gate decided it."""
-    from mlops import registry
-
-    cfg = {"ops": {f"{spec.name}__candidate_model": {"config": {"trials": trials}}}}
-    first = monitoring.Decision(
-        "initial", True, partition, None, "first champion", {"latest_partition": partition}
-    )
-    run = replay.run_job(training_job_name(spec), run_config=cfg, tags=first.tags(spec))
-    cand = run.metadata.get("candidate_model")
-    if cand is None or "model_evaluation" not in run.metadata:
-        print(f"training failed: {run.error}", file=sys.stderr)
-        return False
-    ev = run.metadata["model_evaluation"]
-    print(
-        f"\ncandidate v{cand['model_version']}: {cand['estimator']} after {cand['trials']} "
-        f"trials (valid {_primary(cand)})"
-    )
-    for name, passed, reason in run.checks:
-        print(f"  {'PASS' if passed else 'FAIL'} {name}: {reason}")
-    tracking = replay.tracking_uri
-    champ = registry.alias_version(tracking, spec.registered_model_name, registry.CHAMPION)
-    print(f"champion: v{champ}" if champ else "no champion: the gate kept it out")
-    print(ev["metrics"])
-    mlflow_run = cand["mlflow_run_id"]
-    exp = registry.client(tracking).get_run(mlflow_run).info.experiment_id
-    ui = os.environ.get("MLOPS_MLFLOW_UI_URL", "http://127.0.0.1:5000")
-    print(f"  MLflow run: {ui}/#/experiments/{exp}/runs/{mlflow_run}")
-    print(
-        f"  lineage:    .venv/bin/mlops lineage --spec {spec.name} "
-        f"--version {cand['model_version']}"
-    )
-    return champ is not None
-
-
-def _primary(meta: dict) -> str:
-    return ", ".join(
-        f"{k.removeprefix('valid_')} {v:.4f}" for k, v in meta.items() if k.startswith("valid_")
-    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Replay days through the real sensors and schedules against a Dagster instance.
 
 What the daemon does in production, with a simulated clock: land a day's files, tick the
-new-data sensor, run what it requested, tick the scoring schedule at the day's scoring time,
-tick the retraining sensors and the retraining schedule, tick the run-failure sensor. Runs
+new-data sensor and the monitoring sensor and run what they request, tick the scoring
+schedule at the day's scoring time, the retraining sensors and the retraining schedule (when
+the spec names one), then the run-failure sensor. The clock resource tells the sensors the
+simulated day (a SQL source is polled up to it). Runs
 carry the same `dagster/sensor_name` / `dagster/run_key` / schedule tags the daemon would
 set, and a request whose run key already ran is skipped, as the daemon skips it.
 
@@ -25,12 +27,14 @@ from typing import Any
 import dagster as dg
 from dagster._utils.schedules import cron_string_iterator
 
-from mlops import monitoring, registry
+from mlops import ingest, monitoring, registry
 from mlops.lake import Lake, read_json
-from mlops.spec import Spec
+from mlops.spec import FileFeed, Spec
 from orchestration.jobs import data_job_name, labels_job_name, scoring_job_name
 from orchestration.schedules import retraining_schedule_name, scoring_schedule_name
+from resources.clock import ClockResource
 from sensors.alerts import run_failure_sensor_name
+from sensors.monitoring import monitoring_sensor_name
 from sensors.new_data import new_data_sensor_name
 from sensors.retrain import drift_retrain_sensor_name, metric_decline_sensor_name
 
@@ -61,6 +65,15 @@ class DayResult:
     events: list[str]
 
 
+@dataclass(frozen=True)
+class Feed:
+    """Where a feed's files wait (`source`) and where they land, one day at a time."""
+
+    spec: FileFeed
+    source: Path
+    target: Path
+
+
 class Replay:
     def __init__(
         self,
@@ -69,48 +82,46 @@ class Replay:
         instance: dg.DagsterInstance,
         lake: Lake,
         tracking_uri: str,
-        staging: Path,
+        feeds: list[Feed],
         runs: str = IN_PROCESS,
+        training_config: dict | None = None,
     ):
         if runs not in RUN_MODES:
             raise ValueError(f"runs={runs!r}: use one of {', '.join(RUN_MODES)}")
         self.spec, self.defs, self.instance, self.lake = spec, defs, instance, lake
         self.tracking_uri = tracking_uri
-        self.staging = staging
+        self.feeds = feeds
         self.runs = runs
+        self.training_config = training_config or {}
         self.cursors: dict[str, str | None] = {}
         self.resources = defs.resources
+        self.today: dt.date | None = None  # the simulated clock (None: the wall clock)
 
     # --- landing ------------------------------------------------------------------------
 
     def land(self, day: dt.date) -> list[str]:
-        """Copy the day's staged files into the landing folders (what a device gateway does)."""
+        """Copy the day's files into the landing folders (what a device gateway does)."""
         landed = []
-        for feed, target in self._feeds():
-            src = self.staging / target.name
-            name = feed.file_pattern.replace("{date}", day.strftime(feed.date_format))
-            for f in sorted(src.glob(name)):
-                target.mkdir(parents=True, exist_ok=True)
-                tmp = target / f".{f.name}.part"
+        for feed in self.feeds:
+            for f in ingest.files_for_day(feed.spec, feed.source, day):
+                feed.target.mkdir(parents=True, exist_ok=True)
+                tmp = feed.target / f".{f.name}.part"
                 shutil.copyfile(f, tmp)
-                tmp.rename(target / f.name)  # a half-copied file is never visible
+                tmp.rename(feed.target / f.name)  # a half-copied file is never visible
                 landed.append(f.name)
         return landed
-
-    def _feeds(self):
-        yield self.spec.source, self.spec.landing_dir
-        if self.spec.labels.events is not None:
-            ev = self.spec.labels.events
-            yield ev, self.spec.resolve(ev.path)
 
     # --- ticks --------------------------------------------------------------------------
 
     def tick_sensor(self, name: str) -> tuple[list[dg.RunRequest], str | None]:
         sensor = self.defs.get_repository_def().get_sensor_def(name)
+        resources = dict(self.resources)
+        if self.today is not None:
+            resources["clock"] = ClockResource(today=self.today.isoformat())
         ctx = dg.build_sensor_context(
             instance=self.instance,
             cursor=self.cursors.get(name),
-            resources=self.resources,
+            resources=resources,
             definitions=self.defs,
             sensor_name=name,
         )
@@ -147,6 +158,8 @@ class Replay:
                     continue
             assets = list(req.asset_selection) if req.asset_selection else None
             config = dict(req.run_config) if req.run_config else {}
+            if job_name and job_name.endswith("_training_job") and self.training_config:
+                config = {**self.training_config, **config}
             out.append(self.run_job(job_name, req.partition_key, assets, config, tags))
         return out
 
@@ -202,9 +215,15 @@ class Replay:
 
     def ingest_round(self) -> list[RunOutcome]:
         """New-data sensor until it has nothing more (labels wait for their day's data run)."""
-        name = new_data_sensor_name(self.spec)
+        return self._until_quiet(new_data_sensor_name(self.spec))
+
+    def monitoring_round(self) -> list[RunOutcome]:
+        """Monitoring sensor until the lake lacks nothing: score, then evaluate."""
+        return self._until_quiet(monitoring_sensor_name(self.spec))
+
+    def _until_quiet(self, name: str, rounds: int = 4) -> list[RunOutcome]:
         runs: list[RunOutcome] = []
-        for _ in range(3):
+        for _ in range(rounds):
             got = self._sensor_round(name)
             runs += got
             if not got:
@@ -212,10 +231,13 @@ class Replay:
         return runs
 
     def day(self, day: dt.date, training_job: str) -> DayResult:
-        """One simulated day: files land during the day, scoring at the schedule's time on
-        the next morning, then the retraining triggers."""
+        """One simulated day: files land during the day; the sensors build, score and
+        evaluate what landed; the scoring schedule's tick the next morning (a safety net);
+        then the retraining triggers."""
         s, spec = self.spec, self.spec.monitoring
+        self.today = day
         runs = self.ingest_round()
+        runs += self.monitoring_round()
         morning = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
         score_at = _next_fire(spec.scoring_schedule, morning)
         if score_at < morning + dt.timedelta(days=1):

@@ -1,4 +1,6 @@
-"""Schedules from the spec: daily scoring + monitoring, periodic retraining.
+"""Schedules from the spec: daily scoring + monitoring (a safety net behind the monitoring
+sensor, which scores every built day), and periodic retraining only where the spec names
+a cron.
 
 Both act on the day before the tick (the last complete partition), so a schedule replayed
 with a simulated clock behaves like the real one.
@@ -11,7 +13,7 @@ import dagster as dg
 from mlops import monitoring
 from mlops.spec import Spec
 from resources.lake import LakeResource
-from sensors.retrain import ACTIVE, last_retrain_partition, retraining_runs
+from sensors.retrain import ACTIVE, last_any_retrain_partition, retraining_runs
 
 
 def scoring_schedule_name(spec: Spec) -> str:
@@ -37,9 +39,12 @@ def build_schedules(spec: Spec, scoring_job, training_job) -> list[dg.ScheduleDe
     )
     def scoring_schedule(context: dg.ScheduleEvaluationContext, lake: LakeResource):
         """Score and monitor the last complete day."""
-        day = _yesterday(context)
-        if not lake.get().exists(name, "features", day):
+        day, store = _yesterday(context), lake.get()
+        if not store.exists(name, "features", day):
             return dg.SkipReason(f"no features for {day} yet: nothing to score")
+        if store.exists(name, "batch_predictions", day):
+            # The monitoring sensor scores every built day; this is the safety net.
+            return dg.SkipReason(f"{day} is already scored")
         return dg.RunRequest(run_key=f"scoring:{day}", partition_key=day)
 
     schedules = [scoring_schedule]
@@ -60,7 +65,7 @@ def build_schedules(spec: Spec, scoring_job, training_job) -> list[dg.ScheduleDe
             runs = retraining_runs(context.instance, spec)
             if any(r.status in ACTIVE for r in runs):
                 return dg.SkipReason("a retraining is already running")
-            last = last_retrain_partition(runs)
+            last = last_any_retrain_partition(runs)
             cooldown = spec.monitoring.retrain_cooldown_partitions
             if not monitoring.cooldown_ok(days[-1], last, cooldown):
                 return dg.SkipReason(

@@ -18,6 +18,7 @@ from mlops import ingest, watch
 from mlops.monitoring import MODEL_PERFORMANCE
 from mlops.spec import FileSource, Spec
 from orchestration.jobs import data_job_name, labels_job_name, scoring_job_name
+from resources.clock import ClockResource
 from resources.lake import LakeResource
 
 MAX_RUNS_PER_TICK = 500
@@ -101,7 +102,9 @@ def build_new_data_sensor(spec: Spec, jobs: list) -> dg.SensorDefinition:
         jobs=jobs,
         description=f"{name}: new or corrected landing files -> one run per (day, content hash).",
     )
-    def new_data_sensor(context: dg.SensorEvaluationContext, lake: LakeResource):
+    def new_data_sensor(
+        context: dg.SensorEvaluationContext, lake: LakeResource, clock: ClockResource
+    ):
         """Watch the landing folders and request the day's runs."""
         store = lake.get()
         state = watch.decode(context.cursor)
@@ -112,7 +115,7 @@ def build_new_data_sensor(spec: Spec, jobs: list) -> dg.SensorDefinition:
         else:  # SQL: poll the recent days' row fingerprints (one query per day)
             days = watch.sql_days(
                 spec.source.start_date,
-                dt.datetime.now(dt.UTC).date(),
+                clock.date(),
                 list(state.get("r", {})),
                 SQL_RESCAN_DAYS,
             )

@@ -1,8 +1,9 @@
 """drift_retrain_sensor and metric_decline_sensor: the monitoring summaries -> retraining.
 
-The rules are mlops.monitoring.decide: N consecutive breached partitions with the same
-champion, one retraining per episode, none within the cooldown (counted in partitions, from
-the newest retraining run of any trigger). Every request carries the reason and evidence
+The rules are mlops.monitoring.decide: N consecutive breached partitions against the
+serving champion; an episode's first retraining waits for the cooldown (counted in
+partitions from the newest drift- or decline-triggered retraining); a refused one re-arms
+after `retry_after_partitions` more breached partitions, up to `max_attempts_per_episode`. Every request carries the reason and evidence
 as run tags; the retraining ends in the promotion gate like any other.
 """
 
@@ -34,9 +35,37 @@ def retraining_runs(instance: dg.DagsterInstance, spec: Spec, limit: int = 100) 
 
 
 def last_retrain_partition(runs: list, cursor_value: str | None = None) -> str | None:
-    parts = [r.tags.get(monitoring.TAG_PARTITION) for r in runs]
+    """The newest trigger partition of a retraining started by a detected change (drift,
+    metric decline): what the cooldown counts from. Scheduled and manual retrainings never
+    delay the recovery from a change."""
+    parts = [
+        r.tags.get(monitoring.TAG_PARTITION)
+        for r in runs
+        if r.tags.get(monitoring.TAG_TRIGGER) in monitoring.CHANGE_TRIGGERS
+    ]
     parts = [p for p in (*parts, cursor_value) if p]
     return max(parts) if parts else None
+
+
+def last_any_retrain_partition(runs: list) -> str | None:
+    """The newest trigger partition of any retraining (the retraining schedule's cooldown)."""
+    parts = [r.tags.get(monitoring.TAG_PARTITION) for r in runs]
+    parts = [p for p in parts if p]
+    return max(parts) if parts else None
+
+
+def episode_attempts(runs: list, cursor_attempts: dict | None = None) -> dict[str, list[str]]:
+    """Episode -> the newest breached partition each of its retrainings saw (runs, plus the
+    cursor's record of requests the daemon may not have launched yet)."""
+    out: dict[str, set[str]] = {}
+    for r in runs:
+        ep = r.tags.get(monitoring.TAG_EPISODE)
+        part = r.tags.get(monitoring.TAG_OBSERVED) or r.tags.get(monitoring.TAG_PARTITION)
+        if ep and part:
+            out.setdefault(ep, set()).add(part)
+    for ep, parts in (cursor_attempts or {}).items():
+        out.setdefault(ep, set()).update(parts)
+    return {ep: sorted(parts) for ep, parts in out.items()}
 
 
 def drift_retrain_sensor_name(spec: Spec) -> str:
@@ -50,29 +79,30 @@ def metric_decline_sensor_name(spec: Spec) -> str:
 def evaluate(
     spec: Spec, trigger: str, instance: dg.DagsterInstance, lake, cursor: str | None
 ) -> tuple[monitoring.Decision, dict, bool]:
-    """The decision for one tick, the next cursor, and whether a retraining is running."""
+    """The decision for one tick, the cursor state, and whether a retraining is running."""
     state = json.loads(cursor) if cursor else {}
+    m = spec.monitoring
     if trigger == monitoring.DRIFT:
         docs = monitoring.summaries(lake, spec.name, monitoring.DRIFT_REPORT)
         obs = monitoring.drift_observations(spec, docs)
-        consecutive = spec.monitoring.consecutive_drift_days
+        consecutive = m.consecutive_drift_days
     else:
         docs = monitoring.summaries(lake, spec.name, monitoring.MODEL_PERFORMANCE)
         obs = monitoring.performance_observations(spec, docs)
-        consecutive = spec.monitoring.consecutive_decline_days
+        consecutive = m.consecutive_decline_days
     runs = retraining_runs(instance, spec)
-    handled = set(state.get("episodes", [])) | {
-        r.tags[monitoring.TAG_EPISODE] for r in runs if r.tags.get(monitoring.TAG_EPISODE)
-    }
     features = lake.partitions(spec.name, "features")
     decision = monitoring.decide(
         trigger,
         obs,
         consecutive,
-        spec.monitoring.retrain_cooldown_partitions,
+        m.retrain_cooldown_partitions,
         last_retrain_partition(runs, state.get("last")),
-        handled,
+        episode_attempts(runs, state.get("attempts")),
         now=features[-1] if features else None,
+        champion=monitoring.current_champion(lake, spec),
+        retry_after=m.retry_after_partitions,
+        max_attempts=m.max_attempts_per_episode,
     )
     busy = any(r.status in ACTIVE for r in runs)
     return decision, state, busy
@@ -88,10 +118,14 @@ def _build(spec: Spec, trigger: str, name: str, job, description: str) -> dg.Sen
             return dg.SkipReason(decision.reason)
         if busy:
             return dg.SkipReason(f"{decision.reason}; a retraining is already running")
-        episodes = [*state.get("episodes", []), decision.episode][-200:]
-        context.update_cursor(json.dumps({"last": decision.partition, "episodes": episodes}))
+        attempts = dict(state.get("attempts", {}))
+        attempts[decision.episode] = sorted(
+            {*attempts.get(decision.episode, []), decision.observed}
+        )
+        recent = dict(sorted(attempts.items(), key=lambda kv: max(kv[1]))[-200:])
+        context.update_cursor(json.dumps({"last": decision.partition, "attempts": recent}))
         context.log.info(f"retraining: {decision.reason}")
-        return dg.RunRequest(run_key=decision.episode, tags=decision.tags(spec))
+        return dg.RunRequest(run_key=decision.run_key, tags=decision.tags(spec))
 
     return _sensor
 

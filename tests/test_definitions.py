@@ -67,15 +67,14 @@ def test_definitions_hold_one_graph_per_spec():
     repo = defs.get_repository_def()
     assert {s.name for s in repo.sensor_defs} == {
         "machine_failure_new_data_sensor",
+        "machine_failure_monitoring_sensor",
         "machine_failure_drift_retrain_sensor",
         "machine_failure_metric_decline_sensor",
         "machine_failure_run_failure_sensor",
     }
     schedules = {s.name: s.cron_schedule for s in repo.schedule_defs}
-    assert schedules == {
-        "machine_failure_scoring_schedule": "0 2 * * *",
-        "machine_failure_retraining_schedule": "0 3 * * 0",
-    }
+    # No periodic retraining unless the spec names a cron (the embedded one does not).
+    assert schedules == {"machine_failure_scoring_schedule": "0 2 * * *"}
 
 
 def test_two_specs_two_graphs(tmp_path):

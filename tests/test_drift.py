@@ -233,7 +233,24 @@ def test_drift_config_comes_from_the_spec():
         "share_threshold": m.drift_threshold,
         "sample_rows": m.drift_sample_rows,
         "max_columns": m.drift_max_columns,
+        "significance": m.drift_significance,
     }
     cols = drift.drift_columns(spec)
     assert set(cols["categorical"]) == set(spec.features.categorical)
     assert not set(cols["numeric"]) & set(cols["categorical"])
+
+
+def test_a_distance_over_its_threshold_by_chance_on_a_small_day_is_not_drift():
+    """Two samples of 300 rows from one distribution: Wasserstein can pass 0.1 by chance;
+    with the significance guard (the spec default) that is not drift, a real shift is."""
+    rng = np.random.default_rng(3)
+    ref = pl.DataFrame({"x": rng.normal(size=300)})
+    same = pl.DataFrame({"x": rng.normal(size=300)})
+    shifted = pl.DataFrame({"x": rng.normal(loc=0.8, size=300)})
+    kw = {"numeric": ["x"], "categorical": [], "column_threshold": 0.01}
+    loose = drift.compute_drift(ref, same, **kw)
+    assert loose.drift_share == 1.0  # the distance alone calls chance drift
+    guarded = drift.compute_drift(ref, same, significance=0.001, **kw)
+    assert guarded.drift_share == 0.0 and guarded.columns["p_value"][0] > 0.001
+    real = drift.compute_drift(ref, shifted, significance=0.001, **kw)
+    assert real.drift_share == 1.0 and real.columns["p_value"][0] < 1e-6

@@ -103,15 +103,105 @@ def _obs(values, start=0, champion=1, limit=0.3):
     ]
 
 
-def test_a_gap_breaks_the_consecutive_run():
-    obs = _obs([0.9]) + _obs([0.9], start=2)  # day 1 missing
-    d = monitoring.decide(monitoring.DRIFT, obs, 2, 7, None, set())
+def test_a_monitored_day_below_the_threshold_breaks_the_consecutive_run():
+    obs = _obs([0.9, 0.1, 0.9])
+    d = monitoring.decide(monitoring.DRIFT, obs, 2, 7, None, {})
     assert not d.retrain and "1/2" in d.reason
 
 
 def test_decision_tags_carry_reason_and_evidence():
-    d = monitoring.decide(monitoring.DRIFT, _obs([0.5, 0.6]), 2, 7, None, set())
+    d = monitoring.decide(monitoring.DRIFT, _obs([0.5, 0.6]), 2, 7, None, {})
     assert d.retrain and d.episode == "drift:v1:2026-01-01"
     tags = d.tags(SPEC)
     assert tags[monitoring.TAG_TRIGGER] == "drift" and tags[monitoring.TAG_SPEC] == SPEC.name
     assert json.loads(tags[monitoring.TAG_EVIDENCE])["values"] == [0.5, 0.6]
+
+
+# --- every built day is scored and evaluated (follow the data) ------------------------------
+
+
+def _column_spec(maturity: str = "24h"):
+    import yaml
+
+    from mlops.spec import Spec
+
+    data = yaml.safe_load(
+        f"""
+name: flat
+source: {{path: data, file_pattern: "d_{{date}}.csv", timestamp_column: ts,
+          start_date: "2026-01-01"}}
+schema: {{columns: [{{name: ts, type: timestamp}}, {{name: x, type: float}},
+                   {{name: y, type: int}}]}}
+labels: {{kind: column, column: y, maturity: {maturity}}}
+features: {{lookback_days: 0, passthrough: [x]}}
+model: {{candidates: [{{estimator: logistic_regression}}]}}
+"""
+    )
+    return Spec.model_validate(data)
+
+
+def _d(i: int) -> str:
+    return (dt.date(2026, 1, 1) + dt.timedelta(days=i)).isoformat()
+
+
+def test_without_a_champion_only_labels_follow_the_data():
+    spec = _column_spec("24h")
+    days = [_d(i) for i in range(4)]
+    out = monitoring.follow_ups(
+        spec,
+        start=None,
+        features=days,
+        scored=set(),
+        labelled=days,
+        mature=set(),
+        performed=set(),
+        data_through=days[-1],
+    )
+    # 24h maturity: day 3's labels wait for day 4's data; nothing is scored without a champion.
+    assert [(f.kind, f.partition) for f in out] == [("labels", d) for d in days[:3]]
+
+
+def test_every_day_after_the_first_champion_is_scored_then_evaluated_late_days_included():
+    spec = _column_spec("0h")
+    days = [_d(i) for i in range(8)]
+    late = _d(3)  # landed after day 7: it is scored as any other
+    out = monitoring.follow_ups(
+        spec,
+        start=_d(2),  # the first champion trained on days 0-2: in-sample, not monitored
+        features=days,
+        scored={_d(4), _d(5), _d(6)},
+        labelled=days,
+        mature=set(days),
+        performed={_d(4)},
+        data_through=days[-1],
+        busy={_d(7)},  # a run on day 7 is in flight: wait for it
+    )
+    got = {(f.kind, f.partition) for f in out}
+    assert got == {("score", late), ("performance", _d(5)), ("performance", _d(6))}
+
+
+def test_column_label_maturity_follows_the_data_clock_not_the_wall_clock():
+    spec = _column_spec("48h")
+    assert not monitoring.label_due(spec, _d(0), _d(1))
+    assert monitoring.label_due(spec, _d(0), _d(2))
+    assert not monitoring.label_due(spec, _d(0), None)
+
+
+def test_a_refusal_rearms_after_more_breached_days_and_a_gap_does_not_split_the_episode():
+    obs = _obs([0.9, 0.9]) + _obs([0.9, 0.9, 0.9], start=3)  # day 2 has no observation
+    episode = "drift:v1:2026-01-01"
+    first = monitoring.decide(monitoring.DRIFT, obs[:2], 2, 7, None, {})
+    assert first.retrain and first.episode == episode and first.change_point == "2026-01-01"
+    # Refused at day 2 (observed 2026-01-02): one more breached day re-arms it.
+    d = monitoring.decide(monitoring.DRIFT, obs[:3], 2, 7, "2026-01-02", {episode: ["2026-01-02"]})
+    assert d.retrain and d.attempt == 2 and d.run_key == f"{episode}#2"
+    assert d.episode == episode, "the missing day did not start a new episode"
+
+
+def test_the_cooldown_only_delays_a_new_episode_not_a_retry():
+    obs = _obs([0.9, 0.9, 0.9])
+    ep = "drift:v1:2026-01-01"
+    retry = monitoring.decide(monitoring.DRIFT, obs, 2, 7, "2026-01-02", {ep: ["2026-01-02"]})
+    assert retry.retrain and retry.attempt == 2
+    fresh = monitoring.decide(monitoring.DRIFT, obs, 2, 7, "2026-01-02", {})
+    assert not fresh.retrain and "cooldown" in fresh.reason

@@ -18,10 +18,11 @@ from mlops import monitoring
 from mlops.lake import write_json
 from orchestration.jobs import data_job_name, labels_job_name, scoring_job_name, training_job_name
 from orchestration.schedules import retraining_schedule_name, scoring_schedule_name
+from resources.clock import ClockResource
 from resources.lake import LakeResource
 from sensors.new_data import new_data_sensor_name
 from sensors.retrain import drift_retrain_sensor_name, metric_decline_sensor_name
-from tests.conftest import Project, make_project, small_data
+from tests.conftest import REPO, Project, embedded_spec_text, make_project, small_data
 
 START = dt.date(2026, 1, 1)
 
@@ -34,7 +35,7 @@ def _tick(p: Project, sensor: str, cursor: str | None, instance=None):
     ctx = dg.build_sensor_context(
         instance=instance or p.instance,
         cursor=cursor,
-        resources={"lake": LakeResource(base_url=str(p.lake.root))},
+        resources={"lake": LakeResource(base_url=str(p.lake.root)), "clock": ClockResource()},
         definitions=p.defs,
     )
     data = p.defs.get_repository_def().get_sensor_def(sensor).evaluate_tick(ctx)
@@ -248,17 +249,38 @@ def _replay_ticks(p: Project, sensor: str, add_day, values: list[float], start: 
     return started
 
 
-def test_persistent_drift_retrains_once_per_episode_and_cooldown(project):
+def test_persistent_drift_retries_while_refused_up_to_the_attempt_limit(project):
     p = project
-    # threshold 0.3, 2 consecutive days, cooldown 7 partitions (the default spec).
+    # threshold 0.3, 2 consecutive days, retry after 1 more breached day, 4 attempts.
     started = _replay_ticks(p, drift_retrain_sensor_name(p.spec), _drift_day, [0.8] * 10)
-    assert [d for d, _ in started] == [11]  # second drifted day; never again in 10 ticks
+    # No champion was promoted (the launched runs leave v1 serving): a refusal re-arms.
+    assert [d for d, _ in started] == [11, 12, 13, 14]
+    episode = f"drift:v1:{_day(10)}"
+    assert [r.run_key for _, r in started] == [episode, *(f"{episode}#{n}" for n in (2, 3, 4))]
     tags = started[0][1].tags
     assert tags[monitoring.TAG_TRIGGER] == monitoring.DRIFT
     assert tags[monitoring.TAG_PARTITION] == _day(11)
+    assert tags[monitoring.TAG_CHANGE_POINT] == _day(10)  # the training set starts there
+    assert [r.tags[monitoring.TAG_ATTEMPT] for _, r in started] == ["1", "2", "3", "4"]
     evidence = json.loads(tags[monitoring.TAG_EVIDENCE])
     assert evidence["partitions"] == [_day(10), _day(11)] and evidence["values"] == [0.8, 0.8]
     assert "drift share" in tags[monitoring.TAG_REASON]
+    _, _, skip = _tick(p, drift_retrain_sensor_name(p.spec), None)
+    assert "no more attempts" in skip
+
+
+def test_a_promoted_champion_ends_the_episode(project):
+    from mlops import registry
+
+    p = project
+    sensor = drift_retrain_sensor_name(p.spec)
+    started = _replay_ticks(p, sensor, _drift_day, [0.8] * 2)
+    assert [d for d, _ in started] == [11]
+    # The retraining was promoted: v2 serves, so v1's breach is over.
+    registry.record_deployment(p.lake, p.spec.name, registry.Deployment("promote", 1, 2, "ok"))
+    _drift_day(p, 12, 0.8)
+    reqs, _, skip = _tick(p, sensor, None)
+    assert reqs == [] and "v2 serves now" in skip
 
 
 def test_a_drifted_day_below_the_consecutive_threshold_does_not_retrain(project):
@@ -288,13 +310,13 @@ def test_metric_decline_is_not_missed(project):
     started = _replay_ticks(
         p, metric_decline_sensor_name(p.spec), _perf_day, [0.84, 0.81, 0.79, 0.78]
     )
-    assert [d for d, _ in started] == [12]
+    assert [d for d, _ in started] == [12, 13]  # v1 still serves on day 13: a retry
     tags = started[0][1].tags
     assert tags[monitoring.TAG_TRIGGER] == monitoring.METRIC_DECLINE
     assert json.loads(tags[monitoring.TAG_EVIDENCE])["values"] == [0.79]
 
 
-def test_cooldown_is_shared_between_triggers_and_counted_in_partitions(project):
+def test_cooldown_is_shared_between_change_triggers_and_counted_in_partitions(project):
     p = project
     drift = _replay_ticks(p, drift_retrain_sensor_name(p.spec), _drift_day, [0.9, 0.9])
     assert [d for d, _ in drift] == [11]
@@ -312,22 +334,29 @@ def test_cooldown_runs_on_the_data_clock_not_the_lagging_label_clock(project):
     # Realized metrics arrive 3 days behind the data: the cooldown counts data partitions.
     for i in range(13):
         p.lake.write(p.spec.name, "features", pl.DataFrame({"x": [1]}), _day(i))
-    _launch(
-        p,
-        dg.RunRequest(
-            run_key="x", tags={monitoring.TAG_SPEC: p.spec.name, monitoring.TAG_PARTITION: _day(5)}
-        ),
-    )
+    tags = {monitoring.TAG_SPEC: p.spec.name, monitoring.TAG_PARTITION: _day(5)}
+    _launch(p, dg.RunRequest(run_key="x", tags={**tags, monitoring.TAG_TRIGGER: "drift"}))
     _perf_day(p, 9, 0.5)  # labelled day 9, data through day 12: 7 partitions after day 5
     reqs, _, _ = _tick(p, metric_decline_sensor_name(p.spec), None)
     assert len(reqs) == 1 and reqs[0].tags[monitoring.TAG_PARTITION] == _day(12)
+
+
+def test_a_scheduled_retraining_does_not_delay_the_recovery_from_a_change(project):
+    p = project
+    for i in range(13):
+        p.lake.write(p.spec.name, "features", pl.DataFrame({"x": [1]}), _day(i))
+    tags = {monitoring.TAG_SPEC: p.spec.name, monitoring.TAG_PARTITION: _day(11)}
+    _launch(p, dg.RunRequest(run_key="s", tags={**tags, monitoring.TAG_TRIGGER: "schedule"}))
+    _perf_day(p, 12, 0.5)  # one day after the scheduled retraining
+    reqs, _, _ = _tick(p, metric_decline_sensor_name(p.spec), None)
+    assert len(reqs) == 1, "a scheduled retraining starts no cooldown for a change"
 
 
 def test_a_new_champion_starts_a_new_episode(project):
     p = project
     sensor = drift_retrain_sensor_name(p.spec)
     started = _replay_ticks(p, sensor, _drift_day, [0.9] * 3)
-    assert len(started) == 1
+    assert [d for d, _ in started] == [11, 12]  # the first retraining and one retry
     # A week later the drift goes on against the new champion (v2): its own episode.
     cursor = None
     got = []
@@ -335,7 +364,7 @@ def test_a_new_champion_starts_a_new_episode(project):
         _drift_day(p, i, 0.9, champion=2)
         reqs, cursor, _ = _tick(p, sensor, cursor)
         got += [(i, r.run_key) for r in reqs]
-    assert got == [(21, f"drift:v2:{_day(20)}")]
+    assert got == [(21, f"drift:v2:{_day(20)}"), (22, f"drift:v2:{_day(20)}#2")]
 
 
 # --- schedules ----------------------------------------------------------------------------
@@ -362,8 +391,13 @@ def test_scoring_schedule_scores_yesterday_once_its_features_exist(project):
     assert [(r.partition_key, r.run_key) for r in reqs] == [("2026-01-02", "scoring:2026-01-02")]
 
 
-def test_retraining_schedule_respects_the_cooldown(project):
-    p = project
+def test_retraining_schedule_respects_the_cooldown(tmp_path):
+    spec = embedded_spec_text(
+        ('# retraining_schedule: "0 3 * * 0"', 'retraining_schedule: "0 3 * * 0"')
+    )
+    p = make_project(tmp_path, spec)
+    (tmp_path / "dagster").mkdir()
+    p.instance = dg.DagsterInstance.local_temp(str(tmp_path / "dagster"))
     for i in range(7):
         p.lake.write(p.spec.name, "features", pl.DataFrame({"x": [1]}), _day(i))
     drift = _replay_ticks(p, drift_retrain_sensor_name(p.spec), _drift_day, [0.9, 0.9], start=5)
@@ -393,14 +427,12 @@ def test_sql_sources_are_watched_by_row_fingerprints():
 # --- run-failure alerts -------------------------------------------------------------------------
 
 
-def test_a_failed_run_alerts_through_the_webhook(project):
+@pytest.fixture
+def webhook():
+    """A local alert webhook: (its URL, the JSON bodies it received)."""
     import http.server
     import threading
 
-    from resources.alerting import AlertingResource
-    from sensors.alerts import run_failure_sensor_name
-
-    p = project
     got: list[dict] = []
 
     class Hook(http.server.BaseHTTPRequestHandler):
@@ -414,7 +446,18 @@ def test_a_failed_run_alerts_through_the_webhook(project):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/alerts"
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/alerts", got
+    finally:
+        server.shutdown()
+
+
+def test_a_failed_run_alerts_through_the_webhook(project, webhook):
+    from resources.alerting import AlertingResource
+    from sensors.alerts import run_failure_sensor_name
+
+    p = project
+    url, got = webhook
     sensor = p.defs.get_repository_def().get_sensor_def(run_failure_sensor_name(p.spec))
 
     def tick(cursor):
@@ -427,21 +470,136 @@ def test_a_failed_run_alerts_through_the_webhook(project):
         data = sensor.evaluate_tick(ctx)
         return data.cursor or cursor
 
-    try:
-        cursor = tick(None)
-        result = p.run_day(_day(0), raise_on_error=False)  # no landing file: the run fails
-        assert not result.success
-        cursor = tick(cursor)
-        assert len(got) == 1
-        alert = got[0]
-        assert alert["fields"]["job"] == data_job_name(p.spec)
-        assert alert["fields"]["partition"] == _day(0)
-        assert alert["fields"]["run_id"] == result.run_id
-        assert "no landing file" in alert["text"] or "failed" in alert["text"]
-        tick(cursor)
-        assert len(got) == 1, "one alert per failed run"
-    finally:
-        server.shutdown()
+    cursor = tick(None)
+    result = p.run_day(_day(0), raise_on_error=False)  # no landing file: the run fails
+    assert not result.success
+    cursor = tick(cursor)
+    assert len(got) == 1
+    alert = got[0]
+    assert alert["fields"]["job"] == data_job_name(p.spec)
+    assert alert["fields"]["partition"] == _day(0)
+    assert alert["fields"]["run_id"] == result.run_id
+    assert alert["fields"]["attempt"] == 1
+    assert alert["fields"]["attempts_allowed"] == 1  # this instance has no run retries
+    assert "no landing file" in alert["text"] or "failed" in alert["text"]
+    tick(cursor)
+    assert len(got) == 1, "one alert per failed run"
+
+
+def _retrying(root: Path, max_retries: int = 1) -> Project:
+    """A project on a persistent instance with run retries as the shipped profiles set them."""
+    p = make_project(root)
+    (root / "dagster").mkdir()
+    p.instance = dg.DagsterInstance.local_temp(
+        str(root / "dagster"),
+        overrides={
+            "run_retries": {
+                "enabled": True,
+                "max_retries": max_retries,
+                "retry_on_asset_or_op_failure": False,
+            }
+        },
+    )
+    return p
+
+
+def _failure_alerts(p: Project, url: str, run: DagsterRun, event: dg.DagsterEvent) -> None:
+    """The run-failure sensor on one failure, as the daemon would call it."""
+    from resources.alerting import AlertingResource
+    from sensors.alerts import run_failure_sensor_name
+
+    name = run_failure_sensor_name(p.spec)
+    sensor = p.defs.get_repository_def().get_sensor_def(name)
+    ctx = dg.build_run_status_sensor_context(
+        sensor_name=name,
+        dagster_event=event,
+        dagster_instance=p.instance,
+        dagster_run=p.instance.get_run_by_id(run.run_id),
+        resources={"alerting": AlertingResource(webhook_url=url)},
+    )
+    sensor(ctx)
+
+
+def _never_started(p: Project, **parent) -> tuple[DagsterRun, dg.DagsterEvent]:
+    """A run of the data job failed before its first step, as run monitoring fails a run
+    stuck STARTING; Dagster itself decides whether it will be retried."""
+    from dagster._core.events import JobFailureData, RunFailureReason
+
+    job = p.defs.resolve_job_def(data_job_name(p.spec))
+    tags = {"dagster/partition": _day(0)}
+    if parent:  # the tags the daemon's retry carries (retry_run, create_reexecuted_run)
+        tags |= {
+            "dagster/retry_number": str(parent["retry_number"]),
+            "dagster/parent_run_id": parent["parent_run_id"],
+            "dagster/root_run_id": parent["root_run_id"],
+        }
+    run = p.instance.create_run_for_job(
+        job,
+        tags=tags,
+        parent_run_id=parent.get("parent_run_id"),
+        root_run_id=parent.get("root_run_id"),
+    )
+    event = p.instance.report_run_failed(
+        run,
+        "Run timed out due to taking longer than 300 seconds to start.",
+        JobFailureData(error=None, failure_reason=RunFailureReason.START_TIMEOUT),
+    )
+    return p.instance.get_run_by_id(run.run_id), event
+
+
+def test_a_run_dagster_will_retry_does_not_alert_but_its_last_attempt_does(tmp_path, webhook):
+    p = _retrying(tmp_path, max_retries=1)
+    url, got = webhook
+    first, event = _never_started(p)
+    assert first.tags["dagster/will_retry"] == "true"
+    _failure_alerts(p, url, first, event)
+    assert got == [], "an attempt Dagster will retry is not an alert"
+
+    # The daemon's retry (tagged as Dagster tags it) fails the same way: retries exhausted.
+    last, event = _never_started(
+        p, parent_run_id=first.run_id, root_run_id=first.run_id, retry_number=1
+    )
+    assert last.tags["dagster/will_retry"] == "false"
+    _failure_alerts(p, url, last, event)
+    assert len(got) == 1
+    fields = got[0]["fields"]
+    assert fields["run_id"] == last.run_id
+    assert fields["first_run_id"] == first.run_id
+    assert (fields["attempt"], fields["attempts_allowed"]) == (2, 2)
+    assert fields["retry"] == "retries exhausted: attempt 2 of 2 failed"
+    assert fields["partition"] == _day(0) and fields["job"] == data_job_name(p.spec)
+    assert "attempt 2 of 2" in got[0]["title"]
+
+
+def test_a_run_whose_step_raised_alerts_at_once_with_retries_on(tmp_path, webhook):
+    p = _retrying(tmp_path, max_retries=2)
+    url, got = webhook
+    result = p.run_day(_day(0), raise_on_error=False)  # no landing file: a step raises
+    assert not result.success
+    run = p.instance.get_run_by_id(result.run_id)
+    assert run.tags["dagster/will_retry"] == "false"
+    _failure_alerts(p, url, run, result.get_run_failure_event())
+    assert len(got) == 1
+    fields = got[0]["fields"]
+    assert (fields["attempt"], fields["attempts_allowed"]) == (1, 3)
+    assert fields["retry"] == "a step raised: not retried (retry_on_asset_or_op_failure is off)"
+
+
+def test_the_shipped_profiles_retry_runs_that_never_started_but_not_step_failures():
+    import yaml
+
+    from orchestration.instance import DEFAULT_INSTANCE_YAML
+
+    shipped = {
+        "default": yaml.safe_load(DEFAULT_INSTANCE_YAML),
+        "production": yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text()),
+    }
+    for profile, cfg in shipped.items():
+        retries = cfg["run_retries"]
+        assert retries["enabled"] and retries["max_retries"] >= 1, profile
+        assert retries["retry_on_asset_or_op_failure"] is False, profile
+        assert cfg["run_monitoring"]["enabled"], profile
+        assert cfg["code_servers"]["local_startup_timeout"] > 180, profile  # Dagster's default
 
 
 def test_an_unreachable_webhook_fails_loudly():
