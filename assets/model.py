@@ -179,11 +179,17 @@ def build_model_assets(spec: Spec) -> list:
         )
 
     def _gate_check(gate: str):
+        # A failed gate is an outcome, not a failure (DESIGN §6): it reports severity WARN, so
+        # it never stops downstream work nor fails the run; champion_model refuses the
+        # challenger and records why. `blocking=True` is kept only for what Dagster does with
+        # it besides gating ERROR results: champion_model waits for the four checks, so it
+        # decides on this evaluation's results (a check that raises still fails the run).
         @dg.asset_check(asset=key["model_evaluation"], name=GATE_CHECKS[gate], blocking=True)
         def check(
             context: dg.AssetCheckExecutionContext, lake: LakeResource, mlflow: MlflowResource
         ) -> dg.AssetCheckResult:
             version = int(upstream_meta(context, key["model_evaluation"])["model_version"])
+            evaluated = context.instance.get_latest_materialization_event(key["model_evaluation"])
             doc = promotion.load_evaluation(lake.get(), spec, version)
             if doc is None:
                 raise dg.Failure(f"no evaluation for {model_name} v{version}")
@@ -201,12 +207,14 @@ def build_model_assets(spec: Spec) -> list:
                 version,
                 {
                     f"{registry.TAG}gate.{gate}": ("passed: " if result.passed else "failed: ")
-                    + result.reason
+                    + result.reason,
+                    # Which evaluation this result judged: champion_model decides on its own.
+                    promotion.gate_run_tag(gate): evaluated.run_id,
                 },
             )
             return dg.AssetCheckResult(
                 passed=result.passed,
-                severity=dg.AssetCheckSeverity.ERROR,
+                severity=dg.AssetCheckSeverity.WARN,
                 description=result.reason,
                 metadata={
                     "model_version": version,
@@ -228,15 +236,19 @@ def build_model_assets(spec: Spec) -> list:
     def champion_model(
         context: dg.AssetExecutionContext, lake: LakeResource, mlflow: MlflowResource
     ) -> dg.MaterializeResult:
-        """Moves alias `champion` to the evaluated version only if every gate passes."""
+        """Moves alias `champion` to the evaluated version if every gate passed, else records why."""
         version = int(upstream_meta(context, key["model_evaluation"])["model_version"])
+        evaluated = context.instance.get_latest_materialization_event(key["model_evaluation"])
         store = lake.get()
         doc = promotion.load_evaluation(store, spec, version)
         if doc is None:
             raise dg.Failure(f"no evaluation for {model_name} v{version}: run model_evaluation")
         # The gate checks of this evaluation recorded their results on the version; decide on
         # those (a second latency measurement could disagree with the first on a busy host).
-        recorded = promotion.recorded_gates(mlflow.tracking_uri, model_name, version)
+        # A gate without a result for this evaluation counts as failed: refused, saying which.
+        recorded = promotion.recorded_gates(
+            mlflow.tracking_uri, model_name, version, evaluation_run_id=evaluated.run_id
+        )
         decision = promotion.decide(
             spec,
             store,
@@ -247,9 +259,15 @@ def build_model_assets(spec: Spec) -> list:
             results=recorded,
         )
         champion = registry.alias_version(mlflow.tracking_uri, model_name, registry.CHAMPION)
+        challenger = registry.alias_version(mlflow.tracking_uri, model_name, registry.CHALLENGER)
+        if not decision.promoted:
+            context.log.info(
+                f"v{version} not promoted, v{champion or '-'} keeps serving: {decision.reason}"
+            )
         return dg.MaterializeResult(
             metadata={
                 "champion_version": champion or 0,
+                "challenger_version": challenger or 0,
                 "evaluated_version": version,
                 "promoted": decision.promoted,
                 "reason": decision.reason,
@@ -261,7 +279,7 @@ def build_model_assets(spec: Spec) -> list:
                 ),
                 "deployment_history": dg.MetadataValue.md(_history_md(store, name)),
                 "model_uri": f"models:/{model_name}@{registry.CHAMPION}",
-            }
+            },
         )
 
     @dg.asset(
@@ -354,13 +372,18 @@ def score_frame(spec: Spec, model, feats: pl.DataFrame) -> pl.DataFrame:
 
 
 def _history_md(store: Lake, spec_name: str) -> str:
+    """Alias moves and refusals, newest first: `champion before` kept serving on a refusal."""
     h = registry.deployment_history(store, spec_name)
     if h.height == 0:
         return "no deployments yet"
-    rows = ["| when | action | from | to | reason | run |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| when | action | champion before | version | reason | run |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in h.sort("time", descending=True).head(20).iter_rows(named=True):
+        reason = str(r["reason"]).replace("|", "\\|").replace("\n", " ")
         rows.append(
             f"| {r['time']:%Y-%m-%d %H:%M} | {r['action']} | {r['from_version'] or '-'} "
-            f"| {r['to_version']} | {r['reason']} | {r['dagster_run_id'][:8]} |"
+            f"| {r['to_version']} | {reason} | {r['dagster_run_id'][:8]} |"
         )
     return "\n".join(rows)

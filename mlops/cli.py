@@ -216,7 +216,7 @@ def status(spec_arg: str, as_json: bool) -> None:
 @main.command()
 @SPEC_OPTION
 def history(spec_arg: str) -> None:
-    """The deployment history: every alias move, newest last."""
+    """The deployment history: every alias move and every refused challenger, newest last."""
     from mlops import registry
 
     s, lake, _ = _context(spec_arg)
@@ -224,9 +224,12 @@ def history(spec_arg: str) -> None:
     if h.height == 0:
         click.echo("no deployments yet")
     for r in h.iter_rows(named=True):
+        if r["action"] == registry.REFUSED:  # nothing moved: say who kept serving
+            what = f"v{r['to_version']} (v{r['from_version'] or '-'} kept serving)"
+        else:
+            what = f"v{r['from_version'] or '-'} -> v{r['to_version']}"
         click.echo(
-            f"{r['time']:%Y-%m-%d %H:%M:%S}  {r['action']:<13} v{r['from_version'] or '-'}"
-            f" -> v{r['to_version']}  {r['actor']}  {r['reason']}"
+            f"{r['time']:%Y-%m-%d %H:%M:%S}  {r['action']:<13} {what}  {r['actor']}  {r['reason']}"
         )
 
 

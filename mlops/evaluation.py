@@ -501,8 +501,14 @@ def model_card(
     """Markdown model card: what was trained on what, how good it is, where it came from."""
     _check_task(task)
     shown_version = "unregistered" if version is None else f"v{version}"
-    total_rows = sum(int(v) for v in training_rows.values())
-    summary = f"{estimator} for {task} (spec `{spec_name}`), trained on {total_rows:,} rows"
+    # The model is fit on the train split; valid (early stopping, threshold) and test
+    # (the gates) are counted beside it, never as "trained on".
+    summary = f"{estimator} for {task} (spec `{spec_name}`)"
+    if "train" in training_rows:
+        summary += f", trained on {int(training_rows['train']):,} rows"
+    held_out = [f"{int(training_rows[k]):,} {k}" for k in ("valid", "test") if k in training_rows]
+    if held_out:
+        summary += f" ({' and '.join(held_out)} rows held out)"
     if task == BINARY and threshold is not None:
         summary += f"; decision threshold {_fmt(float(threshold))} (predict 1 when p >= threshold)"
     lines = [f"# Model card: {model_name} {shown_version}", "", summary + ".", ""]
@@ -516,9 +522,9 @@ def model_card(
     else:
         lines.append("n/a")
     lines.append("")
-    lines += _table(
-        ["split", "rows"], [[k, f"{int(v):,}"] for k, v in sorted(training_rows.items())]
-    )
+    order = {k: i for i, k in enumerate(("train", "valid", "test"))}
+    splits = sorted(training_rows.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+    lines += _table(["split", "rows"], [[k, f"{int(v):,}"] for k, v in splits])
     lines.append("")
 
     lines += ["## Features", "", f"{len(features)} features:", ""]

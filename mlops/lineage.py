@@ -32,7 +32,7 @@ def changed_inputs(spec: Spec, lake: Lake, lin: dict[str, Any]) -> dict[str, str
 
 def lineage(spec: Spec, lake: Lake, tracking_uri: str, version: int) -> dict[str, Any]:
     """The chain for one version: data partitions -> training set -> runs -> evaluation."""
-    from mlops.promotion import load_evaluation
+    from mlops.promotion import decision_text, load_evaluation
 
     name = spec.registered_model_name
     tags = registry.version_tags(tracking_uri, name, version)
@@ -63,6 +63,8 @@ def lineage(spec: Spec, lake: Lake, tracking_uri: str, version: int) -> dict[str
         "evaluation": (evaluation or {}).get("challenger", {}).get("metrics"),
         "gate_status": tags.get(f"{registry.TAG}gate_status"),
         "promotion": tags.get(f"{registry.TAG}promotion"),
+        # promote: ... | force_promote: ... | refused: <reason> | None (not decided yet)
+        "decision": decision_text(tags),
     }
 
 
@@ -92,7 +94,7 @@ def format_lineage(d: dict[str, Any]) -> str:
             and k in ("roc_auc", "pr_auc", "f1", "recall", "log_loss", "brier", "rmse", "mae", "r2")
         )
         lines.append(f"  evaluation       {shown}")
-    lines.append(f"  gate             {d['gate_status'] or '-'}; {d['promotion'] or 'not decided'}")
+    lines.append(f"  gate             {d['gate_status'] or '-'}; {d['decision'] or 'not decided'}")
     return "\n".join(lines)
 
 

@@ -47,15 +47,18 @@ def better(metric: str, a: float, b: float, margin: float = 0.0) -> bool:
 # Evaluation -----------------------------------------------------------------------------------
 
 
-def test_split(spec: Spec, lake: Lake, training_set_hash: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(valid, test) rows of the exact training set a version was trained on."""
+def test_split(
+    spec: Spec, lake: Lake, training_set_hash: str
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """(train, valid, test) rows of the exact training set a version was trained on."""
     key = training_set_hash[:16]
     if not lake.exists(spec.name, "training_set", key):
         raise PromotionError(
             f"training set {key} of this version is not in the lake ({lake.url(spec.name, 'training_set', key)})"
         )
     ts = lake.read(spec.name, "training_set", key)
-    return ts.filter(pl.col("split") == "valid"), ts.filter(pl.col("split") == "test")
+    train, valid, test = (ts.filter(pl.col("split") == s) for s in ("train", "valid", "test"))
+    return train, valid, test
 
 
 def _y(spec: Spec, df: pl.DataFrame) -> np.ndarray:
@@ -104,7 +107,7 @@ def evaluate_version(
     ]
     if missing:
         raise PromotionError(f"gates.slice_columns {missing} are not features of the training set")
-    valid, test = test_split(spec, lake, lineage["training_set_hash"])
+    train, valid, test = test_split(spec, lake, lineage["training_set_hash"])
     challenger = load_model(tracking_uri, name, version=version)
     chal = _score_block(spec, challenger, test)
     champ_version = registry.alias_version(tracking_uri, name, registry.CHAMPION)
@@ -117,17 +120,22 @@ def evaluate_version(
         "task": spec.model.task,
         "primary_metric": modeling.primary_metric(spec),
         "test_rows": test.height,
+        "rows": {"train": train.height, "valid": valid.height, "test": test.height},
         "training_set_hash": lineage["training_set_hash"],
         "window": lineage.get("training_partitions", []),
         "challenger": {k: v for k, v in chal.items() if k != "pred"},
         "champion": {k: v for k, v in champ.items() if k != "pred"} if champ else None,
     }
     if out_dir is not None:
-        doc["artifacts"] = _artifacts(spec, challenger, chal, champ, valid, test, lineage, out_dir)
+        doc["artifacts"] = _artifacts(
+            spec, challenger, chal, champ, doc["rows"], valid, test, lineage, out_dir
+        )
     return json_safe(doc)
 
 
-def _artifacts(spec, model, chal, champ, valid, test, lineage, out_dir: Path) -> dict[str, str]:
+def _artifacts(
+    spec, model, chal, champ, rows: dict[str, int], valid, test, lineage, out_dir: Path
+) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     task, y = spec.model.task, _y(spec, test)
     importance = modeling.feature_importance(model.model, model.layout.columns)
@@ -156,7 +164,7 @@ def _artifacts(spec, model, chal, champ, valid, test, lineage, out_dir: Path) ->
         estimator=model.estimator,
         params={},
         data_window=tr,
-        training_rows={"test": test.height, "valid": valid.height},
+        training_rows=rows,
         features=model.layout.columns,
         metrics=chal["metrics"],
         champion_metrics=champ["metrics"] if champ else None,
@@ -333,16 +341,40 @@ class Decision:
         return json_safe({**asdict(self), "gates": [asdict(g) for g in self.gates]})
 
 
-def recorded_gates(tracking_uri: str, model_name: str, version: int) -> list[GateResult] | None:
-    """The gate results the Dagster checks recorded on the version, if all are there."""
+def gate_run_tag(gate: str) -> str:
+    """The tag naming the Dagster run whose model_evaluation a gate's recorded result judged."""
+    return f"{registry.TAG}gate_run.{gate}"
+
+
+def recorded_gates(
+    tracking_uri: str, model_name: str, version: int, evaluation_run_id: str | None = None
+) -> list[GateResult]:
+    """The gate results the Dagster checks recorded on the version, one per gate.
+
+    A gate with no recorded result (its check did not run, or raised), or, given
+    `evaluation_run_id`, one recorded for another evaluation of the version, is a failed
+    gate that says so: nothing is promoted on a result nobody saw."""
     tags = registry.version_tags(tracking_uri, model_name, version)
     out = []
     for g in GATES:
         value = tags.get(f"{registry.TAG}gate.{g}")
+        judged = tags.get(gate_run_tag(g))
         if value is None:
-            return None
-        status, _, why = value.partition(": ")
-        out.append(GateResult(g, status == "passed", why))
+            out.append(
+                GateResult(g, False, f"no result recorded (its check did not run for v{version})")
+            )
+        elif evaluation_run_id is not None and judged != evaluation_run_id:
+            out.append(
+                GateResult(
+                    g,
+                    False,
+                    f"no result recorded for this evaluation (run {evaluation_run_id[:8]}); "
+                    f"the one on v{version} judged run {(judged or '-')[:8]}",
+                )
+            )
+        else:
+            status, _, why = value.partition(": ")
+            out.append(GateResult(g, status == "passed", why))
     return out
 
 
@@ -361,8 +393,10 @@ def decide(
 ) -> Decision:
     """Apply the gate to an evaluation document; move `champion` if it passes (or is forced).
 
-    `results`: gate results already computed for this document (the Dagster checks'), so a
-    latency measured once decides once; without them the gates run here.
+    `results`: gate results already computed for this document (the Dagster checks', from
+    recorded_gates), so a latency measured once decides once; without them the gates run
+    here. A refusal is recorded (tag, deployment history, challenger alias): it is an
+    outcome, returned, never raised.
     """
     name = spec.registered_model_name
     current = registry.alias_version(tracking_uri, name, registry.CHAMPION)
@@ -381,9 +415,7 @@ def decide(
         return Decision(False, current, version, "already the champion", results)
     if not passed and not force:
         why = summary(results)
-        registry.tag_version(
-            tracking_uri, name, version, {f"{registry.TAG}promotion": f"rejected: {why}"}
-        )
+        _record_refusal(spec, lake, tracking_uri, version, current, why, dagster_run_id, actor)
         return Decision(False, current, version, why, results)
     if force and not reason:
         raise PromotionError("--force needs --reason: say why the gate is overridden")
@@ -411,6 +443,59 @@ def decide(
         tracking_uri, name, version, {f"{registry.TAG}promotion": f"{action}: {text}"}
     )
     return Decision(True, current, version, text, results)
+
+
+def _record_refusal(
+    spec: Spec,
+    lake: Lake,
+    tracking_uri: str,
+    version: int,
+    champion: int | None,
+    why: str,
+    dagster_run_id: str,
+    actor: str,
+) -> None:
+    """A refusal is recorded like a promotion: the version's `mlops.promotion` tag, a
+    `refused` row in the deployment history, and `challenger` off the refused version."""
+    name = spec.registered_model_name
+    registry.tag_version(
+        tracking_uri, name, version, {f"{registry.TAG}promotion": f"refused: {why}"}
+    )
+    tags = registry.version_tags(tracking_uri, name, version)
+    registry.record_deployment(
+        lake,
+        spec.name,
+        registry.Deployment(
+            action=registry.REFUSED,
+            from_version=champion,
+            to_version=version,
+            reason=why,
+            dagster_run_id=dagster_run_id,
+            mlflow_run_id=tags.get(f"{registry.TAG}mlflow_run_id", ""),
+            actor=actor,
+        ),
+    )
+    registry.reassign_challenger(tracking_uri, name, version)
+
+
+def decision_text(tags: dict[str, str]) -> str | None:
+    """What the gate made of a version, from its tags: `promote: ...`, `refused: ...`, or
+    None when nothing decided it. Versions refused before refusals were recorded carry
+    `rejected: ...`, or only their failed `mlops.gate.*` tags (their checks wrote no
+    `mlops.gate_run.*`, and champion_model never ran)."""
+    promotion = tags.get(f"{registry.TAG}promotion")
+    if promotion and promotion.startswith("rejected: "):
+        return "refused: " + promotion.removeprefix("rejected: ")
+    if promotion:
+        return promotion
+    if any(k.startswith(gate_run_tag("")) for k in tags):
+        return None  # checks of this version ran, champion_model did not decide (yet)
+    failed = [
+        f"{k.removeprefix(f'{registry.TAG}gate.')}: {v.removeprefix('failed: ')}"
+        for k, v in sorted(tags.items())
+        if k.startswith(f"{registry.TAG}gate.") and v.startswith("failed")
+    ]
+    return f"refused: {'; '.join(failed)}" if failed else None
 
 
 def promote(

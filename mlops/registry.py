@@ -22,7 +22,7 @@ TAG = "mlops."  # every tag this project writes starts with it
 HISTORY_ASSET = "deployments"
 HISTORY_SCHEMA = {
     "time": pl.Datetime("us", "UTC"),
-    "action": pl.String,  # promote | force_promote | rollback
+    "action": pl.String,  # promote | force_promote | rollback | refused
     "from_version": pl.Int64,
     "to_version": pl.Int64,
     "reason": pl.String,
@@ -30,6 +30,11 @@ HISTORY_SCHEMA = {
     "mlflow_run_id": pl.String,
     "actor": pl.String,
 }
+# Actions that moved the champion alias; a `refused` row records a challenger the gate kept
+# out (to_version: the refused version, from_version: the champion that kept serving).
+MOVES = ("promote", "force_promote", "rollback")
+PROMOTIONS = ("promote", "force_promote")
+REFUSED = "refused"
 # Lineage tags every model version carries (DESIGN §5); data versions are one tag per input
 # partition: mlops.data_version.<asset>.<partition>.
 LINEAGE_TAGS = (
@@ -92,6 +97,15 @@ def alias_version(tracking_uri: str, model_name: str, alias: str) -> int | None:
 
 def set_alias(tracking_uri: str, model_name: str, alias: str, version: int) -> None:
     client(tracking_uri).set_registered_model_alias(model_name, alias, str(version))
+
+
+def delete_alias(tracking_uri: str, model_name: str, alias: str) -> None:
+    from contextlib import suppress
+
+    from mlflow.exceptions import MlflowException
+
+    with suppress(MlflowException):  # no such alias (or model): nothing to delete
+        client(tracking_uri).delete_registered_model_alias(model_name, alias)
 
 
 def version_tags(tracking_uri: str, model_name: str, version: int) -> dict[str, str]:
@@ -181,7 +195,7 @@ def deployment_history(lake: Lake, spec_name: str) -> pl.DataFrame:
 
 
 def record_deployment(lake: Lake, spec_name: str, d: Deployment) -> pl.DataFrame:
-    """Append one alias move to the history (the lake write is atomic)."""
+    """Append one alias move, or one refusal, to the history (the lake write is atomic)."""
     row = pl.DataFrame(
         [
             {
@@ -224,8 +238,31 @@ def previous_champion(lake: Lake, spec_name: str, current: int | None) -> int | 
     h = deployment_history(lake, spec_name)
     if current is None or h.height == 0:
         return None
-    promotions = h.filter(pl.col("action") != "rollback")
+    # Only promotions made `current` champion: rollbacks walk back, refusals moved nothing.
+    promotions = h.filter(pl.col("action").is_in(PROMOTIONS))
     moves = promotions.filter(pl.col("to_version") == current).sort("time")
     if moves.height == 0:
         return None
     return moves["from_version"][-1]
+
+
+def reassign_challenger(tracking_uri: str, model_name: str, refused: int) -> int | None:
+    """After `refused` was refused: if `challenger` names it, point the alias at the newest
+    version still a candidate (registered after the champion, no promotion decision yet), or
+    remove it. Returns the version `challenger` names afterwards."""
+    current = alias_version(tracking_uri, model_name, CHALLENGER)
+    if current != refused:
+        return current  # a newer candidate already took the alias
+    champion = alias_version(tracking_uri, model_name, CHAMPION)
+    candidates = [
+        int(mv.version)
+        for mv in search_versions(tracking_uri, model_name)
+        if int(mv.version) != refused
+        and int(mv.version) > (champion or 0)
+        and f"{TAG}promotion" not in (mv.tags or {})
+    ]
+    if candidates:
+        set_alias(tracking_uri, model_name, CHALLENGER, candidates[-1])
+        return candidates[-1]
+    delete_alias(tracking_uri, model_name, CHALLENGER)
+    return None

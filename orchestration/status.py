@@ -9,8 +9,9 @@ import datetime as dt
 from typing import Any
 
 import dagster as dg
+import polars as pl
 
-from mlops import monitoring, registry
+from mlops import monitoring, promotion, registry
 from mlops.lake import Lake
 from mlops.spec import Spec
 from sensors.retrain import ACTIVE, evaluate, retraining_runs
@@ -20,22 +21,17 @@ def _when(ts: float | None) -> str | None:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds") if ts else None
 
 
-def _outcome(tracking_uri: str, model_name: str, run_id: str) -> dict[str, Any]:
-    """The version a training run registered and what the gate made of it."""
+def _outcome(tracking_uri: str, model_name: str, run) -> dict[str, Any]:
+    """The version a training run registered and what the gate made of it: `promote: ...`,
+    `refused: <reason>` (champion_model's record, a successful run), or why there is none."""
     for mv in reversed(registry.search_versions(tracking_uri, model_name)):
         tags = mv.tags or {}
-        if tags.get(f"{registry.TAG}dagster_run_id") != run_id:
+        if tags.get(f"{registry.TAG}dagster_run_id") != run.run_id:
             continue
-        failed = [
-            v.removeprefix("failed: ")
-            for k, v in sorted(tags.items())
-            if k.startswith(f"{registry.TAG}gate.") and v.startswith("failed")
-        ]
-        promotion = tags.get(f"{registry.TAG}promotion", "")
-        return {
-            "version": int(mv.version),
-            "outcome": f"refused: {failed[0]}" if failed else promotion,
-        }
+        decided = promotion.decision_text(tags)
+        if decided is None:
+            decided = "not decided yet" if run.status in ACTIVE else "not decided (run ended)"
+        return {"version": int(mv.version), "outcome": decided}
     return {"version": None, "outcome": "no version registered"}
 
 
@@ -57,9 +53,12 @@ def status(
             "reason": r.tags.get(monitoring.TAG_REASON),
             "partition": r.tags.get(monitoring.TAG_PARTITION),
             "started": _when(rec.start_time if rec else None),
-            **_outcome(tracking_uri, name, r.run_id),
+            **_outcome(tracking_uri, name, r),
         }
-    history = registry.deployment_history(lake, spec.name)
+    # The last move of the champion alias; refusals are the retraining's outcome above.
+    history = registry.deployment_history(lake, spec.name).filter(
+        pl.col("action").is_in(registry.MOVES)
+    )
     last_deploy = None
     if history.height:
         row = history.sort("time").row(-1, named=True)

@@ -2,7 +2,8 @@
 
 One scenario, built once for the module: v1 (logistic regression) becomes the first
 champion on thresholds alone; v2 (xgboost, clearly better on this non-linear data) passes
-every gate and takes over; v3 (logistic regression again) is worse and is rejected.
+every gate and takes over; v3 (logistic regression again) is worse and is refused: an
+outcome of a successful run, recorded, not a failure (tests/test_refusal.py goes further).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def test_first_model_then_a_better_one_become_champion(life):
     assert h.select("action", "from_version", "to_version").rows() == [
         ("promote", None, 1),
         ("promote", 1, 2),
+        ("refused", 2, 3),  # v3's run: the champion v2 kept serving
     ]
 
 
@@ -120,21 +122,23 @@ def test_worse_challenger_does_not_move_the_alias_and_says_why(life):
     checks = _checks(r3)
     assert checks["improvement_gate_check"] is False
     assert checks["thresholds_gate_check"] and checks["serving_smoke_gate_check"]
-    # Blocking gate: champion_model did not run, the champion stays v2.
-    assert _key("champion_model") not in {
-        e.step_materialization_data.materialization.asset_key
-        for e in r3.get_asset_materialization_events()
-    }
+    # A refusal is an outcome: the run succeeds, champion_model records why, v2 keeps serving.
+    assert r3.success
+    m3 = materialization_meta(r3, _key("champion_model"))
+    assert m3["promoted"] is False and m3["evaluated_version"] == 3
+    assert m3["champion_version"] == 2 and m3["reason"].startswith("improvement: roc_auc")
+    assert "| refused | 2 | 3 |" in m3["deployment_history"]
     assert registry.alias_version(life.uri, NAME, registry.CHAMPION) == 2
-    assert registry.alias_version(life.uri, NAME, registry.CHALLENGER) == 3
+    assert registry.alias_version(life.uri, NAME, registry.CHALLENGER) is None  # no candidate
     tags = registry.version_tags(life.uri, NAME, 3)
     assert tags["mlops.gate.improvement"].startswith("failed: roc_auc")
+    assert tags["mlops.promotion"] == f"refused: {m3['reason']}"
     # The same decision through champion_model's own logic (e.g. materialized alone).
     doc = promotion.load_evaluation(life.lake, life.spec("lr"), 3)
     d = promotion.decide(life.spec("lr"), life.lake, life.uri, 3, doc)
     assert not d.promoted and "improvement" in d.reason
     assert registry.alias_version(life.uri, NAME, registry.CHAMPION) == 2
-    assert registry.version_tags(life.uri, NAME, 3)["mlops.promotion"].startswith("rejected:")
+    assert registry.version_tags(life.uri, NAME, 3)["mlops.promotion"].startswith("refused:")
 
 
 def test_every_version_carries_the_lineage_contract(life):
@@ -259,9 +263,10 @@ def test_rollback_force_promote_and_a_changed_input(life, monkeypatch):
     assert forced.exit_code == 0, forced.output
     assert registry.alias_version(life.uri, NAME, registry.CHAMPION) == 3
     h = registry.deployment_history(life.lake, NAME)
-    assert h.select("action", "from_version", "to_version").rows()[-3:] == [
+    assert h.select("action", "from_version", "to_version").rows()[-4:] == [
         ("rollback", 2, 1),
         ("rollback", 1, 2),
+        ("refused", 2, 3),  # the plain `mlops promote` above: recorded, nothing moved
         ("force_promote", 2, 3),
     ]
     assert "incident 42" in h["reason"][-1]
