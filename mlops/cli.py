@@ -42,6 +42,18 @@ def spec_check(path: str) -> None:
     click.echo("spec ok")
 
 
+@main.command(
+    context_settings={"ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def backtest(args: tuple[str, ...]) -> None:
+    """Replay a spec's own history through the sensors, jobs and gates (--help for options)."""
+    from orchestration.backtest import main as run_backtest
+
+    sys.exit(run_backtest(list(args)))
+
+
 @main.command()
 @click.option(
     "--spec",

@@ -39,6 +39,7 @@ TAG_SPEC = "mlops/spec"
 TAG_ATTEMPT = "mlops/attempt"  # 1 for an episode's first retraining, 2 for its first retry...
 TAG_CHANGE_POINT = "mlops/change_point"  # the episode's first breached partition
 TAG_OBSERVED = "mlops/trigger_observed"  # the newest breached partition it saw
+TAG_LABELLED = "mlops/labelled_through"  # the newest evaluated (labelled) day it had
 # Triggers whose retrainings start a cooldown: a detected change. A scheduled or manual
 # retraining never delays the recovery from one.
 CHANGE_TRIGGERS = (DRIFT, METRIC_DECLINE)
@@ -188,6 +189,7 @@ class Decision:
     attempt: int = 1  # which retraining of the episode this is
     change_point: str | None = None  # the episode's first breached partition
     observed: str | None = None  # the newest breached partition (retries count from it)
+    labelled_through: str | None = None  # the newest labelled day when it was decided
 
     @property
     def run_key(self) -> str | None:
@@ -211,6 +213,8 @@ class Decision:
             tags[TAG_CHANGE_POINT] = self.change_point
         if self.observed:
             tags[TAG_OBSERVED] = self.observed
+        if self.labelled_through:
+            tags[TAG_LABELLED] = self.labelled_through
         return tags
 
 
@@ -245,12 +249,13 @@ def decide(
     consecutive: int,
     cooldown_partitions: int,
     last_retrain_partition: str | None,
-    attempts: Mapping[str, list[str]],
+    attempts: Mapping[str, list],
     now: str | None = None,
     *,
     champion: int | None = None,
     retry_after: int = 1,
     max_attempts: int = 4,
+    labelled: list[str] | None = None,
 ) -> Decision:
     """Retrain when the newest observations breached `consecutive` times in a row against
     the serving champion.
@@ -260,7 +265,11 @@ def decide(
       retraining); a refused one re-arms after `retry_after` more breached observations, up
       to `max_attempts`, so one refusal never ends the recovery. A promotion ends the
       episode (a new champion serves), and so does a day that no longer breaches.
-    - `attempts`: episode -> the newest breached partition each earlier retraining saw.
+    - `attempts`: episode -> [observed, labelled_through] of each earlier retraining: the
+      newest breached partition it saw and the newest labelled day it had.
+    - `labelled`: the days with realized metrics (mature labels). A retry waits for a
+      labelled day after the change point that the previous attempt did not have: without
+      one it would train on the same rows and be refused again.
     - `now` is the newest data partition: the clock of the cooldown, since realized metrics
       lag the data by the label maturity (default: the newest observation).
     """
@@ -295,11 +304,15 @@ def decide(
         "evidence": evidence,
         "change_point": run[0].partition,
         "observed": run[-1].partition,
+        "labelled_through": max(labelled) if labelled else None,
     }
     if len(run) < consecutive:
         why = f"{len(run)}/{consecutive} consecutive breached partitions"
         return Decision(trigger, False, now, reason=why, **base)  # type: ignore[arg-type]
-    prior = sorted(attempts.get(episode, []))
+    prior_entries = sorted(
+        ([a, ""] if isinstance(a, str) else list(a)) for a in attempts.get(episode, [])
+    )
+    prior = [a[0] for a in prior_entries]
     what = "drift share" if trigger == DRIFT else "realized metric"
     reason = (
         f"{what} breached {run[-1].threshold:.3f} for {len(run)} consecutive partition(s) "
@@ -319,6 +332,15 @@ def decide(
             why = (
                 f"episode {episode}: retraining {len(prior)} was not promoted; retry after "
                 f"{retry_after} more breached partition(s) ({since} so far)"
+            )
+            return Decision(trigger, False, now, reason=why, attempt=len(prior), **base)  # type: ignore[arg-type]
+        had = max((a[1] or "" for a in prior_entries), default="")
+        fresh = [d for d in labelled or [] if d >= run[0].partition and d > had]
+        if labelled is not None and not fresh:
+            why = (
+                f"episode {episode}: retraining {len(prior)} was not promoted; waiting for a "
+                f"labelled day after the change point {run[0].partition} that it did not "
+                f"have (labels through {had or '-'})"
             )
             return Decision(trigger, False, now, reason=why, attempt=len(prior), **base)  # type: ignore[arg-type]
         reason += f"; retry {len(prior) + 1}: the breach persists after {prior[-1]}"

@@ -289,10 +289,8 @@ def _training_outcome(spec: Spec, r) -> dict:
         outcome, reason = "promoted", champ.get("reason", "")
     elif champ is not None:
         outcome, reason = "refused", champ.get("reason", "")
-    else:
-        failed = [f"{c[0]}: {c[2]}" for c in r.checks if not c[1]]
-        outcome = "refused" if failed else "failed"
-        reason = failed[0] if failed else r.error
+    else:  # a refusal is champion_model's outcome; without it, a step raised
+        outcome, reason = "failed", r.error or "the run ended before champion_model"
     return {
         "trigger": r.tags.get(monitoring.TAG_TRIGGER, "manual"),
         "version": cand.get("model_version"),

@@ -38,7 +38,7 @@ from sensors.monitoring import monitoring_sensor_name
 from sensors.new_data import new_data_sensor_name
 from sensors.retrain import drift_retrain_sensor_name, metric_decline_sensor_name
 
-# Expected failures (a refused gate) are in the timeline and the UI, not on the console.
+# Step logs are in the UI and the timeline is on the console: keep the two apart.
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 # Data before labels before scoring: the order the daemon's runs would finish in.
 _JOB_ORDER = ("data", "labels", "scoring")

@@ -54,18 +54,22 @@ def last_any_retrain_partition(runs: list) -> str | None:
     return max(parts) if parts else None
 
 
-def episode_attempts(runs: list, cursor_attempts: dict | None = None) -> dict[str, list[str]]:
-    """Episode -> the newest breached partition each of its retrainings saw (runs, plus the
-    cursor's record of requests the daemon may not have launched yet)."""
-    out: dict[str, set[str]] = {}
+def episode_attempts(runs: list, cursor_attempts: dict | None = None) -> dict[str, list]:
+    """Episode -> [observed, labelled_through] of each of its retrainings: the newest
+    breached partition it saw and the newest labelled day it had (runs, plus the cursor's
+    record of requests the daemon may not have launched yet)."""
+    out: dict[str, dict[str, str]] = {}
     for r in runs:
         ep = r.tags.get(monitoring.TAG_EPISODE)
         part = r.tags.get(monitoring.TAG_OBSERVED) or r.tags.get(monitoring.TAG_PARTITION)
         if ep and part:
-            out.setdefault(ep, set()).add(part)
-    for ep, parts in (cursor_attempts or {}).items():
-        out.setdefault(ep, set()).update(parts)
-    return {ep: sorted(parts) for ep, parts in out.items()}
+            out.setdefault(ep, {})[part] = r.tags.get(monitoring.TAG_LABELLED, "")
+    for ep, entries in (cursor_attempts or {}).items():
+        for e in entries:
+            observed, labelled = (e, "") if isinstance(e, str) else e
+            got = out.setdefault(ep, {})
+            got[observed] = max(got.get(observed, ""), labelled or "")
+    return {ep: sorted([k, v] for k, v in parts.items()) for ep, parts in out.items()}
 
 
 def drift_retrain_sensor_name(spec: Spec) -> str:
@@ -101,6 +105,7 @@ def evaluate(
         episode_attempts(runs, state.get("attempts")),
         now=features[-1] if features else None,
         champion=monitoring.current_champion(lake, spec),
+        labelled=lake.partitions(spec.name, monitoring.MODEL_PERFORMANCE),
         retry_after=m.retry_after_partitions,
         max_attempts=m.max_attempts_per_episode,
     )
@@ -119,10 +124,10 @@ def _build(spec: Spec, trigger: str, name: str, job, description: str) -> dg.Sen
         if busy:
             return dg.SkipReason(f"{decision.reason}; a retraining is already running")
         attempts = dict(state.get("attempts", {}))
-        attempts[decision.episode] = sorted(
-            {*attempts.get(decision.episode, []), decision.observed}
-        )
-        recent = dict(sorted(attempts.items(), key=lambda kv: max(kv[1]))[-200:])
+        entry = [decision.observed, decision.labelled_through or ""]
+        attempts[decision.episode] = [*attempts.get(decision.episode, []), entry]
+        newest = lambda kv: max(e if isinstance(e, str) else e[0] for e in kv[1])  # noqa: E731
+        recent = dict(sorted(attempts.items(), key=newest)[-200:])
         context.update_cursor(json.dumps({"last": decision.partition, "attempts": recent}))
         context.log.info(f"retraining: {decision.reason}")
         return dg.RunRequest(run_key=decision.run_key, tags=decision.tags(spec))

@@ -105,7 +105,7 @@ def test_a_second_demo_rebuilds_what_the_first_built(tmp_path, monkeypatch):
     from mlops.config import lake_url, mlflow_tracking_uri
     from mlops.generate import generate
     from mlops.lake import Lake
-    from orchestration.replay import Replay
+    from orchestration.replay import Feed, Replay
 
     p = make_project(tmp_path)
     for key, value in _env(tmp_path).items():
@@ -116,8 +116,10 @@ def test_a_second_demo_rebuilds_what_the_first_built(tmp_path, monkeypatch):
 
     def build() -> list[str]:
         lake = demo.fresh_start(spec, staging, p.defs, instance)
-        generate(demo.staged_spec(spec, staging), days=1, machines=3, seed=1)
-        replay = Replay(spec, p.defs, instance, lake, mlflow_tracking_uri(), staging)
+        staged = demo.staged_spec(spec, staging)
+        generate(staged, days=1, machines=3, seed=1)
+        feeds = [Feed(spec.source, staged.landing_dir, spec.landing_dir)]
+        replay = Replay(spec, p.defs, instance, lake, mlflow_tracking_uri(), feeds)
         replay.land(day)
         return [r.run_id for r in replay.ingest_round() if r.success]
 

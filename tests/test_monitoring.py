@@ -193,7 +193,9 @@ def test_a_refusal_rearms_after_more_breached_days_and_a_gap_does_not_split_the_
     first = monitoring.decide(monitoring.DRIFT, obs[:2], 2, 7, None, {})
     assert first.retrain and first.episode == episode and first.change_point == "2026-01-01"
     # Refused at day 2 (observed 2026-01-02): one more breached day re-arms it.
-    d = monitoring.decide(monitoring.DRIFT, obs[:3], 2, 7, "2026-01-02", {episode: ["2026-01-02"]})
+    d = monitoring.decide(
+        monitoring.DRIFT, obs[:3], 2, 7, "2026-01-02", {episode: [["2026-01-02", ""]]}
+    )
     assert d.retrain and d.attempt == 2 and d.run_key == f"{episode}#2"
     assert d.episode == episode, "the missing day did not start a new episode"
 

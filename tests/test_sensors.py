@@ -249,10 +249,17 @@ def _replay_ticks(p: Project, sensor: str, add_day, values: list[float], start: 
     return started
 
 
+def _drift_and_labels_day(p: Project, i: int, share: float, champion: int = 1):
+    """A drifted day whose labels have matured (its realized metric is in)."""
+    _drift_day(p, i, share, champion)
+    _perf_day(p, i, 0.84, champion=champion)
+
+
 def test_persistent_drift_retries_while_refused_up_to_the_attempt_limit(project):
     p = project
     # threshold 0.3, 2 consecutive days, retry after 1 more breached day, 4 attempts.
-    started = _replay_ticks(p, drift_retrain_sensor_name(p.spec), _drift_day, [0.8] * 10)
+    sensor = drift_retrain_sensor_name(p.spec)
+    started = _replay_ticks(p, sensor, _drift_and_labels_day, [0.8] * 10)
     # No champion was promoted (the launched runs leave v1 serving): a refusal re-arms.
     assert [d for d, _ in started] == [11, 12, 13, 14]
     episode = f"drift:v1:{_day(10)}"
@@ -267,6 +274,20 @@ def test_persistent_drift_retries_while_refused_up_to_the_attempt_limit(project)
     assert "drift share" in tags[monitoring.TAG_REASON]
     _, _, skip = _tick(p, drift_retrain_sensor_name(p.spec), None)
     assert "no more attempts" in skip
+
+
+def test_a_retry_waits_for_labelled_days_after_the_change(project):
+    p = project
+    sensor = drift_retrain_sensor_name(p.spec)
+    # Drift persists, but no labels mature: a retry would train on the same rows.
+    started = _replay_ticks(p, sensor, _drift_day, [0.8] * 5)
+    assert [d for d, _ in started] == [11]
+    _, _, skip = _tick(p, sensor, None)
+    assert "waiting for a labelled day after the change point" in skip
+    _perf_day(p, 10, 0.84)  # the change point's labels arrive: now a retry can learn
+    _drift_day(p, 15, 0.8)
+    reqs, _, _ = _tick(p, sensor, None)
+    assert [r.tags[monitoring.TAG_ATTEMPT] for r in reqs] == ["2"]
 
 
 def test_a_promoted_champion_ends_the_episode(project):
@@ -355,13 +376,13 @@ def test_a_scheduled_retraining_does_not_delay_the_recovery_from_a_change(projec
 def test_a_new_champion_starts_a_new_episode(project):
     p = project
     sensor = drift_retrain_sensor_name(p.spec)
-    started = _replay_ticks(p, sensor, _drift_day, [0.9] * 3)
+    started = _replay_ticks(p, sensor, _drift_and_labels_day, [0.9] * 3)
     assert [d for d, _ in started] == [11, 12]  # the first retraining and one retry
     # A week later the drift goes on against the new champion (v2): its own episode.
     cursor = None
     got = []
     for i in range(20, 23):
-        _drift_day(p, i, 0.9, champion=2)
+        _drift_and_labels_day(p, i, 0.9, champion=2)
         reqs, cursor, _ = _tick(p, sensor, cursor)
         got += [(i, r.run_key) for r in reqs]
     assert got == [(21, f"drift:v2:{_day(20)}"), (22, f"drift:v2:{_day(20)}#2")]
