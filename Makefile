@@ -16,9 +16,10 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 
 venv: $(BIN)/.installed
 
-$(DAGSTER_HOME)/dagster.yaml:
-	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\n' > $@
+# The default profile's instance (orchestration/instance.py): written when missing or still an
+# earlier shipped default; a file you edited is kept.
+$(DAGSTER_HOME)/dagster.yaml: orchestration/instance.py | $(BIN)/.installed
+	$(BIN)/python -m orchestration.instance $(DAGSTER_HOME)
 
 demo: $(BIN)/.installed $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m orchestration.demo

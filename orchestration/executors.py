@@ -59,9 +59,20 @@ def celery_settings() -> dict:
 
 
 def step_executor() -> dg.ExecutorDefinition | None:
-    """The executor for every job; None keeps Dagster's default (multiprocess)."""
+    """The executor for every job, from MLOPS_EXECUTOR; None keeps Dagster's default.
+
+    - unset or `multiprocess`: Dagster's multiprocess executor (None), or its forkserver
+      variant when MLOPS_MULTIPROCESS_START_METHOD=forkserver;
+    - `in_process`: `dg.in_process_executor`, every step of a run in turn inside the run
+      worker. The daily jobs are chains of short steps, and a multiprocess step is a fresh
+      interpreter importing the code location (about 60 s to start on a loaded 2-core
+      machine); in process a run imports it once. No parallelism within a run;
+    - `celery`: dagster-celery (see the module docstring).
+    """
     kind = os.environ.get(EXECUTOR_ENV, "").strip().lower()
     start = os.environ.get("MLOPS_MULTIPROCESS_START_METHOD", "").strip().lower()
+    if kind == "in_process":
+        return dg.in_process_executor
     if kind in ("", "multiprocess") and start in ("", "spawn"):
         return None
     if kind in ("", "multiprocess"):
@@ -85,7 +96,8 @@ def step_executor() -> dg.ExecutorDefinition | None:
         return celery_executor.configured(celery_settings(), name="celery")
     raise ValueError(
         f"{EXECUTOR_ENV}={kind!r} is not an executor this platform knows: use `multiprocess` "
-        "(the default) or `celery` (with MLOPS_CELERY_BROKER pointing at the broker)"
+        "(the default), `in_process` (every step in the run's own process) or `celery` (with "
+        "MLOPS_CELERY_BROKER pointing at the broker)"
     )
 
 
