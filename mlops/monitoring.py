@@ -88,6 +88,7 @@ class Performance:
     tolerance: float
     declined: bool
     slices: dict[str, Any] = field(default_factory=dict)
+    realized_se: float | None = None  # standard error of `realized` on this day's rows
 
     def summary(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,6 +125,7 @@ def realized_performance(
     pred = joined["score"].to_numpy()
     scores = _finite(evaluation.metrics(task, y, pred, threshold))
     realized = scores.get(metric)
+    se = standard_error(task, metric, y, pred, threshold) if realized is not None else None
     slices: dict[str, Any] = {}
     if features is not None and spec.gates.slice_columns:
         keys = [entity_column(spec), spec.source.timestamp_column]
@@ -140,9 +142,40 @@ def realized_performance(
         realized=realized,
         baseline=baseline,
         tolerance=_tol(spec),
-        declined=declined(spec, realized, baseline),
+        declined=declined(spec, realized, baseline, se),
         slices=slices,
+        realized_se=se,
     )
+
+
+def standard_error(
+    task: str, metric: str, y: np.ndarray, pred: np.ndarray, threshold: float | None
+) -> float | None:
+    """How much `metric` on these rows would vary by chance: Hanley-McNeil for ROC AUC, a
+    seeded bootstrap (200 resamples of at most 5,000 rows) for any other metric."""
+    n = len(y)
+    if n < 2:
+        return None
+    if metric == "roc_auc" and task == "binary_classification":
+        n1, n0 = int(np.sum(y == 1)), int(np.sum(y == 0))
+        if not n1 or not n0:
+            return None
+        from sklearn.metrics import roc_auc_score
+
+        a = float(roc_auc_score(y, pred))
+        q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+        var = (a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n0 - 1) * (q2 - a * a)) / (n1 * n0)
+        return float(np.sqrt(max(var, 0.0)))
+    rng = np.random.default_rng(0)
+    idx = rng.choice(n, size=min(n, 5000), replace=False) if n > 5000 else np.arange(n)
+    y, pred = np.asarray(y)[idx], np.asarray(pred)[idx]
+    values = []
+    for _ in range(200):
+        b = rng.integers(0, len(y), len(y))
+        v = evaluation.metrics(task, y[b], pred[b], threshold).get(metric)
+        if v is not None and np.isfinite(v):
+            values.append(v)
+    return float(np.std(values, ddof=1)) if len(values) > 10 else None
 
 
 def _tol(spec: Spec) -> float:
@@ -154,14 +187,24 @@ def _finite(d: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in d.items() if v is not None and np.isfinite(v)}
 
 
-def declined(spec: Spec, realized: float | None, baseline: float | None) -> bool:
-    """Realized below the baseline minus the tolerance (above it, for error metrics)."""
+def declined(
+    spec: Spec, realized: float | None, baseline: float | None, se: float | None = None
+) -> bool:
+    """Realized below the baseline minus the tolerance (above it, for error metrics), and,
+    with `monitoring.decline_confidence`, by more than chance on the day's rows explains
+    (z standard errors): one small day's noise must not retrain a model that is fine."""
     if realized is None or baseline is None:
         return False
     from mlops.promotion import better
 
-    # Declined = the baseline beats the realized value by more than the tolerance.
-    return better(modeling.primary_metric(spec), baseline, realized, _tol(spec) + 1e-12)
+    margin = _tol(spec) + 1e-12
+    confidence = spec.monitoring.decline_confidence
+    if se is not None and confidence is not None:
+        from scipy.stats import norm
+
+        margin += float(norm.ppf(confidence)) * se
+    # Declined = the baseline beats the realized value by more than the margin.
+    return better(modeling.primary_metric(spec), baseline, realized, margin)
 
 
 # --- the retraining rules ---------------------------------------------------------------
@@ -485,7 +528,7 @@ def performance_observations(spec: Spec, docs: list[dict[str, Any]]) -> list[Obs
         out.append(
             Observation(
                 d["partition"],
-                declined(spec, d["realized"], d["baseline"]),
+                declined(spec, d["realized"], d["baseline"], d.get("realized_se")),
                 float(d["realized"]),
                 float(d["baseline"]) - spec.monitoring.metric_decline_tolerance,
                 d.get("champion_version"),

@@ -336,6 +336,14 @@ class MonitoringSpec(_Strict):
     consecutive_drift_days: int = Field(2, ge=1)
     metric_decline_tolerance: float = Field(0.05, ge=0)
     consecutive_decline_days: int = Field(1, ge=1)
+    decline_confidence: float | None = Field(
+        0.95,
+        gt=0.5,
+        lt=1,
+        description="a day declines only when its realized metric is below the line by more "
+        "than chance at this one-sided confidence (its standard error on the day's rows); "
+        "null = the tolerance alone",
+    )
     retrain_cooldown_partitions: int = Field(
         7,
         ge=0,
@@ -569,10 +577,16 @@ def _automation_lines(spec: Spec) -> list[str]:
         "             monitoring_sensor: every built day after the first champion's window "
         "-> scoring + drift report; mature labels -> model_performance",
         f"             drift_retrain_sensor: {m.drift_method} drift share > {m.drift_threshold} "
-        f"for {m.consecutive_drift_days} day(s)",
+        f"for {m.consecutive_drift_days} day(s)"
+        + (
+            f" (a column drifts when significant at p < {m.drift_significance})"
+            if m.drift_significance
+            else ""
+        ),
         f"             metric_decline_sensor: realized {spec.gates.primary_metric} more than "
         f"{m.metric_decline_tolerance} below the champion's evaluation for "
-        f"{m.consecutive_decline_days} day(s)",
+        f"{m.consecutive_decline_days} day(s)"
+        + (f", beyond chance at {m.decline_confidence:.0%}" if m.decline_confidence else ""),
         f"             retraining policy: cooldown {m.retrain_cooldown_partitions} partitions "
         f"after a change-triggered retraining; a refused one retried after "
         f"{m.retry_after_partitions} more breached day(s), up to {m.max_attempts_per_episode} "

@@ -131,17 +131,19 @@ def test_backtest_of_an_event_feed_spec_with_entities(tmp_path, isolated_env):
         ("training_window_days: 14", "training_window_days: 4"),
     )
     p = make_project(tmp_path, text)
-    generate(p.spec, days=8, machines=6, seed=3)  # into the spec's landing folders
-    argv = ["--spec", str(p.spec.path), "--build-days", "5", "--json", str(tmp_path / "o.json")]
+    generate(p.spec, days=10, machines=6, seed=3)  # into the spec's landing folders
+    # Labels mature 72 h after a reading, once the failure feed has arrived: of 7 build days,
+    # 4 are labelled when the first champion trains.
+    argv = ["--spec", str(p.spec.path), "--build-days", "7", "--json", str(tmp_path / "o.json")]
     assert backtest.main(argv) == 0
     doc = json.loads((tmp_path / "o.json").read_text())
     days = doc["days"]
     assert [d["day"] for d in days] == [
-        (p.spec.source.start_date + dt.timedelta(days=i)).isoformat() for i in range(5, 8)
+        (p.spec.source.start_date + dt.timedelta(days=i)).isoformat() for i in range(7, 10)
     ]
     assert all(d["champion_version"] == 1 and d["drift_share"] is not None for d in days)
-    # Labels mature 72 h after a reading, once the failure feed has arrived: the replayed
-    # days' feeds end with the history, so none is evaluated, and nothing says otherwise.
+    # The replayed days' failure feeds end with the history: none of them is labelled yet,
+    # and nothing says otherwise.
     assert all(d["realized"] is None for d in days)
     assert not (tmp_path / ".mlops" / "lake").exists(), "the live lake was written"
 
@@ -156,3 +158,58 @@ def test_backtest_refuses_what_it_cannot_replay(tmp_path, isolated_env, capsys):
     assert backtest.main(["--spec", str(spec_file), "--build-days", "20"]) == 1
     assert "leaves none to replay" in capsys.readouterr().err
     assert backtest.main(["--spec", str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_backtest_of_a_sql_source_sees_each_day_only_once_it_has_happened(
+    tmp_path, isolated_env, capsys
+):
+    """The same stream as rows of a PostgreSQL table: the new-data sensor polls the source
+    up to the simulated day, so the build phase builds only the build days."""
+    import uuid
+
+    import polars as pl
+    import sqlalchemy as sa
+    import yaml
+
+    from tests.conftest import POSTGRES_URL, require_postgres
+
+    require_postgres()
+    _write_stream(tmp_path / "incoming")
+    table = f"backtest_{uuid.uuid4().hex[:8]}"
+    days = 7
+    rows = pl.concat(
+        [
+            pl.read_csv(tmp_path / "incoming" / f"obs_{START + dt.timedelta(days=i)}.csv")
+            for i in range(days)
+        ]
+    ).with_columns(pl.col("ts").str.to_datetime())
+    engine = sa.create_engine(POSTGRES_URL)
+    try:
+        with engine.begin() as con:
+            con.execute(sa.text(f"CREATE TABLE {table} (ts timestamp, x1 float, x2 float, y int)"))
+            con.execute(sa.text(f"INSERT INTO {table} VALUES (:ts, :x1, :x2, :y)"), rows.to_dicts())
+        data = yaml.safe_load(COLUMN_SPEC)
+        data["source"] = {
+            "kind": "sql",
+            "url": POSTGRES_URL,
+            "query": f"SELECT ts, x1, x2, y FROM {table} WHERE ts >= :start AND ts < :end",
+            "timestamp_column": "ts",
+            "start_date": START.isoformat(),
+        }
+        (tmp_path / "specs").mkdir()
+        spec_file = tmp_path / "specs" / "flip.yaml"
+        spec_file.write_text(yaml.safe_dump(data, sort_keys=False))
+        end = (START + dt.timedelta(days=days - 1)).isoformat()
+        argv = ["--spec", str(spec_file), "--build-days", "4", "--to", end]
+        assert backtest.main([*argv, "--json", str(tmp_path / "o.json")]) == 0
+    finally:
+        with engine.begin() as con:
+            con.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+        engine.dispose()
+    out = capsys.readouterr().out
+    assert "days 1-4" in out and ": 4 data runs" in out, out
+    doc = json.loads((tmp_path / "o.json").read_text())
+    assert [d["day"] for d in doc["days"]] == [
+        (START + dt.timedelta(days=i)).isoformat() for i in range(4, days)
+    ]
+    assert all(d["realized"] and "accuracy" in d["realized"] for d in doc["days"])

@@ -3,6 +3,7 @@
 import datetime as dt
 import json
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -207,3 +208,33 @@ def test_the_cooldown_only_delays_a_new_episode_not_a_retry():
     assert retry.retrain and retry.attempt == 2
     fresh = monitoring.decide(monitoring.DRIFT, obs, 2, 7, "2026-01-02", {})
     assert not fresh.retrain and "cooldown" in fresh.reason
+
+
+def test_a_decline_within_chance_on_a_small_day_is_not_a_breach():
+    rng = np.random.default_rng(0)
+    y = (rng.random(300) < 0.1).astype(int)  # a small day: 30 positives
+    pred = np.clip(y * 0.3 + rng.random(300) * 0.7, 0, 1)
+    se = monitoring.standard_error("binary_classification", "roc_auc", y, pred, None)
+    assert 0.01 < se < 0.1
+    # 0.80 against a 0.90 baseline, tolerance 0.05: below the line, but within chance.
+    assert monitoring.declined(SPEC, 0.80, 0.90)
+    assert not monitoring.declined(SPEC, 0.80, 0.90, se=0.05)
+    assert monitoring.declined(SPEC, 0.60, 0.90, se=0.05)  # far below: a real decline
+    bootstrap = monitoring.standard_error("binary_classification", "accuracy", y, pred, 0.5)
+    assert bootstrap is not None and bootstrap > 0
+
+
+def test_the_threshold_gate_does_not_hold_back_a_fix_the_champion_is_worse_than():
+    from mlops import promotion
+
+    doc = {
+        "primary_metric": "roc_auc",
+        "challenger": {"metrics": {"roc_auc": 0.70, "pr_auc": 0.5}},
+        "champion": {"version": 1, "metrics": {"roc_auc": 0.58, "pr_auc": 0.4}},
+    }
+    gate = promotion.threshold_gate(SPEC, doc)  # the embedded spec asks roc_auc >= 0.75
+    assert gate.passed and "misses it too" in gate.reason
+    doc["champion"]["metrics"]["roc_auc"] = 0.80  # the champion meets the bar: no waiver
+    assert not promotion.threshold_gate(SPEC, doc).passed
+    doc["champion"] = None  # the first model: the bar holds
+    assert not promotion.threshold_gate(SPEC, doc).passed
