@@ -43,7 +43,7 @@ class Attempt:
         if self.will_retry:
             return f"attempt {self.number} of {self.allowed} failed; Dagster will retry it"
         if self.allowed == 1:
-            return "run retries are off: not retried"
+            return "not retried: run retries are off, or the run was not launched by the daemon"
         if self.reason == "STEP_FAILURE":
             return "a step raised: not retried (retry_on_asset_or_op_failure is off)"
         return f"retries exhausted: attempt {self.number} of {self.allowed} failed"
@@ -58,6 +58,10 @@ def failed_attempt(instance: dg.DagsterInstance, run: dg.DagsterRun) -> Attempt:
     if not instance.run_retries_enabled:
         return Attempt(number, 1, False, reason)
     allowed = 1 + int(run.tags.get(MAX_RETRIES_TAG, instance.run_retries_max_retries))
+    if run.remote_job_origin is None:
+        # Run in a process of its own (the demo, `mlops backtest`, execute_in_process): the
+        # daemon cannot re-launch it, whatever the tag says.
+        return Attempt(number, 1, False, reason)
     tag = run.tags.get(WILL_RETRY_TAG)
     if tag is None:
         from dagster._core.events import RunFailureReason

@@ -273,3 +273,83 @@ def test_a_run_that_failed_to_launch_is_retried_and_alerts_no_one(tmp_path):
     )
     p.defs.get_repository_def().get_sensor_def(name)(ctx)
     assert posted == []
+
+
+def _land(feed, source: Path, target: Path, day) -> None:
+    """A day's files of one feed into its landing folder, each appearing whole."""
+    from mlops import ingest
+
+    for f in ingest.files_for_day(feed, source, day):
+        shutil.copyfile(f, target / f".{f.name}.part")
+        (target / f".{f.name}.part").rename(target / f.name)
+
+
+def test_landed_days_are_built_scored_and_evaluated_by_the_daemon_alone(tmp_path):
+    """A champion serves; four more days land, later their label feed: the daemon's new-data
+    and monitoring sensors build, score, monitor and evaluate every one of them, with no
+    manual step."""
+    import datetime as dt
+
+    from mlops.monitoring import DRIFT_REPORT, MODEL_PERFORMANCE, Decision
+    from orchestration.jobs import training_job_name
+    from orchestration.replay import Replay
+    from sensors.monitoring import monitoring_sensor_name
+    from sensors.new_data import new_data_sensor_name
+    from tests.conftest import embedded_spec_text, make_project, small_data
+
+    build, new, lag = 8, 4, 3  # lag: the event feed's maturity (72 h) in days
+    text = embedded_spec_text(
+        ("latency_budget_ms: 50", "latency_budget_ms: 500"),  # a loaded CI machine
+        ("trials: 10", "trials: 3"),
+        ("thresholds: {roc_auc: 0.75, pr_auc: 0.2}", "thresholds: {roc_auc: 0.5}"),
+    )
+    p = make_project(tmp_path, text, with_mlflow=True)
+    spec = p.spec
+    small_data(p, days=build + new + lag, machines=24)
+    readings, events = spec.landing_dir, spec.resolve(spec.labels.events.path)
+    stage_r, stage_e = tmp_path / "stage" / "readings", tmp_path / "stage" / "events"
+    stage_r.parent.mkdir()
+    shutil.move(readings, stage_r)
+    shutil.move(events, stage_e)
+    readings.mkdir(parents=True)
+    events.mkdir(parents=True)
+    days = [spec.source.start_date + dt.timedelta(days=i) for i in range(build + new + lag)]
+    first_days, landed_days = days[:build], days[build : build + new]
+    landed = [day.isoformat() for day in landed_days]
+
+    def missing(*assets: str) -> list[tuple[str, str]]:
+        return [(a, d) for d in landed for a in assets if not p.lake.exists(spec.name, a, d)]
+
+    with running_daemon(p) as d:
+        # Before the daemon's sensors are on: the first days (their labels mature: the feed
+        # through `lag` days later) and the first champion, through the same sensors in this
+        # process (orchestration/replay.py) with the run keys the daemon would give them.
+        for day in first_days:
+            _land(spec.source, stage_r, readings, day)
+        for day in days[: build + lag]:
+            _land(spec.labels.events, stage_e, events, day)
+        replay = Replay(spec, p.defs, d.instance, p.lake, p.tracking_uri, feeds=[])
+        assert all(r.success for r in replay.ingest_round())
+        first = Decision("initial", True, first_days[-1].isoformat(), None, "first champion", {})
+        trained = replay.run_job(training_job_name(spec), tags=first.tags(spec))
+        assert trained.success and replay.champion() is not None, trained.error
+        assert not replay.monitoring_round(), "the champion's own training days are not scored"
+
+        # Four days land: the daemon builds, scores and monitors them.
+        for day in landed_days:
+            _land(spec.source, stage_r, readings, day)
+        d.start_sensors(new_data_sensor_name(spec), monitoring_sensor_name(spec))
+        d.wait(
+            "every landed day built, scored and monitored",
+            lambda: not missing("validated_data", "batch_predictions", DRIFT_REPORT),
+            timeout=480,  # 8 runs, 2 at a time; each run worker imports the code location
+        )
+        # Their label feed arrives, days late: the daemon evaluates each scored day.
+        for day in days[build + lag :]:
+            _land(spec.labels.events, stage_e, events, day)
+        d.wait("every landed day evaluated", lambda: not missing(MODEL_PERFORMANCE), timeout=300)
+
+    runs = d.runs()
+    assert not [r for r in runs if r.status != dg.DagsterRunStatus.SUCCESS], d.runs_summary()
+    by_daemon = {r.tags.get("dagster/sensor_name") for r in runs if r.remote_job_origin}
+    assert by_daemon == {new_data_sensor_name(spec), monitoring_sensor_name(spec)}

@@ -541,10 +541,18 @@ def _failure_alerts(p: Project, url: str, run: DagsterRun, event: dg.DagsterEven
     sensor(ctx)
 
 
-def _never_started(p: Project, **parent) -> tuple[DagsterRun, dg.DagsterEvent]:
-    """A run of the data job failed before its first step, as run monitoring fails a run
-    stuck STARTING; Dagster itself decides whether it will be retried."""
+def _failed_run(
+    p: Project, reason: str = "START_TIMEOUT", by_daemon: bool = True, **parent
+) -> tuple[DagsterRun, dg.DagsterEvent]:
+    """A run of the data job failed the way run monitoring fails a run stuck STARTING
+    (or with another Dagster failure reason); Dagster itself decides whether it will be
+    retried. `by_daemon`: launched from the code location, as the daemon launches runs."""
     from dagster._core.events import JobFailureData, RunFailureReason
+    from dagster._core.remote_origin import (
+        RegisteredCodeLocationOrigin,
+        RemoteJobOrigin,
+        RemoteRepositoryOrigin,
+    )
 
     job = p.defs.resolve_job_def(data_job_name(p.spec))
     tags = {"dagster/partition": _day(0)}
@@ -554,16 +562,18 @@ def _never_started(p: Project, **parent) -> tuple[DagsterRun, dg.DagsterEvent]:
             "dagster/parent_run_id": parent["parent_run_id"],
             "dagster/root_run_id": parent["root_run_id"],
         }
+    repo = RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("mlops"), "__repository__")
     run = p.instance.create_run_for_job(
         job,
         tags=tags,
         parent_run_id=parent.get("parent_run_id"),
         root_run_id=parent.get("root_run_id"),
+        remote_job_origin=RemoteJobOrigin(repo, job.name) if by_daemon else None,
     )
     event = p.instance.report_run_failed(
         run,
-        "Run timed out due to taking longer than 300 seconds to start.",
-        JobFailureData(error=None, failure_reason=RunFailureReason.START_TIMEOUT),
+        f"{reason} (failed by the test, as the daemon would fail it)",
+        JobFailureData(error=None, failure_reason=RunFailureReason(reason)),
     )
     return p.instance.get_run_by_id(run.run_id), event
 
@@ -571,13 +581,13 @@ def _never_started(p: Project, **parent) -> tuple[DagsterRun, dg.DagsterEvent]:
 def test_a_run_dagster_will_retry_does_not_alert_but_its_last_attempt_does(tmp_path, webhook):
     p = _retrying(tmp_path, max_retries=1)
     url, got = webhook
-    first, event = _never_started(p)
+    first, event = _failed_run(p)
     assert first.tags["dagster/will_retry"] == "true"
     _failure_alerts(p, url, first, event)
     assert got == [], "an attempt Dagster will retry is not an alert"
 
     # The daemon's retry (tagged as Dagster tags it) fails the same way: retries exhausted.
-    last, event = _never_started(
+    last, event = _failed_run(
         p, parent_run_id=first.run_id, root_run_id=first.run_id, retry_number=1
     )
     assert last.tags["dagster/will_retry"] == "false"
@@ -595,15 +605,30 @@ def test_a_run_dagster_will_retry_does_not_alert_but_its_last_attempt_does(tmp_p
 def test_a_run_whose_step_raised_alerts_at_once_with_retries_on(tmp_path, webhook):
     p = _retrying(tmp_path, max_retries=2)
     url, got = webhook
-    result = p.run_day(_day(0), raise_on_error=False)  # no landing file: a step raises
+    # In process, for real: no landing file, raw_data raises; Dagster will not retry it.
+    result = p.run_day(_day(0), raise_on_error=False)
     assert not result.success
-    run = p.instance.get_run_by_id(result.run_id)
+    assert p.instance.get_run_by_id(result.run_id).tags["dagster/will_retry"] == "false"
+    # The same failure of a run the daemon launched.
+    run, event = _failed_run(p, reason="STEP_FAILURE")
     assert run.tags["dagster/will_retry"] == "false"
-    _failure_alerts(p, url, run, result.get_run_failure_event())
+    _failure_alerts(p, url, run, event)
     assert len(got) == 1
     fields = got[0]["fields"]
     assert (fields["attempt"], fields["attempts_allowed"]) == (1, 3)
     assert fields["retry"] == "a step raised: not retried (retry_on_asset_or_op_failure is off)"
+
+
+def test_a_run_outside_the_daemon_alerts_even_where_dagster_tags_it_for_retry(tmp_path, webhook):
+    """The demo and `mlops backtest` run jobs in their own process: no daemon can re-launch
+    such a run, so its failure alerts at once."""
+    p = _retrying(tmp_path, max_retries=2)
+    url, got = webhook
+    run, event = _failed_run(p, by_daemon=False)
+    assert run.tags["dagster/will_retry"] == "true"  # Dagster's tag does not look at the origin
+    _failure_alerts(p, url, run, event)
+    assert len(got) == 1
+    assert got[0]["fields"]["attempt"] == 1 and got[0]["fields"]["attempts_allowed"] == 1
 
 
 def test_the_shipped_profiles_retry_runs_that_never_started_but_not_step_failures():
