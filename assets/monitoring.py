@@ -52,8 +52,7 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
         context: dg.AssetExecutionContext, lake: LakeResource, mlflow: MlflowResource
     ) -> dg.MaterializeResult:
         """Data and prediction drift of the day's scored inputs against the champion's training set."""
-        from mlops.drift import compute_drift, drift_config
-        from mlops.features import feature_names
+        from mlops.drift import compute_drift, drift_columns, drift_config
         from mlops.model_loader import load_model
 
         store, day = lake.get(), context.partition_key
@@ -80,13 +79,12 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
             current = store.read(name, "features", day).join(
                 preds.select(*keys, "score"), on=keys, how="inner"
             )
-        cat = list(spec.features.categorical)
-        num = [c for c in feature_names(spec) if c not in cat]
+        cols = drift_columns(spec)
         result = compute_drift(
             sample,
             current,
-            numeric=num,
-            categorical=cat,
+            numeric=cols["numeric"],
+            categorical=cols["categorical"],
             prediction_column="score",
             **drift_config(spec),
         )
@@ -152,6 +150,7 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
             store.read(name, "features", day),
             baseline=block.get("metrics", {}).get(metric),
             threshold=block.get("threshold"),
+            baseline_rows=(doc or {}).get("test_rows"),
         )
         if perf.rows_labelled == 0:
             raise dg.Failure(

@@ -145,9 +145,19 @@ def drift_config(spec: Spec) -> dict[str, Any]:
 
 
 def drift_columns(spec: Spec) -> dict[str, list[str]]:
-    """The spec's feature columns split into compute_drift's numeric and categorical."""
-    cats = set(spec.features.categorical)
+    """The spec's feature columns a drift report tests, split into numeric and categorical.
+
+    Without an entity the data is one series, and its rolling aggregates are a smooth path:
+    one day of a 6-hour mean is not a sample of its distribution over the training days, so
+    a two-sample test calls it drifted every day. There, when the spec has row-level
+    features (passthrough, categorical, transforms), the aggregates are left out and the
+    inputs they summarize are tested instead of them."""
+    f = spec.features
+    cats = set(f.categorical)
     names = feature_names(spec)
+    row_level = set(f.passthrough) | cats | {t.name for t in f.transforms}
+    if spec.source.entity_column is None and row_level:
+        names = [n for n in names if n in row_level]
     return {
         "numeric": [c for c in names if c not in cats],
         "categorical": [c for c in names if c in cats],

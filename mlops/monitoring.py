@@ -88,7 +88,9 @@ class Performance:
     tolerance: float
     declined: bool
     slices: dict[str, Any] = field(default_factory=dict)
-    realized_se: float | None = None  # standard error of `realized` on this day's rows
+    # Standard error of realized - baseline: the day's spread (entity bootstrap) and the
+    # baseline's own, scaled from it by the rows each was measured on.
+    realized_se: float | None = None
 
     def summary(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,9 +110,11 @@ def realized_performance(
     features: pl.DataFrame | None,
     baseline: float | None,
     threshold: float | None,
+    baseline_rows: int | None = None,
 ) -> Performance:
     """Metrics of what was served against what happened, compared with the champion's
-    evaluation metric. A day whose labels are not mature yet has no realized metric."""
+    evaluation metric (measured on `baseline_rows` test rows). A day whose labels are not
+    mature yet has no realized metric."""
     metric = modeling.primary_metric(spec)
     joined = join_predictions(spec, predictions, labels)
     versions = sorted({int(v) for v in predictions["model_version"].unique().to_list()})
@@ -125,7 +129,18 @@ def realized_performance(
     pred = joined["score"].to_numpy()
     scores = _finite(evaluation.metrics(task, y, pred, threshold))
     realized = scores.get(metric)
-    se = standard_error(task, metric, y, pred, threshold) if realized is not None else None
+    se = None
+    if realized is not None:
+        ent, ts = entity_column(spec), spec.source.timestamp_column
+        groups = (
+            joined[ent].to_numpy()
+            if spec.source.entity_column
+            else joined[ts].dt.truncate("1h").cast(pl.String).to_numpy()
+        )
+        se = standard_error(task, metric, y, pred, threshold, groups)
+        if se is not None and baseline_rows:
+            # The baseline is a measurement too (the test split): same process, its own rows.
+            se = float(np.sqrt(se**2 * (1 + joined.height / baseline_rows)))
     slices: dict[str, Any] = {}
     if features is not None and spec.gates.slice_columns:
         keys = [entity_column(spec), spec.source.timestamp_column]
@@ -149,29 +164,37 @@ def realized_performance(
 
 
 def standard_error(
-    task: str, metric: str, y: np.ndarray, pred: np.ndarray, threshold: float | None
+    task: str,
+    metric: str,
+    y: np.ndarray,
+    pred: np.ndarray,
+    threshold: float | None,
+    groups: np.ndarray | None = None,
+    resamples: int = 200,
 ) -> float | None:
-    """How much `metric` on these rows would vary by chance: Hanley-McNeil for ROC AUC, a
-    seeded bootstrap (200 resamples of at most 5,000 rows) for any other metric."""
+    """How much `metric` on these rows would vary by chance: a seeded bootstrap.
+
+    With `groups` (the entity, or the hour for a single series) whole groups are resampled:
+    rows of one machine, or of one failure's horizon, are not independent, and a row
+    bootstrap (or a formula that counts rows) would call a noisy day's dip significant."""
     n = len(y)
     if n < 2:
         return None
-    if metric == "roc_auc" and task == "binary_classification":
-        n1, n0 = int(np.sum(y == 1)), int(np.sum(y == 0))
-        if not n1 or not n0:
-            return None
-        from sklearn.metrics import roc_auc_score
-
-        a = float(roc_auc_score(y, pred))
-        q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
-        var = (a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n0 - 1) * (q2 - a * a)) / (n1 * n0)
-        return float(np.sqrt(max(var, 0.0)))
     rng = np.random.default_rng(0)
-    idx = rng.choice(n, size=min(n, 5000), replace=False) if n > 5000 else np.arange(n)
-    y, pred = np.asarray(y)[idx], np.asarray(pred)[idx]
+    y, pred = np.asarray(y), np.asarray(pred)
+    if n > 20_000:  # the spread settles long before; bound the cost of a huge day
+        keep = rng.choice(n, size=20_000, replace=False)
+        y, pred = y[keep], pred[keep]
+        groups = None if groups is None else np.asarray(groups)[keep]
+    if groups is not None:
+        _, codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+        members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
+    if groups is None or len(members) < 5:
+        members = [np.array([i]) for i in range(len(y))]
     values = []
-    for _ in range(200):
-        b = rng.integers(0, len(y), len(y))
+    for _ in range(resamples):
+        pick = rng.integers(0, len(members), len(members))
+        b = np.concatenate([members[i] for i in pick])
         v = evaluation.metrics(task, y[b], pred[b], threshold).get(metric)
         if v is not None and np.isfinite(v):
             values.append(v)

@@ -345,7 +345,7 @@ class MonitoringSpec(_Strict):
         "null = the tolerance alone",
     )
     retrain_cooldown_partitions: int = Field(
-        7,
+        3,
         ge=0,
         description="partitions after a drift- or decline-triggered retraining before a new "
         "episode may retrain (scheduled retrainings never delay a recovery)",

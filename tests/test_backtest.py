@@ -129,9 +129,10 @@ def test_backtest_of_an_event_feed_spec_with_entities(tmp_path, isolated_env):
         ("latency_budget_ms: 50", "latency_budget_ms: 500"),
         ("trials: 10", "trials: 1"),
         ("training_window_days: 14", "training_window_days: 4"),
+        ("thresholds: {roc_auc: 0.75, pr_auc: 0.2}", "thresholds: {roc_auc: 0.7}"),  # 4 days
     )
     p = make_project(tmp_path, text)
-    generate(p.spec, days=10, machines=6, seed=3)  # into the spec's landing folders
+    generate(p.spec, days=10, machines=16, seed=3)  # into the spec's landing folders
     # Labels mature 72 h after a reading, once the failure feed has arrived: of 7 build days,
     # 4 are labelled when the first champion trains.
     argv = ["--spec", str(p.spec.path), "--build-days", "7", "--json", str(tmp_path / "o.json")]

@@ -216,6 +216,14 @@ def test_a_decline_within_chance_on_a_small_day_is_not_a_breach():
     pred = np.clip(y * 0.3 + rng.random(300) * 0.7, 0, 1)
     se = monitoring.standard_error("binary_classification", "roc_auc", y, pred, None)
     assert 0.01 < se < 0.1
+    # Rows of one entity move together: resampling entities sees more spread than rows.
+    groups = np.repeat(np.arange(10), 30)
+    clustered = np.clip(pred + np.repeat(rng.normal(0, 0.3, 10), 30) * y, 0, 1)
+    by_row = monitoring.standard_error("binary_classification", "roc_auc", y, clustered, None)
+    by_entity = monitoring.standard_error(
+        "binary_classification", "roc_auc", y, clustered, None, groups
+    )
+    assert by_entity > by_row
     # 0.80 against a 0.90 baseline, tolerance 0.05: below the line, but within chance.
     assert monitoring.declined(SPEC, 0.80, 0.90)
     assert not monitoring.declined(SPEC, 0.80, 0.90, se=0.05)
