@@ -225,7 +225,12 @@ def threshold_gate(spec: Spec, doc: dict[str, Any]) -> GateResult:
         op = "<=" if metric in LOWER_IS_BETTER else ">="
         old = champ.get(metric)
         old_ok = old is not None and (old <= limit if metric in LOWER_IS_BETTER else old >= limit)
-        if value is not None and old is not None and not old_ok and better(metric, value, old, 1e-12):
+        if (
+            value is not None
+            and old is not None
+            and not old_ok
+            and better(metric, value, old, 1e-12)
+        ):
             waived.append(
                 f"{metric} {_fmt(value)} misses {op} {limit}, but the champion's {_fmt(old)} "
                 "on the same rows misses it too and is worse"
