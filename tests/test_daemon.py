@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
+_FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
 class FlakyRunLauncher(DefaultRunLauncher):
@@ -131,6 +132,13 @@ class Daemon:
         raise AssertionError(
             f"{what}: not within {timeout:.0f} s. Runs: {self.runs_summary()}\n"
             f"daemon log (tail):\n{self.log.read_text()[-4000:]}"
+        )
+
+    def idle(self) -> bool:
+        """No run queued or in flight (a lake file can appear before its run has ended)."""
+        return not self.instance.get_runs(
+            dg.RunsFilter(statuses=[s for s in dg.DagsterRunStatus if s not in _FINISHED]),
+            limit=1,
         )
 
     def runs(self, **tags: str) -> list[dg.DagsterRun]:
@@ -341,13 +349,17 @@ def test_landed_days_are_built_scored_and_evaluated_by_the_daemon_alone(tmp_path
         d.start_sensors(new_data_sensor_name(spec), monitoring_sensor_name(spec))
         d.wait(
             "every landed day built, scored and monitored",
-            lambda: not missing("validated_data", "batch_predictions", DRIFT_REPORT),
+            lambda: not missing("validated_data", "batch_predictions", DRIFT_REPORT) and d.idle(),
             timeout=480,  # 8 runs, 2 at a time; each run worker imports the code location
         )
         # Their label feed arrives, days late: the daemon evaluates each scored day.
         for day in days[build + lag :]:
             _land(spec.labels.events, stage_e, events, day)
-        d.wait("every landed day evaluated", lambda: not missing(MODEL_PERFORMANCE), timeout=300)
+        d.wait(
+            "every landed day evaluated",
+            lambda: not missing(MODEL_PERFORMANCE) and d.idle(),
+            timeout=300,
+        )
 
     runs = d.runs()
     assert not [r for r in runs if r.status != dg.DagsterRunStatus.SUCCESS], d.runs_summary()
