@@ -505,9 +505,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(state, ignore_errors=True)
         os.environ.update(isolated_env(state))
         os.environ.pop("MLOPS_OPTUNA_STORAGE", None)  # trials stay in this process
+        from orchestration.instance import write_default_instance
+
         home = Path(os.environ["DAGSTER_HOME"])
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        write_default_instance(home)
         landed = staged_spec(spec, state, days[0])
         print(
             f"backtest of {spec.name}: {len(days)} day(s) {days[0]}..{days[-1]}, the first "

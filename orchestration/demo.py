@@ -36,15 +36,13 @@ from mlops.online_store import make_store
 from mlops.spec import Spec, load_spec
 from orchestration.backtest import BacktestError, write_plot
 from orchestration.definitions import build_definitions
+from orchestration.instance import write_default_instance
 from orchestration.replay import EXECUTOR, IN_PROCESS, RUN_MODES
 
 
 def _instance() -> dg.DagsterInstance:
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".mlops" / "dagster")))
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text("telemetry:\n  enabled: false\n")
+    write_default_instance(home)  # the default profile's settings, unless edited
     return dg.DagsterInstance.get()
 
 
