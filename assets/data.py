@@ -284,11 +284,24 @@ def build_data_assets(
         day = _day(context)
         needed = [d.isoformat() for d in feats.lookback_days(spec, day)]
         missing = [d for d in needed if not store.exists(name, "validated_data", d)]
-        if missing:
+        # A lookback day with no data in the source is a gap: compute without it (when the
+        # day lands late, the new-data sensor re-runs these features). One with data that is
+        # not built yet must be built first.
+        unbuilt = [
+            d
+            for d in missing
+            if d == context.partition_key
+            or ingest.partition_fingerprint(spec, dt.date.fromisoformat(d)) is not None
+        ]
+        if unbuilt:
             raise dg.Failure(
-                f"features for {day} need validated_data for {missing}: materialize "
+                f"features for {day} need validated_data for {unbuilt}: materialize "
                 f"{name}/validated_data for those days first"
             )
+        gaps = [d for d in missing if d not in unbuilt]
+        if gaps:
+            context.log.warning(f"{day}: no data for lookback day(s) {gaps}; computed without")
+        needed = [d for d in needed if d not in gaps]
         rows = store.read_many(name, "validated_data", needed)
         out = feats.compute_features(spec, rows, *feats.day_bounds(day))
         written = store.write(name, "features", out, context.partition_key)
@@ -298,6 +311,7 @@ def build_data_assets(
                 "rows": out.height,
                 "features": len(feats.feature_names(spec)),
                 "lookback_partitions": dg.MetadataValue.json(needed),
+                "lookback_gaps": dg.MetadataValue.json(gaps),
                 "preview": md_table(out, 5, cols=12),
                 "path": dg.MetadataValue.path(written.path),
             },

@@ -3,7 +3,8 @@
 - a new day's readings -> the data job for that partition;
 - a corrected file (same day, other content) -> the data job again, then, once that run has
   succeeded, what depends on the day: later days' features within the lookback, the day's
-  scoring and drift report, its realized performance;
+  scoring and drift report, its realized performance; a day that lands after later days
+  were built (late) cascades to their features and scores the same way;
 - the label feed: a day's labels (and realized performance, when the day was scored) run
   once every arrival day its labels can depend on has landed, and again if one is corrected;
 - an identical re-delivery changes nothing.
@@ -158,7 +159,10 @@ def build_new_data_sensor(spec: Spec, jobs: list) -> dg.SensorDefinition:
                     tags={TAG_CHANGE: ch.kind, "mlops/spec": name},
                 )
             )
-            if ch.kind == watch.CORRECTED:
+            later = _days_after(ch.partition, spec.features.lookback_days)
+            if ch.kind == watch.CORRECTED or any(store.exists(name, "features", d) for d in later):
+                # A corrected day, or a late one whose later days were built without it:
+                # their features and scores are redone once its run has succeeded.
                 pending[ch.partition] = run_key
             kept[ch.partition] = readings[ch.partition]
             budget -= 1

@@ -293,9 +293,9 @@ def _land(feed, source: Path, target: Path, day) -> None:
 
 
 def test_landed_days_are_built_scored_and_evaluated_by_the_daemon_alone(tmp_path):
-    """A champion serves; four more days land, later their label feed: the daemon's new-data
-    and monitoring sensors build, score, monitor and evaluate every one of them, with no
-    manual step."""
+    """A champion serves; a day lands, then the day before it (late), later their label
+    feed: the daemon's new-data and monitoring sensors build, score, monitor and evaluate
+    both, with no manual step and no wall-clock schedule."""
     import datetime as dt
 
     from mlops.monitoring import DRIFT_REPORT, MODEL_PERFORMANCE, Decision
@@ -305,7 +305,7 @@ def test_landed_days_are_built_scored_and_evaluated_by_the_daemon_alone(tmp_path
     from sensors.new_data import new_data_sensor_name
     from tests.conftest import embedded_spec_text, make_project, small_data
 
-    build, new, lag = 8, 4, 3  # lag: the event feed's maturity (72 h) in days
+    build, new, lag = 5, 2, 3  # lag: the event feed's maturity (72 h) in days
     text = embedded_spec_text(
         ("latency_budget_ms: 50", "latency_budget_ms: 500"),  # a loaded CI machine
         ("trials: 10", "trials: 3"),
@@ -343,14 +343,20 @@ def test_landed_days_are_built_scored_and_evaluated_by_the_daemon_alone(tmp_path
         assert trained.success and replay.champion() is not None, trained.error
         assert not replay.monitoring_round(), "the champion's own training days are not scored"
 
-        # Four days land: the daemon builds, scores and monitors them.
-        for day in landed_days:
-            _land(spec.source, stage_r, readings, day)
+        # The newer day lands first, the older one after it has been scored (late): the
+        # daemon builds, scores and monitors both.
+        _land(spec.source, stage_r, readings, landed_days[1])
         d.start_sensors(new_data_sensor_name(spec), monitoring_sensor_name(spec))
         d.wait(
-            "every landed day built, scored and monitored",
+            "the newer day built, scored and monitored",
+            lambda: p.lake.exists(spec.name, DRIFT_REPORT, landed[1]) and d.idle(),
+            timeout=300,  # each run worker imports the code location
+        )
+        _land(spec.source, stage_r, readings, landed_days[0])
+        d.wait(
+            "the late day built, scored and monitored",
             lambda: not missing("validated_data", "batch_predictions", DRIFT_REPORT) and d.idle(),
-            timeout=480,  # 8 runs, 2 at a time; each run worker imports the code location
+            timeout=300,
         )
         # Their label feed arrives, days late: the daemon evaluates each scored day.
         for day in days[build + lag :]:

@@ -144,6 +144,35 @@ def test_corrected_file_reruns_its_day_then_its_downstream(staged):
     assert _tick(p, name, cursor)[0] == []
 
 
+def test_a_day_landing_after_the_next_one_rebuilds_what_looked_back_at_it(staged):
+    p, sr, se = staged
+    name = new_data_sensor_name(p.spec)
+    for i in (0, 2):  # day 1 is late: day 2 is built without it (a gap, not a failure)
+        _land(p, sr, se, i)
+    reqs, cursor, _ = _tick(p, name, None)
+    for r in reqs:
+        assert p.run_day(r.partition_key).success
+    p.lake.write(p.spec.name, "batch_predictions", pl.DataFrame({"x": [1]}), _day(2))
+    _land(p, sr, se, 1)
+    reqs, cursor, _ = _tick(p, name, cursor)
+    assert [(r.partition_key, r.tags["mlops/change"]) for r in reqs] == [(_day(1), "new")]
+    p.defs.resolve_job_def(data_job_name(p.spec)).execute_in_process(
+        partition_key=_day(1),
+        instance=p.instance,
+        tags={"dagster/run_key": reqs[0].run_key, "mlops/spec": p.spec.name},
+        run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
+    )
+    reqs, cursor, _ = _tick(p, name, cursor)
+    got = sorted(
+        (r.job_name, r.partition_key, tuple(a.path[-1] for a in r.asset_selection or []))
+        for r in reqs
+    )
+    assert got == [
+        (data_job_name(p.spec), _day(2), ("features",)),  # day 2 looks back at day 1
+        (scoring_job_name(p.spec), _day(2), ()),
+    ]
+
+
 def test_labels_run_once_the_feed_has_arrived(staged):
     p, sr, se = staged
     name = new_data_sensor_name(p.spec)
