@@ -132,7 +132,7 @@ def test_backtest_of_an_event_feed_spec_with_entities(tmp_path, isolated_env):
         ("thresholds: {roc_auc: 0.75, pr_auc: 0.2}", "thresholds: {roc_auc: 0.7}"),  # 4 days
     )
     p = make_project(tmp_path, text)
-    generate(p.spec, days=10, machines=16, seed=3)  # into the spec's landing folders
+    generate(p.spec, days=8, machines=16, seed=3)  # into the spec's landing folders
     # Labels mature 72 h after a reading, once the failure feed has arrived: of 7 build days,
     # 4 are labelled when the first champion trains.
     argv = ["--spec", str(p.spec.path), "--build-days", "7", "--json", str(tmp_path / "o.json")]
@@ -140,7 +140,7 @@ def test_backtest_of_an_event_feed_spec_with_entities(tmp_path, isolated_env):
     doc = json.loads((tmp_path / "o.json").read_text())
     days = doc["days"]
     assert [d["day"] for d in days] == [
-        (p.spec.source.start_date + dt.timedelta(days=i)).isoformat() for i in range(7, 10)
+        (p.spec.source.start_date + dt.timedelta(days=i)).isoformat() for i in range(7, 8)
     ]
     assert all(d["champion_version"] == 1 and d["drift_share"] is not None for d in days)
     # The replayed days' failure feeds end with the history: none of them is labelled yet,
@@ -177,7 +177,7 @@ def test_backtest_of_a_sql_source_sees_each_day_only_once_it_has_happened(
     require_postgres()
     _write_stream(tmp_path / "incoming")
     table = f"backtest_{uuid.uuid4().hex[:8]}"
-    days = 7
+    days = 6
     rows = pl.concat(
         [
             pl.read_csv(tmp_path / "incoming" / f"obs_{START + dt.timedelta(days=i)}.csv")

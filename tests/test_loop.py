@@ -24,7 +24,7 @@ from orchestration import demo
 from tests.conftest import embedded_spec_text, make_project
 from tests.test_definitions import _env
 
-BUILD, DRIFT_FROM, DAYS = 14, 19, 40
+BUILD, DRIFT_FROM, DAYS = 12, 15, 30
 
 
 def _spec_text() -> str:
@@ -32,7 +32,7 @@ def _spec_text() -> str:
         ("latency_budget_ms: 50", "latency_budget_ms: 500"),  # a loaded CI machine
         ("trials: 10", "trials: 3"),
         ("training_window_days: 14", "training_window_days: 8"),
-        ("retrain_cooldown_partitions: 7", "retrain_cooldown_partitions: 5"),
+        ("retrain_cooldown_partitions: 7", "retrain_cooldown_partitions: 3"),
     )
 
 
