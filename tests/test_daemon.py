@@ -308,7 +308,7 @@ def test_landed_days_are_built_scored_and_evaluated_by_the_daemon_alone(tmp_path
     build, new, lag = 5, 2, 3  # lag: the event feed's maturity (72 h) in days
     text = embedded_spec_text(
         ("latency_budget_ms: 50", "latency_budget_ms: 500"),  # a loaded CI machine
-        ("trials: 10", "trials: 3"),
+        ("trials: 10", "trials: 1"),
         ("thresholds: {roc_auc: 0.75, pr_auc: 0.2}", "thresholds: {roc_auc: 0.5}"),
     )
     p = make_project(tmp_path, text, with_mlflow=True)

@@ -290,7 +290,11 @@ def _loop_spec_text() -> str:
         (".mlops/landing/machine_failure/", f".mlops/landing/{LOOP}/"),
         ("latency_budget_ms: 50", "latency_budget_ms: 500"),  # a loaded CI machine
         ("training_window_days: 14", "training_window_days: 6"),
-        ("retrain_cooldown_partitions: 7", "retrain_cooldown_partitions: 4"),
+        # One retraining per episode: the test is about where runs execute, not recovery.
+        (
+            "retrain_cooldown_partitions: 7",
+            "retrain_cooldown_partitions: 4\n  max_attempts_per_episode: 1",
+        ),
     )
 
 
