@@ -33,7 +33,7 @@ from mlops.config import (
 from mlops.generate import generate
 from mlops.lake import Lake
 from mlops.online_store import make_store
-from mlops.spec import Spec, load_spec
+from mlops.spec import FileSource, Spec, load_spec
 from orchestration.backtest import BacktestError, write_plot
 from orchestration.definitions import build_definitions
 from orchestration.instance import write_default_instance
@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     spec = load_spec(args.spec)
+    if spec.labels.kind != "event_feed" or not isinstance(spec.source, FileSource):
+        p.error(
+            f"{spec.path}: the demo generates the embedded IoT example (landing files and a "
+            f"failure feed); for your own data run `mlops backtest --spec {spec.path}`"
+        )
     if args.runs == EXECUTOR and spec.path.parent.resolve() != specs_dir().resolve():
         p.error(
             f"--runs executor reloads the code location, which loads the specs in "
@@ -122,7 +127,8 @@ def fresh_start(
     spec's runs and materializations in the Dagster instance (the regenerated files have the
     same content, so their run keys would otherwise count as already run)."""
     _forget_runs(spec, defs, instance)
-    for folder in (spec.landing_dir, spec.resolve(spec.labels.events.path), staging):
+    events = [spec.resolve(spec.labels.events.path)] if spec.labels.events else []
+    for folder in (spec.landing_dir, *events, staging):
         shutil.rmtree(folder, ignore_errors=True)
     lake = Lake(lake_url())
     spec_folder = f"{lake.root}/{spec.name}"
