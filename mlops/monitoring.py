@@ -435,7 +435,6 @@ def cooldown_ok(
 # --- every built day is scored and monitored (DESIGN §6: follow the data) ---------------
 
 SCORE, LABELS, PERFORMANCE = "score", "labels", "performance"
-PROMOTING_ACTIONS = ("promote", "force_promote", "rollback")
 
 
 @dataclass(frozen=True)
@@ -453,10 +452,10 @@ def monitoring_start(lake: Lake, spec: Spec) -> str | None:
 
     Days after it are scored and monitored whenever they land; the first champion's own
     training days are in-sample, so monitoring them would say nothing."""
-    from mlops.registry import deployment_history
+    from mlops.registry import MOVES, deployment_history
 
     hist = deployment_history(lake, spec.name)
-    moves = hist.filter(pl.col("action").is_in(PROMOTING_ACTIONS)).sort("time")
+    moves = hist.filter(pl.col("action").is_in(MOVES)).sort("time")
     if moves.height == 0:
         return None
     first = int(moves["to_version"][0])
@@ -468,9 +467,9 @@ def monitoring_start(lake: Lake, spec: Spec) -> str | None:
 
 def current_champion(lake: Lake, spec: Spec) -> int | None:
     """The version the deployment history last moved `champion` to (no registry call)."""
-    from mlops.registry import deployment_history
+    from mlops.registry import MOVES, deployment_history
 
-    moves = deployment_history(lake, spec.name).filter(pl.col("action").is_in(PROMOTING_ACTIONS))
+    moves = deployment_history(lake, spec.name).filter(pl.col("action").is_in(MOVES))
     return int(moves["to_version"][-1]) if moves.height else None
 
 

@@ -156,8 +156,7 @@ def _forget_runs(spec: Spec, defs: dg.Definitions, instance: dg.DagsterInstance)
 def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
     """Generate the example into a staging folder, then the backtest engine lands it day by
     day into the live landing folders (the demo owns the embedded example's state)."""
-    from orchestration.backtest import Options, run
-    from orchestration.replay import Feed
+    from orchestration.backtest import Options, feeds_of, run
 
     staging = spec.root / ".mlops" / "staging" / spec.name
     defs = build_definitions(spec.path.parent)
@@ -178,15 +177,7 @@ def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
         f"generated {args.days} days: {report.rows} readings, {report.events} failure events, "
         f"{len(report.bad_rows)} bad rows (drift {args.drift} from day {args.drift_from})"
     )
-    feeds = [Feed(spec.source, staged.landing_dir, spec.landing_dir)]
-    if spec.labels.events is not None and staged.labels.events is not None:
-        feeds.append(
-            Feed(
-                spec.labels.events,
-                staged.resolve(staged.labels.events.path),
-                spec.resolve(spec.labels.events.path),
-            )
-        )
+    feeds = feeds_of(staged, spec)  # from the staging folders into the live landing ones
     days = [spec.source.start_date + dt.timedelta(days=i) for i in range(args.days)]
     opts = Options(
         build_days=args.build_days,
