@@ -73,6 +73,29 @@ class FileFeed(_Strict):
     timestamp_column: str
     timestamp_format: str | None = Field(None, description="strftime format; None = ISO 8601")
     entity_column: str | None = None
+    settle_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=86_400,
+        description="a landing file is read only once it has not changed for this long, so a "
+        "file still being written waits for a later tick; 0 = writers rename complete files in",
+    )
+    encoding: str = Field(
+        "utf-8", description="text encoding of csv and jsonl landing files (a Python codec name)"
+    )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_codec(cls, v: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(
+                f"unknown text encoding {v[:40]!r}; e.g. utf-8, latin-1, cp1252"
+            ) from None
+        return v
 
     @field_validator("file_pattern")
     @classmethod
