@@ -17,6 +17,21 @@ from mlops.modeling import MatrixLayout, model_matrix, predict
 from mlops.registry import RegistryError, client
 
 
+class ModelRefused(RegistryError):
+    """The version's content cannot be served: an unsafe or foreign format, missing metadata,
+    a model that does not load or does not score its input example. Retrying will not help."""
+
+
+class UnsafeModelFormat(ModelRefused):
+    """The MLmodel or its files name a format this platform does not write (a pickle): refused
+    before any deserializer runs."""
+
+
+class ArtifactsUnavailable(RegistryError):
+    """The version's artifacts could not be fetched (storage or registry unreachable, files
+    missing): a transient cause, so a caller may retry with backoff."""
+
+
 @dataclass
 class LoadedModel:
     name: str
