@@ -6,8 +6,14 @@
 2. History independence: the cost of one new day with 90 days of history divided by one new
    day with 7 days of history (goal <= 1.2). Two lakes are built, then the two new days are
    timed alternately, round after round, so machine noise hits both alike.
+3. Memory (--memory, run alone): one large CSV day (--size-mb, default 200, in --files
+   files) through the real raw_data and validate assets in a fresh subprocess; its peak RSS
+   against the day's size, raw and net of the interpreter's RSS with the same imports
+   (goal: peak <= 4x the day's size). A second subprocess does the same steps through the
+   mlops/ functions and records the peak after each step, to show which step sets it.
 
     .venv/bin/python bench/ingest.py [--machines 200] [--rounds 7] [--out bench/results/ingest.json]
+    .venv/bin/python bench/ingest.py --memory [--size-mb 200] [--files 1] [--out bench/results/ingest_memory.json]
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,11 +37,14 @@ sys.path.insert(0, str(REPO))
 from bench.common import features_day, project, validated_day  # noqa: E402
 from mlops.generate import generate  # noqa: E402
 from mlops.lake import Lake  # noqa: E402
-from mlops.spec import load_spec  # noqa: E402
+from mlops.spec import Spec, load_spec  # noqa: E402
 from orchestration.definitions import build_definitions  # noqa: E402
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 ASSETS = ("raw_data", "validated_data", "quarantine", "features")
+MEMORY_ASSETS = ("raw_data", "validated_data", "quarantine")
+MEMORY_GOAL = 4.0  # peak RSS / the day's bytes
+MB = 1024 * 1024
 
 
 class Runner:
@@ -65,14 +76,171 @@ class Runner:
         return time.perf_counter() - t
 
 
+def write_large_day(spec: Spec, day: dt.date, size_bytes: int, files: int) -> list[Path]:
+    """`files` CSV landing files for `day` of about `size_bytes` in all, in the spec's
+    columns; one row in 100 has an unparseable temperature, so quarantine has work."""
+    import numpy as np
+    import polars as pl
+
+    folder = spec.landing_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    machines, chunk = 100_000, 50_000
+    start = dt.datetime.combine(day, dt.time())
+    written: list[Path] = []
+    row = 0
+    for k in range(files):
+        path = folder / spec.source.file_pattern.replace("*", str(k)).replace(
+            "{date}", day.isoformat()
+        )
+        with path.open("wb") as f:
+            first = True
+            while f.tell() < size_bytes // files:
+                i = np.arange(row, row + chunk)
+                row += chunk
+                temp = np.round(rng.normal(60, 10, chunk), 3).astype(str)
+                temp[i % 100 == 0] = "n/a"
+                frame = pl.DataFrame(
+                    {
+                        "timestamp": (np.datetime64(start, "s") + (i // machines)).astype(
+                            "datetime64[ms]"
+                        ),
+                        "machine_id": pl.Series(i % machines).cast(pl.String).str.zfill(6),
+                        "machine_type": np.array(["A", "B", "C"])[i % 3],
+                        "firmware": np.array(["1.0", "1.1", "2.0"])[i % 3],
+                        "temperature": temp,
+                        "vibration": np.round(rng.uniform(0, 50, chunk), 3),
+                        "pressure": np.round(rng.uniform(0, 300, chunk), 3),
+                        "rpm": np.round(rng.uniform(0, 6000, chunk), 1),
+                        "voltage": np.round(rng.uniform(100, 300, chunk), 2),
+                    }
+                ).with_columns(
+                    pl.col("timestamp").dt.to_string("%Y-%m-%dT%H:%M:%S"),
+                    ("M" + pl.col("machine_id")).alias("machine_id"),
+                )
+                frame.write_csv(f, include_header=first)
+                first = False
+        written.append(path)
+    return written
+
+
+def _memory_child(mode: str, root: Path, day: dt.date) -> dict:
+    """Runs in a fresh interpreter: the peak RSS of `mode` (bytes; per step for 'steps')."""
+
+    def peak() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+    runner = Runner(root, root / f"lake_{mode}")
+    out: dict = {}
+    if mode == "assets":
+        runner.job.execute_in_process(
+            partition_key=day.isoformat(),
+            instance=runner.instance,
+            run_config=QUIET,
+            asset_selection=[dg.AssetKey(["machine_failure", a]) for a in MEMORY_ASSETS],
+        )
+    elif mode == "steps":
+        from mlops import ingest, validation
+
+        spec, lake, key = runner.spec, runner.lake, day.isoformat()
+        steps: dict[str, int] = {"imports": peak()}
+        frame = ingest.load_day(spec.source, spec.landing_dir, day).frame
+        steps["load_day"] = peak()
+        lake.write(spec.name, "raw_data", frame, key)
+        steps["write raw_data"] = peak()
+        del frame
+        raw = lake.read(spec.name, "raw_data", key)
+        steps["read raw_data"] = peak()
+        result = validation.validate(spec, raw, day)
+        steps["validate"] = peak()
+        lake.write(spec.name, "validated_data", result.valid, key)
+        lake.write(spec.name, "quarantine", result.quarantine, key)
+        steps["write validated_data, quarantine"] = peak()
+        out["steps"] = steps
+    out["peak_rss"] = peak()
+    return out
+
+
+def _run_child(mode: str, root: Path, day: dt.date) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--root", str(root), "--day", str(day)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{mode} subprocess failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def memory(size_mb: float, files: int, out: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="mlops-bench-mem-") as tmp:
+        root = Path(tmp)
+        spec_path = project(root)
+        if files > 1:  # the embedded spec's pattern names one file per day
+            text = spec_path.read_text().replace(
+                '"readings_{date}.csv"', '"part*_readings_{date}.csv"'
+            )
+            spec_path.write_text(text)
+        spec = load_spec(spec_path)
+        day = spec.source.start_date
+        t = time.perf_counter()
+        paths = write_large_day(spec, day, int(size_mb * MB), files)
+        size = sum(p.stat().st_size for p in paths)
+        print(
+            f"wrote {len(paths)} file(s), {size / MB:,.0f} MiB in {time.perf_counter() - t:.0f} s"
+        )
+        base = _run_child("baseline", root, day)["peak_rss"]
+        t = time.perf_counter()
+        run = _run_child("assets", root, day)["peak_rss"]
+        run_s = time.perf_counter() - t
+        steps = _run_child("steps", root, day)["steps"]
+    ratio, net = run / size, (run - base) / size
+    print(f"interpreter with the imports: {base / MB:,.0f} MiB RSS")
+    print(
+        f"raw_data + validate ({run_s:.0f} s): peak {run / MB:,.0f} MiB = {ratio:.2f}x the "
+        f"day's {size / MB:,.0f} MiB; net of the interpreter {net:.2f}x (goal <= {MEMORY_GOAL}x)"
+    )
+    print("peak RSS after each step (mlops functions, another fresh process):")
+    for name, rss in steps.items():
+        print(f"  {name:34s} {rss / MB:8,.0f} MiB  {(rss - base) / size:5.2f}x net")
+    result = {
+        "benchmark": "ingest_memory",
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "files": files,
+        "file_bytes": size,
+        "baseline_rss_bytes": base,
+        "peak_rss_bytes": run,
+        "ratio": ratio,
+        "ratio_net_of_baseline": net,
+        "goal_ratio": MEMORY_GOAL,
+        "seconds": run_s,
+        "steps_peak_rss_bytes": steps,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--memory", action="store_true", help="run the memory benchmark alone")
+    ap.add_argument("--size-mb", type=float, default=200, help="--memory: the day's MiB")
+    ap.add_argument("--files", type=int, default=1, help="--memory: files the day is split in")
+    ap.add_argument("--child", choices=("baseline", "assets", "steps"), help=argparse.SUPPRESS)
+    ap.add_argument("--root", help=argparse.SUPPRESS)
+    ap.add_argument("--day", help=argparse.SUPPRESS)
     ap.add_argument("--machines", type=int, default=200)
     ap.add_argument("--days", type=int, default=30)
     ap.add_argument("--history", type=int, default=90)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "ingest.json"))
+    ap.add_argument("--out", help="default: bench/results/ingest.json (ingest_memory.json)")
     args = ap.parse_args()
+    if args.child:
+        doc = _memory_child(args.child, Path(args.root), dt.date.fromisoformat(args.day))
+        print(json.dumps(doc))
+        return 0
+    results = REPO / "bench" / "results"
+    if args.memory:
+        memory(args.size_mb, args.files, Path(args.out or results / "ingest_memory.json"))
+        return 0
+    args.out = args.out or str(results / "ingest.json")
 
     with tempfile.TemporaryDirectory(prefix="mlops-bench-") as tmp:
         root = Path(tmp)
