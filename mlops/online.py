@@ -24,11 +24,17 @@ from mlops.spec import Spec
 TS = "ts"  # the timestamp's key inside stored rows
 
 
-class FeatureRejected(ValueError):
-    """The fallback policy is `reject` and the entity has no usable state."""
+# Why a reading is scored without its entity's state (a metric label and an error code each).
+UNKNOWN_ENTITY, STALE_STATE, OUT_OF_ORDER = "unknown_entity", "stale_state", "out_of_order"
+FALLBACK_CODES = (UNKNOWN_ENTITY, STALE_STATE, OUT_OF_ORDER)
 
-    def __init__(self, entity: str, reason: str):
-        self.entity, self.reason = entity, reason
+
+class FeatureRejected(ValueError):
+    """The fallback policy is `reject` and the entity has no usable state; `code` is one of
+    FALLBACK_CODES."""
+
+    def __init__(self, entity: str, reason: str, code: str = UNKNOWN_ENTITY):
+        self.entity, self.reason, self.code = entity, reason, code
         super().__init__(f"entity {entity!r}: {reason}")
 
 
@@ -38,6 +44,7 @@ class OnlineResult:
     features: dict[str, Any]
     as_of: dt.datetime | None  # the state's newest row before this reading
     fallback: str | None = None  # why the state was not used, when it was not
+    fallback_code: str | None = None  # ... as one of FALLBACK_CODES
 
 
 def retention(spec: Spec) -> dt.timedelta:
@@ -76,6 +83,14 @@ def vector(spec: Spec, rows: list[dict[str, Any]]) -> dict[str, Any]:
     cat = {c: np.array([r.get(c) for r in rows], dtype=object) for c in spec.features.categorical}
     out = feats.entity_features(spec, ts, num, cat, np.array([len(rows) - 1]))
     return {n: _scalar(out[n][0]) for n in feats.feature_names(spec)}
+
+
+def _minus(t: dt.datetime, delta: dt.timedelta) -> dt.datetime:
+    """t - delta, or the earliest datetime when that is before year 1."""
+    try:
+        return t - delta
+    except OverflowError:
+        return dt.datetime.min
 
 
 def _epoch_us(t: dt.datetime) -> int:
@@ -117,30 +132,46 @@ class OnlineFeatures:
     ) -> OnlineResult:
         row = state_row(self.spec, reading)
         why = code = None
+        window = retention(self.spec)
         if state is None or not state.rows:
-            code, why = "unknown_entity", "unknown entity: no state in the online store"
+            code, why = UNKNOWN_ENTITY, "unknown entity: no state in the online store"
         elif row[TS] - state.as_of > staleness_limit(self.spec):
-            code = "stale_state"
+            code = STALE_STATE
             why = (
                 f"stale state: newest row {state.as_of:%Y-%m-%d %H:%M} is more than "
                 f"{staleness_limit(self.spec)} before the reading"
+            )
+        elif row[TS] < _minus(state.as_of, window):
+            # Out of order beyond the feature window: the rows its windows need were trimmed
+            # when newer readings came, so its features would silently lack its history.
+            code = OUT_OF_ORDER
+            why = (
+                f"out of order: the reading at {row[TS]:%Y-%m-%d %H:%M} is more than the "
+                f"feature window ({window}) before the entity's newest row "
+                f"{state.as_of:%Y-%m-%d %H:%M}; its history is no longer in the store"
             )
         if why is not None:
             self.counts[f"fallback_{code}"] += 1
             if self.fallback == "reject":
                 self.counts["rejected"] += 1
-                raise FeatureRejected(entity, why + " (features.online_fallback: reject)")
+                raise FeatureRejected(entity, why + " (features.online_fallback: reject)", code)
             history: list[dict[str, Any]] = []
         else:
             history = [r for r in state.rows if r[TS] < row[TS]]
         values = vector(self.spec, [*history, row])
         self.counts["served"] += 1
-        if append:
-            keep_from = row[TS] - retention(self.spec)
+        if append and code != OUT_OF_ORDER:  # a row that old would not count for any reading
             self.store.append_row(
-                self.spec.name, entity, row, keep_from=keep_from, keep_last=1, want_state=False
+                self.spec.name,
+                entity,
+                row,
+                keep_from=_minus(row[TS], window),
+                keep_last=1,
+                want_state=False,
             )
-        return OnlineResult(entity, values, state.as_of if state else None, fallback=why)
+        return OnlineResult(
+            entity, values, state.as_of if state else None, fallback=why, fallback_code=code
+        )
 
 
 def states_from_rows(spec: Spec, rows: pl.DataFrame) -> list[EntityState]:

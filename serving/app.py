@@ -44,17 +44,13 @@ MAX_TOP = 100
 _dumps = __import__("json").JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
-def _fallback_code(text: str) -> str:
-    return "stale_state" if text.startswith("stale state") else "unknown_entity"
-
-
 class Service:
     """Everything one worker process holds: spec, parser, feature store, models, log."""
 
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.spec = spec = load_spec(settings.spec_path)
-        self.parser = RequestParser(spec, settings.max_batch)
+        self.parser = RequestParser(spec, settings.max_batch, settings.max_future_s)
         self.features = OnlineFeatures(spec, make_store(settings.store_url))
         self.metrics = ServingMetrics(spec.model.task)
         self.manager = ModelManager(
@@ -167,8 +163,8 @@ class Service:
         self.log.write(lines)  # flushed before the response leaves
         self._count(model.version, route, scores, decisions)
         for r in results:
-            if r.fallback:
-                self.metrics.fallbacks.labels(_fallback_code(r.fallback)).inc()
+            if r.fallback_code:
+                self.metrics.fallbacks.labels(r.fallback_code).inc()
         return 200, {
             "request_id": request_id,
             "model_version": model.version,
@@ -234,9 +230,7 @@ class Service:
     def _rejected(self, rejected: list[tuple[int, FeatureRejected]]) -> BadRequest:
         field = self.spec.source.entity_column
         detail = [
-            problem(
-                i, field, _fallback_code(e.reason), f"{field or 'entity'} {e.entity!r}: {e.reason}"
-            )
+            problem(i, field, e.code, f"{field or 'entity'} {e.entity!r}: {e.reason}")
             for i, e in rejected
         ]
         return BadRequest(

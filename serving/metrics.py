@@ -77,7 +77,7 @@ class ServingMetrics:
             "mlops_serving_rejections",
             "Problems that made the service refuse a request, by reason (missing, extra, type, "
             "not_null, min, max, category, malformed_json, body_too_large, too_many_records, "
-            "unknown_entity, stale_state, unauthorized).",
+            "unknown_entity, stale_state, out_of_order, unauthorized).",
             ["reason"],
             registry=r,
         )
@@ -113,7 +113,7 @@ class ServingMetrics:
         for alias in ("champion", "challenger"):
             self.swaps.labels(alias)
             self.refusals.labels(alias)
-        for reason in ("unknown_entity", "stale_state"):
+        for reason in ("unknown_entity", "stale_state", "out_of_order"):
             self.fallbacks.labels(reason)
         self._req: dict[tuple[str, int], Counter] = {}
         self._lat: dict[str, Histogram] = {}

@@ -25,6 +25,11 @@ from mlops.labels import entity_column
 from mlops.spec import Spec
 
 ENVELOPE_KEYS = ("records", "explain")
+# Timestamps a reading may carry: not before the Unix epoch (a zeroed or unset device
+# clock), and not further ahead of the server's clock than `max_future_s` (one reading
+# from year 9999 would otherwise become its entity's newest row and push every real
+# reading out of order).
+EARLIEST = dt.datetime(1970, 1, 1)
 
 
 class BadRequest(Exception):
@@ -86,9 +91,10 @@ def _type_name(v: Any) -> str:
 class RequestParser:
     """Checks bodies against one spec's schema; build once per process."""
 
-    def __init__(self, spec: Spec, max_batch: int):
+    def __init__(self, spec: Spec, max_batch: int, max_future_s: float | None = 86_400.0):
         self.spec = spec
         self.max_batch = max_batch
+        self.max_future = dt.timedelta(seconds=max_future_s) if max_future_s is not None else None
         self.entity_col = spec.source.entity_column
         self.entity_key = entity_column(spec)
         self.ts_col = spec.source.timestamp_column
@@ -327,5 +333,16 @@ class RequestParser:
                     ts = ts.astimezone(dt.UTC).replace(tzinfo=None)
                 except OverflowError:
                     return None, f"{_shown(v)} is out of range", "type"
+            if ts < EARLIEST:
+                return None, f"{_shown(v)} is before {EARLIEST:%Y-%m-%d} (a clock not set?)", "min"
+            if self.max_future is not None:
+                latest = dt.datetime.now(dt.UTC).replace(tzinfo=None) + self.max_future
+                if ts > latest:
+                    return (
+                        None,
+                        f"{_shown(v)} is more than {self.max_future} ahead of the server's "
+                        f"clock ({latest - self.max_future:%Y-%m-%dT%H:%M:%S} UTC)",
+                        "max",
+                    )
             return ts, None, ""
         return None, f"unsupported column type {kind}", "type"  # pragma: no cover

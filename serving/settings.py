@@ -26,6 +26,13 @@ class ServeSettings:
     max_batch: int = 1000
     log_max_bytes: int = 128 * 1024 * 1024
     explain_top: int = 5
+    # A reading more than this far ahead of the server's clock is refused (None: no limit).
+    max_future_s: float | None = 86_400.0
+    # A version that could not be loaded for a transient cause (registry or artifact store
+    # unreachable, artifacts missing) is tried again after load_retry_s, doubling up to
+    # load_retry_max_s; a version refused for its content is never retried.
+    load_retry_s: float = 1.0
+    load_retry_max_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -36,6 +43,10 @@ class ServeSettings:
             raise ValueError("poll_interval_s must be positive")
         if self.max_body_bytes < 1 or self.max_batch < 1:
             raise ValueError("max_body_bytes and max_batch must be at least 1")
+        if self.max_future_s is not None and self.max_future_s < 0:
+            raise ValueError("max_future_s must be at least 0 (or None for no limit)")
+        if not 0 < self.load_retry_s <= self.load_retry_max_s:
+            raise ValueError("load_retry_s must be positive and at most load_retry_max_s")
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))

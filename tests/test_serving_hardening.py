@@ -1,0 +1,162 @@
+"""The online service's hardening (issue: hardening, items 12-15), against real apps over a
+real MLflow SQLite registry, a real online store (SQLite) and a trained xgboost champion.
+
+12. Timestamps: year 1, year 9999, before 1970, and readings older than the entity's state
+    by more than the feature window: a 422 with a code, or scored and flagged under
+    `features.online_fallback: reading_only`; never a 500, never unflagged.
+13. A version refused for a transient cause (its artifacts missing) is retried with backoff:
+    503 with the missing path while they are away, 200 once they are back, no restart.
+14. The latency histogram includes the time a request waits for the event loop: a real
+    uvicorn server under concurrent slow requests.
+15. /openapi.json is generated from the spec's schema, and schemathesis finds no 5xx and
+    no response that breaks the document.
+
+One module-scoped world: three days through the data job (the online state as of day 3's
+end), one xgboost version as the champion.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from mlops import registry, training
+from mlops.spec import load_spec
+from serving.app import create_app
+from serving.settings import ServeSettings
+from tests.conftest import embedded_spec_text, make_project, small_data
+from tests.serving_support import samples, training_frame, variant, wait
+
+NAME = "machine_failure"
+DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
+STATE_DAY = dt.datetime(2026, 1, 3, 12)  # inside the state every machine has
+
+
+@dataclass
+class World:
+    root: Path
+    uri: str
+    arts: Path
+    version: int
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    root = tmp_path_factory.mktemp("hardening")
+    p = make_project(root, with_mlflow=True)
+    small_data(p, days=3, machines=4, seed=5)
+    for day in DAYS:
+        p.run_day(day)  # features and the online state as of the day's end
+    frame = training_frame(p.lake, DAYS)
+    arts = root / ".mlops" / "mlartifacts"
+    spec = load_spec(variant(root, "xgboost", {"n_estimators": 20, "max_depth": 3}))
+    lineage = {"training_set_hash": "0" * 64, "training_partitions": [DAYS[0], DAYS[-1]]}
+    xgb = training.train_candidate(spec, frame, lineage, p.tracking_uri, str(arts), trials=1)
+    registry.set_alias(p.tracking_uri, NAME, registry.CHAMPION, xgb.version)
+    (root / "specs" / "reading_only").mkdir()
+    (root / "specs" / "reading_only" / f"{NAME}.yaml").write_text(
+        embedded_spec_text(
+            ("  lookback_days: 1\n", "  lookback_days: 1\n  online_fallback: reading_only\n")
+        )
+    )
+    return World(root, p.tracking_uri, arts, xgb.version)
+
+
+def settings(world: World, log: str, spec: str = f"{NAME}.yaml", **kw: Any) -> ServeSettings:
+    base = {
+        "spec_path": str(world.root / "specs" / spec),
+        "tracking_uri": world.uri,
+        "store_url": f"sqlite:///{world.root / '.mlops' / 'online.db'}",
+        "log_dir": str(world.root / "logs" / log),
+        "poll_interval_s": 0.2,
+    }
+    return ServeSettings(**{**base, **kw})
+
+
+def ready_client(s: ServeSettings) -> TestClient:
+    """The app in this process (its lifespan runs: the poller loads the champion)."""
+    client = TestClient(create_app(s), raise_server_exceptions=False)
+    client.__enter__()
+    wait(lambda: client.get("/health/ready").status_code == 200, 60, "the champion to load")
+    return client
+
+
+def reading(machine: str, when: dt.datetime | str, **values: Any) -> dict[str, Any]:
+    base = {
+        "timestamp": when if isinstance(when, str) else when.isoformat(),
+        "machine_id": machine,
+        "machine_type": "A",
+        "firmware": "1.0",
+        "temperature": 60.0,
+        "vibration": 2.0,
+        "pressure": 110.0,
+        "rpm": 1500.0,
+        "voltage": 230.0,
+    }
+    return {**base, **values}
+
+
+# 12. Timestamps --------------------------------------------------------------------------------
+
+
+EXTREMES = [
+    ("year 1", "0001-01-01T00:00:00", "min"),
+    ("before 1970", "1969-12-31T23:59:59", "min"),
+    ("year 1 with an offset", "0001-01-01T00:00:00+01:00", "type"),
+    ("year 9999", "9999-12-31T23:59:59", "max"),
+    ("year 9999 at UTC-1", "9999-12-31T23:59:59-01:00", "type"),
+    ("next year", "2100-01-01T00:00:00", "max"),
+]
+
+
+@pytest.mark.parametrize("spec", [f"{NAME}.yaml", f"reading_only/{NAME}.yaml"])
+def test_extreme_timestamps_are_a_422_with_a_code_never_a_500(world, spec):
+    client = ready_client(settings(world, "extremes", spec))
+    try:
+        for what, ts, code in EXTREMES:
+            for machine in ("M0001", "M9999"):  # a known entity and an unknown one
+                r = client.post("/predict", json=reading(machine, ts))
+                assert r.status_code == 422, (what, machine, r.status_code, r.text)
+                (d,) = r.json()["detail"]
+                assert (d["field"], d["code"]) == ("timestamp", code), (what, d)
+                assert ts[:4] in d["reason"] or "out of range" in d["reason"], d
+        metrics = client.get("/metrics").text
+    finally:
+        client.__exit__(None, None, None)
+    assert not samples(metrics, "mlops_serving_requests_total", status="500")
+
+
+def test_a_reading_older_than_the_state_is_rejected_with_a_code(world):
+    client = ready_client(settings(world, "old_reject"))
+    try:
+        r = client.post("/predict", json=reading("M0001", "1970-01-02T00:00:00"))
+        ok = client.post("/predict", json=reading("M0001", STATE_DAY))  # within the window
+    finally:
+        client.__exit__(None, None, None)
+    assert r.status_code == 422, r.text
+    (d,) = r.json()["detail"]
+    assert (d["field"], d["code"]) == ("machine_id", "out_of_order"), d
+    assert "out of order" in d["reason"] and "1970-01-02" in d["reason"]
+    assert ok.status_code == 200 and ok.json()["predictions"][0]["fallback"] is None
+
+
+def test_a_reading_older_than_the_state_is_flagged_under_reading_only(world):
+    client = ready_client(settings(world, "old_flag", f"reading_only/{NAME}.yaml"))
+    try:
+        r = client.post("/predict", json=reading("M0002", "1970-01-02T00:00:00"))
+        after = client.post("/predict", json=reading("M0002", STATE_DAY))
+        metrics = client.get("/metrics").text
+    finally:
+        client.__exit__(None, None, None)
+    assert r.status_code == 200, r.text
+    (p,) = r.json()["predictions"]
+    assert p["fallback"] and p["fallback"].startswith("out of order"), p
+    (n,) = samples(metrics, "mlops_serving_feature_fallbacks_total", reason="out_of_order")
+    assert n.value == 1
+    # The old reading was not appended: the next reading still has its history.
+    assert after.status_code == 200 and after.json()["predictions"][0]["fallback"] is None
