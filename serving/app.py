@@ -60,6 +60,9 @@ class Service:
             with_challenger=settings.mode != "champion",
             on_swap=self._on_swap,
             on_refusal=lambda alias, v, why: self.metrics.refusals.labels(alias).inc(),
+            retry_s=settings.load_retry_s,
+            retry_max_s=settings.load_retry_max_s,
+            on_retry=lambda alias, v, why: self.metrics.load_retries.labels(alias).inc(),
         )
         self.log = InferenceLogWriter(settings.log_dir, settings.log_max_bytes)
         self.token = os.environ.get(TOKEN_ENV) or None
@@ -330,6 +333,14 @@ class Service:
         refused = [f"v{v}: {r}" for (a, v), r in m.refused.items() if a == CHAMPION]
         if refused:
             why += f" (refused {'; '.join(refused)})"
+        retrying = [
+            f"v{v} could not be loaded ({r.attempts} attempt(s), next in "
+            f"{r.info(a, v)['next_retry_in_s']} s): {r.reason}"
+            for (a, v), r in list(m.retrying.items())
+            if a == CHAMPION
+        ]
+        if retrying:
+            why += f" ({'; '.join(retrying)})"
         if m.last_poll_error:
             why += f" (registry: {m.last_poll_error})"
         return why
@@ -351,6 +362,7 @@ class Service:
             "refused": [
                 {"alias": a, "version": v, "reason": r} for (a, v), r in sorted(m.refused.items())
             ],
+            "retrying": [r.info(a, v) for (a, v), r in sorted(m.retrying.items())],
             "swaps": m.events.swaps,
             "recent_events": list(m.events.recent),
             "poll_interval_s": self.settings.poll_interval_s,

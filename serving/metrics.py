@@ -104,6 +104,13 @@ class ServingMetrics:
             ["alias"],
             registry=r,
         )
+        self.load_retries = Counter(
+            "mlops_serving_model_load_retries",
+            "Loads of a version that failed for a transient cause (registry or artifact store "
+            "unreachable, artifacts missing) and will be tried again with backoff, by alias.",
+            ["alias"],
+            registry=r,
+        )
         self.shadow_errors = Counter(
             "mlops_serving_shadow_errors",
             "Records the challenger failed to score in shadow mode (the champion answered).",
@@ -113,6 +120,7 @@ class ServingMetrics:
         for alias in ("champion", "challenger"):
             self.swaps.labels(alias)
             self.refusals.labels(alias)
+            self.load_retries.labels(alias)
         for reason in ("unknown_entity", "stale_state", "out_of_order"):
             self.fallbacks.labels(reason)
         self._req: dict[tuple[str, int], Counter] = {}

@@ -5,8 +5,12 @@ A new version is loaded through mlops.model_loader.load_model (the loader the pr
 gate smoke-tests), smoke-scored on its input example in the manager's thread, and only then
 published by replacing one reference (`ModelManager.snapshot`). A request reads the
 snapshot once, so it is scored, explained and logged by one version, whatever happens to
-the aliases meanwhile. A version that fails to load or to score is refused: the old one
-keeps serving, the refusal is logged and counted, and the version is not retried.
+the aliases meanwhile. A version that fails to load or to score for its content (it does
+not deserialize, an unsafe format, missing metadata, its input example does not score) is
+refused: the old one keeps serving, the refusal is logged and counted, and the version is
+not retried. A version that could not be loaded for a transient cause (the registry or the
+artifact store unreachable, its artifacts missing) is not refused: it is tried again with
+backoff (doubling from `retry_s` up to `retry_max_s`), and served once it loads.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import datetime as dt
 import gc
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mlops.model_loader import LoadedModel
+from mlops.model_loader import ArtifactsUnavailable, LoadedModel, ModelRefused
 from mlops.registry import CHALLENGER, CHAMPION
 from mlops.spec import Spec
 
@@ -39,9 +44,21 @@ class Refused(Exception):
         self.reason = reason
 
 
-class RegistryUnavailable(RuntimeError):
-    """The tracking server could not be reached while loading a version: nothing is known
-    about the version itself, so it is not refused; the next poll tries again."""
+class Unavailable(RuntimeError):
+    """A version could not be loaded for a transient cause: nothing is known about the
+    version itself, so it is not refused; it is tried again with backoff."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RegistryUnavailable(Unavailable):
+    """The tracking server could not be reached while loading a version."""
+
+
+class ArtifactsMissing(Unavailable):
+    """The version's artifacts could not be fetched (storage unreachable, files missing)."""
 
 
 # Requests to the tracking server from a serving worker. MLflow's defaults (7 retries with
@@ -359,9 +376,13 @@ def load_served(tracking_uri: str, spec: Spec, alias: str, version: int) -> Serv
     name = spec.registered_model_name
     try:
         loaded = load_model(tracking_uri, name, version=version)
-    except Exception as e:  # a broken artifact fails in many ways: all are refusals
+    except ModelRefused as e:
+        raise Refused(f"it did not load: {type(e).__name__}: {e}") from None
+    except Exception as e:  # a broken artifact fails in many ways: all but these are refusals
         if registry_unreachable(e):
             raise RegistryUnavailable(f"loading {name} v{version}: {e}") from e
+        if isinstance(e, ArtifactsUnavailable):
+            raise ArtifactsMissing(f"its artifacts cannot be fetched: {e}") from e
         raise Refused(f"it did not load: {type(e).__name__}: {e}") from None
     scorer = Scorer(loaded)
     scorer.check()
@@ -406,6 +427,25 @@ class Snapshot:
 
 
 @dataclass
+class Retry:
+    """A version that could not be loaded for a transient cause, and when to try again."""
+
+    reason: str
+    attempts: int
+    delay_s: float
+    next_at: float  # time.monotonic()
+
+    def info(self, alias: str, version: int) -> dict[str, Any]:
+        return {
+            "alias": alias,
+            "version": version,
+            "reason": self.reason,
+            "attempts": self.attempts,
+            "next_retry_in_s": round(max(0.0, self.next_at - time.monotonic()), 1),
+        }
+
+
+@dataclass
 class ManagerEvents:
     swaps: int = 0
     refusals: int = 0
@@ -425,11 +465,16 @@ class ModelManager:
         on_swap: Callable[[str, int], None] | None = None,
         on_refusal: Callable[[str, int, str], None] | None = None,
         loader: Callable[[str, Spec, str, int], ServedModel] = load_served,
+        retry_s: float = 1.0,
+        retry_max_s: float = 60.0,
+        on_retry: Callable[[str, int, str], None] | None = None,
     ):
         self.spec, self.tracking_uri, self.interval_s = spec, tracking_uri, interval_s
         self.aliases = (CHAMPION, CHALLENGER) if with_challenger else (CHAMPION,)
         self.snapshot = Snapshot()
-        self.refused: dict[tuple[str, int], str] = {}
+        self.refused: dict[tuple[str, int], str] = {}  # for its content: never retried
+        self.retrying: dict[tuple[str, int], Retry] = {}  # for a transient cause
+        self.retry_s, self.retry_max_s, self._on_retry = retry_s, retry_max_s, on_retry
         self.events = ManagerEvents()
         self.last_poll_error: str | None = None
         self._on_swap, self._on_refusal, self._loader = on_swap, on_refusal, loader
@@ -469,9 +514,14 @@ class ModelManager:
         return {a: int(v) for a, v in (model.aliases or {}).items()}
 
     def poll_once(self) -> None:
+        """Follow the aliases once. A registry that could not be reached during a load
+        fails the poll (after the other alias had its turn), so readiness reports it."""
         wanted = self.alias_versions()
+        unreachable: RegistryUnavailable | None = None
         for alias in self.aliases:
             version = wanted.get(alias)
+            for key in [k for k in self.retrying if k[0] == alias and k[1] != version]:
+                del self.retrying[key]  # the alias moved on
             current: ServedModel | None = getattr(self.snapshot, alias)
             if version is None:
                 if alias == CHALLENGER and current is not None:
@@ -481,6 +531,9 @@ class ModelManager:
                 continue
             if (alias, version) in self.refused:
                 continue
+            retry = self.retrying.get((alias, version))
+            if retry is not None and time.monotonic() < retry.next_at:
+                continue  # backing off
             other: ServedModel | None = (
                 self.snapshot.challenger if alias == CHAMPION else self.snapshot.champion
             )
@@ -490,9 +543,48 @@ class ModelManager:
                 try:
                     served = self._loader(self.tracking_uri, self.spec, alias, version)
                 except Refused as e:
+                    self.retrying.pop((alias, version), None)
                     self._refuse(alias, version, e.reason, current)
                     continue
+                except Unavailable as e:
+                    self._defer(alias, version, e.reason, current)
+                    if isinstance(e, RegistryUnavailable):
+                        unreachable = unreachable or e
+                    continue
+            self.retrying.pop((alias, version), None)
             self._publish(alias, served)
+        if unreachable is not None:
+            raise unreachable
+
+    def _defer(self, alias: str, version: int, reason: str, current: ServedModel | None) -> None:
+        """Try the version again later: after retry_s, doubling up to retry_max_s."""
+        before = self.retrying.get((alias, version))
+        attempts = before.attempts + 1 if before else 1
+        delay = min(self.retry_s * 2 ** (attempts - 1), self.retry_max_s)
+        self.retrying[(alias, version)] = Retry(reason, attempts, delay, time.monotonic() + delay)
+        keeps = f"v{current.version} keeps serving" if current else "nothing is serving"
+        if before is None:
+            self.events.recent.append(
+                {
+                    "event": "retry",
+                    "alias": alias,
+                    "version": version,
+                    "reason": reason,
+                    "at": _now(),
+                }
+            )
+        log.warning(
+            "could not load %s v%s as %s (attempt %d, next in %.1f s): %s; %s",
+            self.spec.registered_model_name,
+            version,
+            alias,
+            attempts,
+            delay,
+            reason,
+            keeps,
+        )
+        if self._on_retry is not None:
+            self._on_retry(alias, version, reason)
 
     def _publish(self, alias: str, served: ServedModel | None) -> None:
         before = getattr(self.snapshot, alias)

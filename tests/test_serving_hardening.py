@@ -18,6 +18,8 @@ end), one xgboost version as the champion.
 from __future__ import annotations
 
 import datetime as dt
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,3 +162,83 @@ def test_a_reading_older_than_the_state_is_flagged_under_reading_only(world):
     assert n.value == 1
     # The old reading was not appended: the next reading still has its history.
     assert after.status_code == 200 and after.json()["predictions"][0]["fallback"] is None
+
+
+# 13. A transient refusal is retried ------------------------------------------------------------
+
+
+def test_missing_artifacts_are_retried_with_backoff_until_they_come_back(world):
+    away = world.arts.with_name("mlartifacts.away")
+    shutil.move(world.arts, away)
+    try:
+        client = TestClient(
+            create_app(settings(world, "retry", load_retry_s=0.2, load_retry_max_s=1.0)),
+            raise_server_exceptions=False,
+        )
+        client.__enter__()
+        try:
+            wait(
+                lambda: client.get("/model").json()["retrying"],
+                30,
+                "the champion's load to fail and be scheduled again",
+            )
+            ready = client.get("/health/ready")
+            model = client.get("/model").json()
+            wait(lambda: client.get("/model").json()["retrying"][0]["attempts"] >= 3, 30, "retries")
+            assert client.post("/predict", json=reading("M0003", STATE_DAY)).status_code == 503
+        finally:
+            shutil.move(away, world.arts)
+        waited = wait(lambda: client.get("/health/ready").status_code == 200, 10, "the champion")
+        served = client.post("/predict", json=reading("M0003", STATE_DAY))
+        after = client.get("/model").json()
+        metrics = client.get("/metrics").text
+        client.__exit__(None, None, None)
+    finally:
+        if away.exists():
+            shutil.move(away, world.arts)
+    assert ready.status_code == 503
+    reason = ready.json()["reason"]
+    assert f"v{world.version} could not be loaded" in reason, reason
+    assert "artifacts cannot be fetched" in reason, reason
+    assert str(world.arts) in reason, reason  # names the path it misses
+    assert model["refused"] == [] and model["retrying"][0]["version"] == world.version
+    assert waited < 5  # within the capped backoff (1 s) and a poll, not a restart
+    assert served.status_code == 200, served.text
+    assert served.json()["model_version"] == world.version
+    assert after["retrying"] == [] and after["refused"] == []
+    (retries,) = samples(metrics, "mlops_serving_model_load_retries_total", alias="champion")
+    assert retries.value >= 3
+
+
+def test_a_version_refused_for_its_content_is_not_retried(world):
+    import mlflow
+
+    c = registry.client(world.uri)
+    source = mlflow.artifacts.download_artifacts(f"models:/{NAME}/{world.version}")
+    bad = world.root / "broken_model_file"
+    shutil.copytree(source, bad)
+    (bad / "model.json").write_text("this is not a model")
+    run_id = c.get_model_version(NAME, str(world.version)).run_id
+    broken = int(c.create_model_version(NAME, source=str(bad), run_id=run_id).version)
+    registry.set_alias(world.uri, NAME, registry.CHALLENGER, broken)
+    try:
+        client = ready_client(
+            settings(world, "content", mode="shadow", load_retry_s=0.05, load_retry_max_s=0.1)
+        )
+        try:
+            wait(lambda: client.get("/model").json()["refused"], 30, "the refusal")
+            polls = client.app.state.service.manager
+            wait(lambda: polls.last_poll_error is None, 5, "a clean poll")
+
+            time.sleep(1.0)  # 5 polls, 10 backoff periods
+            model = client.get("/model").json()
+            metrics = client.get("/metrics").text
+        finally:
+            client.__exit__(None, None, None)
+    finally:
+        registry.client(world.uri).delete_registered_model_alias(NAME, registry.CHALLENGER)
+    assert [(r["alias"], r["version"]) for r in model["refused"]] == [("challenger", broken)]
+    assert "did not load" in model["refused"][0]["reason"]
+    assert model["retrying"] == []
+    (refusals,) = samples(metrics, "mlops_serving_swap_refusals_total", alias="challenger")
+    assert refusals.value == 1  # loaded once, refused once: never tried again
