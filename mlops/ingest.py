@@ -8,12 +8,17 @@ query: mlops.sql_source), so assets and sensors need not know which one a spec u
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import re
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import polars as pl
 
@@ -69,24 +74,87 @@ def landed_days(feed: FileFeed, folder: Path) -> list[dt.date]:
     return sorted(d for d in days if d is not None)
 
 
+CHUNK = 1 << 20  # bytes per read when transcoding or locating a bad byte
+
+
 def content_hash(files: list[Path]) -> str:
     h = hashlib.sha256()
     for p in sorted(files, key=lambda p: p.name):
         h.update(p.name.encode() + b"\0")
-        h.update(hashlib.sha256(p.read_bytes()).digest())
+        with p.open("rb") as f:  # a stream: never the whole file in memory
+            h.update(hashlib.file_digest(f, "sha256").digest())
     return h.hexdigest()
 
 
-def read_file(path: Path, fmt: str) -> pl.DataFrame:
-    """One landing file as all-string columns plus its name and 1-based row numbers."""
+def _is_utf8(encoding: str) -> bool:
+    return codecs.lookup(encoding).name == "utf-8"
+
+
+def _encoding_error(
+    path: Path, encoding: str, setting: str, e: UnicodeDecodeError, offset: int, line: int
+) -> LandingError:
+    bad = e.object[e.start : e.end]
+    return LandingError(
+        f"landing file {path} is not valid {encoding}: {e.reason} ({bad!r}) at line {line}, "
+        f"byte offset {offset}. Landing files are read as {encoding} (the spec's {setting}); "
+        f"if the file is in another encoding, name it there (e.g. {setting}: latin-1, or "
+        "cp1252), or land the file again saved as UTF-8, then re-run."
+    )
+
+
+def _decode_stream(path: Path, encoding: str, setting: str, out: BinaryIO | None = None) -> None:
+    """Decode `path` chunk by chunk (writing it to `out` as UTF-8 when given); a byte that is
+    not valid in `encoding` raises a LandingError naming its line and byte offset."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    fed = 0  # bytes handed to the decoder so far
+    newlines = 0  # in the text decoded so far
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(CHUNK)
+            pending = len(decoder.getstate()[0])  # bytes of a sequence split across chunks
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                # The decoder saw its pending bytes, then the chunk.
+                start = fed - pending if len(e.object) == pending + len(chunk) else fed
+                head = e.object[: e.start].decode(encoding, errors="replace")
+                line = newlines + head.count("\n") + 1
+                raise _encoding_error(path, encoding, setting, e, start + e.start, line) from None
+            fed += len(chunk)
+            newlines += text.count("\n")
+            if out is not None:
+                out.write(text.encode("utf-8"))
+            if not chunk:
+                return
+
+
+@contextlib.contextmanager
+def _as_utf8(path: Path, encoding: str, setting: str) -> Iterator[Path]:
+    """`path` itself when it is UTF-8; otherwise a temporary UTF-8 copy, transcoded as a
+    stream (never the whole file as one string), removed on exit."""
+    if _is_utf8(encoding):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="mlops-transcode-") as tmp:
+        copy = Path(tmp) / path.name
+        with copy.open("wb") as out:
+            _decode_stream(path, encoding, setting, out)
+        yield copy
+
+
+def read_file(
+    path: Path, fmt: str, encoding: str = "utf-8", setting: str = "source.encoding"
+) -> pl.DataFrame:
+    """One landing file as all-string columns plus its name and 1-based row numbers.
+
+    csv and jsonl files are read in `encoding` (the spec's `setting`, named in errors);
+    parquet carries its own encoding."""
     try:
-        if fmt == "csv":
-            df = pl.read_csv(path, infer_schema=False, missing_utf8_is_empty_string=False)
-        elif fmt == "parquet":
+        if fmt == "parquet":
             df = pl.read_parquet(path)
             df = df.select(pl.all().cast(pl.String))
-        elif fmt == "jsonl":
-            df = _read_jsonl(path)
+        elif fmt in ("csv", "jsonl"):
+            df = _read_text(path, fmt, encoding, setting)
         else:  # pragma: no cover - the spec model restricts formats
             raise LandingError(f"unknown format {fmt}")
     except LandingError:
@@ -102,25 +170,41 @@ def read_file(path: Path, fmt: str) -> pl.DataFrame:
     )
 
 
-def _read_jsonl(path: Path) -> pl.DataFrame:
+def _read_text(path: Path, fmt: str, encoding: str, setting: str) -> pl.DataFrame:
+    """A csv or jsonl file: UTF-8 read directly (csv by polars), any other encoding from a
+    UTF-8 copy. A byte that is not UTF-8 is located (line, byte offset) only on failure."""
+    try:
+        with _as_utf8(path, encoding, setting) as utf8:
+            if fmt == "csv":
+                return pl.read_csv(utf8, infer_schema=False)
+            return _read_jsonl(utf8, path)
+    except (pl.exceptions.ComputeError, UnicodeDecodeError) as e:
+        if not _is_utf8(encoding) or "utf-8" not in str(e).lower():
+            raise
+        _decode_stream(path, encoding, setting)  # raises, naming the first bad byte
+        raise  # pragma: no cover - polars and Python disagree on what is UTF-8
+
+
+def _read_jsonl(utf8: Path, path: Path) -> pl.DataFrame:
     # Parsed line by line so one line with a wrongly typed value cannot break type inference.
     records: list[dict[str, str | None]] = []
     columns: dict[str, None] = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LandingError(f"{path}:{n}: not a JSON object ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise LandingError(f"{path}:{n}: expected a JSON object per line")
-        rec = {
-            k: None if v is None else (v if isinstance(v, str) else json.dumps(v))
-            for k, v in obj.items()
-        }
-        columns.update(dict.fromkeys(rec))
-        records.append(rec)
+    with utf8.open(encoding="utf-8", newline="") as f:  # line by line, not the whole text
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LandingError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise LandingError(f"{path}:{n}: expected a JSON object per line")
+            rec = {
+                k: None if v is None else (v if isinstance(v, str) else json.dumps(v))
+                for k, v in obj.items()
+            }
+            columns.update(dict.fromkeys(rec))
+            records.append(rec)
     return pl.DataFrame(
         {c: [r.get(c) for r in records] for c in columns}, schema={c: pl.String for c in columns}
     )
@@ -129,7 +213,7 @@ def _read_jsonl(path: Path) -> pl.DataFrame:
 def load_day(feed: FileFeed, folder: Path, day: dt.date) -> RawBatch:
     """All of one day's landing files, stacked (columns unioned by name)."""
     files = files_for_day(feed, folder, day)
-    frames = [read_file(p, feed.format) for p in files]
+    frames = [read_file(p, feed.format, feed.encoding) for p in files]
     frame = (
         pl.concat(frames, how="diagonal")
         if frames

@@ -78,7 +78,10 @@ def _parse_events(spec: Spec, feed: EventFeed, files: list[Path]) -> tuple[pl.Da
     schema = {ent: pl.String, "event_time": pl.Datetime("us")}
     if not files:
         return pl.DataFrame(schema=schema), 0
-    raw = pl.concat([ingest.read_file(p, feed.format) for p in files], how="diagonal")
+    raw = pl.concat(
+        [ingest.read_file(p, feed.format, feed.encoding, "labels.events.encoding") for p in files],
+        how="diagonal",
+    )
     missing = [c for c in (feed.timestamp_column, feed.entity_column) if c and c not in raw.columns]
     if missing:
         raise ingest.LandingError(
