@@ -2,18 +2,26 @@
 
 A wrong spec fails with the field path and what was expected, so users fix it before any
 run starts. Paths in a spec are relative to the project root (the folder holding specs/).
+
+A spec is untrusted input: load_spec caps the document's size, nesting and alias expansion
+(a "billion laughs" document fails in milliseconds instead of exhausting memory), echoes at
+most a short excerpt of a wrong value, every number has bounds a real project never hits,
+and a landing folder outside the project root needs `allow_outside_project: true`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -26,9 +34,37 @@ from pydantic import (
 
 NAME_RE = r"^[a-z][a-z0-9_]*$"
 DURATION_RE = re.compile(r"^(\d+)([mhd])$")
+DURATION_DIGITS = 9  # 999999999d still fits a timedelta; more digits would overflow it
+
+# Loader limits: a spec is a few KB with a few hundred YAML nodes.
+MAX_SPEC_CHARS = 1_000_000
+MAX_YAML_NODES = 100_000  # nodes after expanding aliases (billion laughs: 10^9)
+MAX_YAML_DEPTH = 50
+MAX_PROBLEMS = 50  # problems listed in one SpecError; the rest are counted
+
+# Bounds no real project reaches; past them a value is a typo or an attack.
+FIRST_DATE, LAST_DATE = dt.date(1970, 1, 1), dt.date(2100, 12, 31)
+MAX_DAYS = 3660  # ten years of daily partitions
+MAX_ABS = 1e12  # metric thresholds, tolerances and search bounds, in any metric's units
 FileFormat = Literal["csv", "parquet", "jsonl"]
 ColumnType = Literal["float", "int", "string", "category", "bool", "timestamp"]
 AggFunction = Literal["mean", "std", "min", "max", "sum", "count"]
+
+
+_ECHO = reprlib.Repr()
+_ECHO.maxstring = _ECHO.maxother = 60
+_ECHO.maxlist = _ECHO.maxtuple = _ECHO.maxdict = _ECHO.maxset = 4
+_ECHO.maxlevel = 2
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def echo(value: object) -> str:
+    """A short repr of a wrong value for an error message (at most ~80 characters, however
+    large or deeply shared the value is: reprlib never walks more than a few items)."""
+    return _clip(_ECHO.repr(value), 80)
 
 
 class SpecError(ValueError):
@@ -37,20 +73,36 @@ class SpecError(ValueError):
     def __init__(self, path: str, problems: list[tuple[str, str]]):
         self.path = path
         self.problems = problems
-        lines = "\n".join(f"  {loc}: {msg}" for loc, msg in problems)
+        lines = "\n".join(f"  {loc}: {msg}" for loc, msg in problems[:MAX_PROBLEMS])
+        if len(problems) > MAX_PROBLEMS:
+            lines += f"\n  ... and {len(problems) - MAX_PROBLEMS} more"
         super().__init__(f"{path}: {len(problems)} problem(s)\n{lines}")
+
+
+class _Problems(ValueError):
+    """Raised by a model validator with (field path, message) pairs; load_spec lists each at
+    its own path."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{loc}: {msg}" for loc, msg in problems))
 
 
 class _Strict(BaseModel):
     # Unknown keys are errors: a typo'd field must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # .inf and .nan are never a meaningful setting (a nan bound passes every comparison).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def parse_duration(text: str) -> dt.timedelta:
     """'30m', '6h', '2d' -> timedelta."""
     m = DURATION_RE.match(text.strip())
     if not m:
-        raise ValueError(f"'{text}' is not a duration; expected a number and a unit: 30m, 6h, 2d")
+        raise ValueError(
+            f"{echo(text)} is not a duration; expected a number and a unit: 30m, 6h, 2d"
+        )
+    if len(m.group(1).lstrip("0")) > DURATION_DIGITS:
+        raise ValueError(f"{echo(text)} is too long a duration")
     n, unit = int(m.group(1)), m.group(2)
     return {"m": dt.timedelta(minutes=n), "h": dt.timedelta(hours=n), "d": dt.timedelta(days=n)}[
         unit
@@ -60,10 +112,35 @@ def parse_duration(text: str) -> dt.timedelta:
 Duration = Annotated[str, Field(pattern=DURATION_RE.pattern, examples=["6h", "1d"])]
 
 
+def _between(low: dt.timedelta, high: dt.timedelta) -> AfterValidator:
+    """A Duration within [low, high]."""
+
+    def check(v: str) -> str:
+        if not low <= parse_duration(v) <= high:
+            raise ValueError(f"must be between {_days(low)} and {_days(high)}, got '{v}'")
+        return v
+
+    return AfterValidator(check)
+
+
+def _days(d: dt.timedelta) -> str:
+    return f"{d.days}d" if d.days else f"{d.seconds // 60}m"
+
+
+StartDate = Annotated[
+    dt.date, Field(ge=FIRST_DATE, le=LAST_DATE, description="first daily partition")
+]
+
+
 class FileFeed(_Strict):
     """A landing directory of files, one or more per day, named with the day's date."""
 
-    path: str = Field(description="landing directory, relative to the project root")
+    path: str = Field(min_length=1, description="landing directory, relative to the project root")
+    allow_outside_project: bool = Field(
+        False,
+        description="read a landing directory that resolves outside the project root "
+        "(an absolute path, '..', a symlink); `spec check` warns about it",
+    )
     format: FileFormat = "csv"
     file_pattern: str = Field(
         "*_{date}.csv",
@@ -87,14 +164,26 @@ class FileFeed(_Strict):
     @field_validator("encoding")
     @classmethod
     def _known_codec(cls, v: str) -> str:
-        import codecs
-
         try:
-            codecs.lookup(v)
-        except LookupError:
+            "".encode(v)  # also refuses codecs that are not text encodings (base64, rot13)
+        except (LookupError, ValueError):
             raise ValueError(
                 f"unknown text encoding {v[:40]!r}; e.g. utf-8, latin-1, cp1252"
             ) from None
+        return v
+
+    @field_validator("date_format")
+    @classmethod
+    def _names_a_day(cls, v: str) -> str:
+        probe = dt.date(2026, 11, 28)
+        try:
+            back = dt.datetime.strptime(probe.strftime(v), v).date()
+        except ValueError:
+            back = None
+        if back != probe:
+            raise ValueError(
+                f"{echo(v)} does not name a day: give the year, month and day, e.g. %Y-%m-%d"
+            )
         return v
 
     @field_validator("file_pattern")
@@ -111,7 +200,7 @@ class FileSource(FileFeed):
     """kind: files (the default): landing files named with their day's date."""
 
     kind: Literal["files"] = "files"
-    start_date: dt.date = Field(description="first daily partition")
+    start_date: StartDate
 
 
 ENV_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -142,7 +231,7 @@ class SqlSource(_Strict):
         None, description="strftime format of timestamps stored as text; None = ISO 8601"
     )
     entity_column: str | None = None
-    start_date: dt.date = Field(description="first daily partition")
+    start_date: StartDate
 
     @field_validator("url")
     @classmethod
@@ -251,8 +340,10 @@ class LabelSpec(_Strict):
     name: str = Field("label", description="name of the label column in the training set")
     column: str | None = Field(None, description="kind=column: the target column of the rows")
     events: EventFeed | None = Field(None, description="kind=event_feed: where events land")
-    horizon: Duration = Field("24h", description="kind=event_feed: label = event within this")
-    maturity: Duration = Field(
+    horizon: Annotated[Duration, _between(dt.timedelta(minutes=1), dt.timedelta(days=365))] = Field(
+        "24h", description="kind=event_feed: label = event within this"
+    )
+    maturity: Annotated[Duration, _between(dt.timedelta(0), dt.timedelta(days=730))] = Field(
         "0h", description="how long after a row's time its label is final (horizon + lateness)"
     )
 
@@ -268,7 +359,9 @@ class LabelSpec(_Strict):
 class AggregateSpec(_Strict):
     columns: list[str] = Field(min_length=1)
     functions: list[AggFunction] = Field(min_length=1)
-    windows: list[Duration] = Field(min_length=1)
+    windows: list[Annotated[Duration, _between(dt.timedelta(minutes=1), dt.timedelta(days=91))]] = (
+        Field(min_length=1)
+    )
 
 
 class TransformSpec(_Strict):
@@ -297,29 +390,65 @@ class FeatureSpec(_Strict):
     )
 
 
+def _finite_values(v: object) -> object:
+    """Refuse .inf/.nan among scalars (the union type would report each member's error)."""
+    values = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+    for x in values:
+        if isinstance(x, float) and not math.isfinite(x):
+            raise ValueError(f"{x} is not a finite number")
+    return v
+
+
+Scalar = str | int | float | bool | None
+
+
 class SearchParam(_Strict):
     type: Literal["int", "float", "categorical"]
-    low: float | None = None
-    high: float | None = None
+    low: float | None = Field(None, ge=-MAX_ABS, le=MAX_ABS)
+    high: float | None = Field(None, ge=-MAX_ABS, le=MAX_ABS)
     log: bool = False
-    choices: list[str | int | float | bool | None] | None = None
+    choices: list[Scalar] | None = Field(None, max_length=1000)
+
+    _finite = field_validator("choices", mode="before")(_finite_values)
+
+    @model_validator(mode="after")
+    def _range(self) -> SearchParam:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("type 'categorical' needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("'low' and 'high' only apply to int or float parameters")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"type '{self.type}' needs 'low' and 'high'")
+        if self.choices is not None:
+            raise ValueError("'choices' only applies to categorical parameters")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is greater than high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0 (got {self.low}): a log scale has no 0")
+        if self.type == "int" and not (self.low.is_integer() and self.high.is_integer()):
+            raise ValueError(f"type 'int' needs whole low and high, got {self.low}, {self.high}")
+        return self
 
 
 class CandidateSpec(_Strict):
     estimator: Literal[
         "xgboost", "logistic_regression", "random_forest", "hist_gradient_boosting", "ridge"
     ]
-    params: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    params: dict[str, Scalar] = Field(default_factory=dict)
     search_space: dict[str, SearchParam] = Field(default_factory=dict)
+
+    _finite = field_validator("params", mode="before")(_finite_values)
 
 
 class ModelSpec(_Strict):
     task: Literal["binary_classification", "regression"] = "binary_classification"
     registered_name: str | None = Field(None, description="MLflow model name; default: spec name")
     candidates: list[CandidateSpec] = Field(min_length=1)
-    trials: int = Field(20, ge=1)
-    seed: int = 42
-    training_window_days: int = Field(21, ge=1)
+    trials: int = Field(20, ge=1, le=10_000)
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="numpy's range")
+    training_window_days: int = Field(21, ge=1, le=MAX_DAYS)
     split: tuple[float, float, float] = Field(
         (0.7, 0.15, 0.15), description="train/valid/test fractions of the window, time-ordered"
     )
@@ -333,22 +462,28 @@ class ModelSpec(_Strict):
 
 
 class GateSpec(_Strict):
-    thresholds: dict[str, float] = Field(default_factory=dict, description="metric -> minimum")
-    min_improvement: float = 0.0
+    thresholds: dict[str, Annotated[float, Field(ge=-MAX_ABS, le=MAX_ABS)]] = Field(
+        default_factory=dict, description="metric -> minimum"
+    )
+    min_improvement: float = Field(0.0, ge=-MAX_ABS, le=MAX_ABS)
     primary_metric: str = "roc_auc"
     slice_columns: list[str] = Field(default_factory=list)
-    slice_tolerance: float = 0.02
-    latency_budget_ms: float = 50.0
+    slice_tolerance: float = Field(0.02, ge=0, le=MAX_ABS)
+    latency_budget_ms: float = Field(50.0, gt=0, le=60_000)
 
 
 class MonitoringSpec(_Strict):
     drift_method: str = "wasserstein"
     drift_threshold: float = Field(0.3, ge=0, le=1, description="drift share that counts")
     column_drift_threshold: float | None = Field(
-        None, gt=0, description="per-column test threshold; None = the method's default"
+        None, gt=0, le=1e6, description="per-column test threshold; None = the method's default"
     )
-    drift_sample_rows: int = Field(20_000, ge=100, description="rows sampled per side")
-    drift_max_columns: int = Field(50, ge=1, description="columns tested, highest-importance first")
+    drift_sample_rows: int = Field(
+        20_000, ge=100, le=10_000_000, description="rows sampled per side"
+    )
+    drift_max_columns: int = Field(
+        50, ge=1, le=10_000, description="columns tested, highest-importance first"
+    )
     drift_significance: float | None = Field(
         0.001,
         gt=0,
@@ -356,9 +491,9 @@ class MonitoringSpec(_Strict):
         description="a distance counts as drift only when a two-sample test (KS, chi-square) "
         "also rejects at this level: small days cannot drift by chance; null = distance only",
     )
-    consecutive_drift_days: int = Field(2, ge=1)
-    metric_decline_tolerance: float = Field(0.05, ge=0)
-    consecutive_decline_days: int = Field(1, ge=1)
+    consecutive_drift_days: int = Field(2, ge=1, le=365)
+    metric_decline_tolerance: float = Field(0.05, ge=0, le=MAX_ABS)
+    consecutive_decline_days: int = Field(1, ge=1, le=365)
     decline_confidence: float | None = Field(
         0.95,
         gt=0.5,
@@ -370,18 +505,23 @@ class MonitoringSpec(_Strict):
     retrain_cooldown_partitions: int = Field(
         3,
         ge=0,
+        le=365,
         description="partitions after a drift- or decline-triggered retraining before a new "
         "episode may retrain (scheduled retrainings never delay a recovery)",
     )
     retry_after_partitions: int = Field(
-        1, ge=1, description="a refused retraining re-arms after this many more breached days"
+        1,
+        ge=1,
+        le=365,
+        description="a refused retraining re-arms after this many more breached days",
     )
     max_attempts_per_episode: int = Field(
-        4, ge=1, description="retrainings per episode (one breach against one champion)"
+        4, ge=1, le=100, description="retrainings per episode (one breach against one champion)"
     )
     recovery_min_rows: int = Field(
         200,
         ge=1,
+        le=10_000_000,
         description="labelled rows after the change point (and of each class, for "
         "classification, a tenth of it) before a retraining trains on them alone; fewer: "
         "the spec window, with the post-change rows weighted up",
@@ -390,6 +530,14 @@ class MonitoringSpec(_Strict):
     retraining_schedule: str | None = Field(
         None, description="cron of a periodic retraining; none unless named"
     )
+
+
+def _resolved(path: Path) -> Path | None:
+    """The path with '..' and symlinks resolved; None when it cannot be (a NUL byte, a loop)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
 
 
 class Spec(_Strict):
@@ -408,60 +556,116 @@ class Spec(_Strict):
     path: Path = Field(default=Path("."), exclude=True)
     content_hash: str = Field(default="", exclude=True)
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
     @model_validator(mode="after")
     def _cross_references(self) -> Spec:
-        problems = list(self._reference_problems())
+        problems = [*self._reference_problems(), *self._path_problems()]
         if problems:
-            raise ValueError("; ".join(problems))
+            raise _Problems(problems)
         return self
+
+    def feeds(self) -> list[tuple[str, FileFeed]]:
+        """(field path, feed) for every landing directory the spec reads."""
+        out: list[tuple[str, FileFeed]] = []
+        if isinstance(self.source, FileSource):
+            out.append(("source", self.source))
+        if self.labels.events is not None:
+            out.append(("labels.events", self.labels.events))
+        return out
+
+    def outside_project(self) -> list[tuple[str, Path]]:
+        """(field path, resolved folder) for each landing directory outside the project root
+        (allowed by its allow_outside_project, or the spec would not have loaded)."""
+        root = self.root.resolve()
+        out = []
+        for where, feed in self.feeds():
+            resolved = _resolved(self.resolve(feed.path))
+            if resolved is not None and not resolved.is_relative_to(root):
+                out.append((f"{where}.path", resolved))
+        return out
+
+    def _path_problems(self):
+        root = self.root.resolve()
+        for where, feed in self.feeds():
+            loc = f"{where}.path"
+            resolved = _resolved(self.resolve(feed.path))
+            if resolved is None:
+                yield loc, f"{echo(feed.path)} is not a usable path (a NUL byte or a symlink loop)"
+            elif not resolved.is_relative_to(root) and not feed.allow_outside_project:
+                yield (
+                    loc,
+                    f"{echo(feed.path)} resolves to {_clip(str(resolved))}, outside the project "
+                    f"root {root}; put the folder under the project root, or set "
+                    f"{where}.allow_outside_project: true to read it from there",
+                )
 
     def _reference_problems(self):
         cols = {c.name: c for c in self.schema_.columns}
         src = self.source
         if src.timestamp_column not in cols:
-            yield f"source.timestamp_column '{src.timestamp_column}' is not in schema.columns"
+            yield (
+                "source.timestamp_column",
+                f"'{src.timestamp_column}' is not in schema.columns",
+            )
         elif cols[src.timestamp_column].type != "timestamp":
-            yield f"schema column '{src.timestamp_column}' is the timestamp: give it type timestamp"
+            yield (
+                "source.timestamp_column",
+                f"schema column '{src.timestamp_column}' is the timestamp: give it type timestamp",
+            )
         if src.entity_column and src.entity_column not in cols:
-            yield f"source.entity_column '{src.entity_column}' is not in schema.columns"
+            yield "source.entity_column", f"'{src.entity_column}' is not in schema.columns"
         if self.labels.kind == "column" and self.labels.column not in cols:
-            yield f"labels.column '{self.labels.column}' is not in schema.columns"
+            yield "labels.column", f"'{self.labels.column}' is not in schema.columns"
         events = self.labels.events
         if (
             self.labels.kind == "event_feed"
             and events is not None
             and bool(events.entity_column) != bool(src.entity_column)
         ):
-            yield "labels.events.entity_column and source.entity_column must both be set or unset"
+            yield (
+                "labels.events.entity_column",
+                "labels.events.entity_column and source.entity_column must both be set or unset",
+            )
         numeric = {n for n, c in cols.items() if c.type in ("float", "int", "bool")}
         feats = self.features
         for name in feats.passthrough:
             if name not in cols:
-                yield f"features.passthrough '{name}' is not in schema.columns"
+                yield "features.passthrough", f"'{name}' is not in schema.columns"
         for name in feats.categorical:
             if name not in cols or cols[name].type not in ("category", "string"):
-                yield f"features.categorical '{name}' must be a category/string schema column"
+                yield "features.categorical", f"'{name}' must be a category/string schema column"
         for i, agg in enumerate(feats.aggregates):
             for name in agg.columns:
                 if name not in numeric:
-                    yield f"features.aggregates.{i}.columns '{name}' must be a numeric schema column"
+                    yield (
+                        f"features.aggregates.{i}.columns",
+                        f"'{name}' must be a numeric schema column",
+                    )
             for w in agg.windows:
                 if parse_duration(w) > dt.timedelta(days=feats.lookback_days + 1):
                     yield (
-                        f"features.aggregates.{i}.windows '{w}' is longer than the lookback "
-                        f"({feats.lookback_days} day(s) + the current day); raise lookback_days"
+                        f"features.aggregates.{i}.windows",
+                        f"'{w}' is longer than the lookback ({feats.lookback_days} day(s) + "
+                        "the current day); raise lookback_days",
                     )
         for i, t in enumerate(feats.transforms):
             for name in filter(None, (t.column, t.other)):
                 if name not in numeric:
-                    yield f"features.transforms.{i} column '{name}' must be a numeric schema column"
+                    yield (
+                        f"features.transforms.{i}",
+                        f"column '{name}' must be a numeric schema column",
+                    )
         if self.labels.kind == "column" and self.labels.column in feats.passthrough:
-            yield f"features.passthrough includes the label column '{self.labels.column}' (leakage)"
+            yield (
+                "features.passthrough",
+                f"includes the label column '{self.labels.column}' (leakage)",
+            )
         for name in self.gates.slice_columns:
             if name not in cols:
-                yield f"gates.slice_columns '{name}' is not in schema.columns"
+                yield "gates.slice_columns", f"'{name}' is not in schema.columns"
 
     # Convenience accessors -------------------------------------------------------------
     @property
@@ -498,7 +702,33 @@ def _loc(loc: tuple) -> str:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that keeps dates as strings, so pydantic reports a bad date with its path."""
+    """SafeLoader that keeps dates as strings, so pydantic reports a bad date with its path,
+    and refuses documents nested deeper than MAX_YAML_DEPTH or whose aliases expand past
+    MAX_YAML_NODES nodes: PyYAML shares an aliased node, but everything downstream (pydantic,
+    repr in messages) walks the expanded tree."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested deeper than {MAX_YAML_DEPTH} levels",
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_expansion(node)
+        return node
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -507,15 +737,90 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node | None) -> None:
+    """Count the nodes (and depth) of the document with every alias expanded, without
+    expanding it: each distinct node is visited once."""
+    if root is None:
+        return
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    path: set[int] = set()  # nodes being visited: an alias to one of them is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            kids = _children(node)
+            size[key] = 1 + sum(size[id(k)] for k in kids)
+            depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
+            path.discard(key)
+            if size[key] > MAX_YAML_NODES:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"expands to more than {MAX_YAML_NODES} nodes through aliases "
+                    "(an alias bomb?); a spec has a few hundred",
+                    node.start_mark,
+                )
+            if depth[key] > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested deeper than {MAX_YAML_DEPTH} levels through aliases",
+                    node.start_mark,
+                )
+            continue
+        if key in size:
+            continue
+        if key in path:
+            raise yaml.composer.ComposerError(
+                None, None, "an alias refers to a node that contains it", node.start_mark
+            )
+        path.add(key)
+        stack.append((node, True))
+        stack.extend((k, False) for k in _children(node) if id(k) not in size)
+
+
+def _read(path: Path) -> str:
+    """The spec file's text, refusing what cannot be a spec before reading all of it."""
+    if not path.exists():
+        raise SpecError(str(path), [("(file)", "does not exist")])
+    if not path.is_file():  # a directory, or a FIFO or device that would block or never end
+        raise SpecError(str(path), [("(file)", "is not a regular file")])
+    try:
+        with path.open(encoding="utf-8") as f:
+            text = f.read(MAX_SPEC_CHARS + 1)
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            str(path), [("(file)", f"is not UTF-8 text (byte {e.start}); save it as UTF-8")]
+        ) from None
+    except OSError as e:
+        raise SpecError(str(path), [("(file)", f"cannot be read: {e.strerror or e}")]) from None
+    if len(text) > MAX_SPEC_CHARS:
+        raise SpecError(
+            str(path),
+            [("(file)", f"is larger than {MAX_SPEC_CHARS:,} characters; a spec is a few KB")],
+        )
+    return text
+
+
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a spec file; raise SpecError listing every problem."""
     path = Path(path)
-    if not path.exists():
-        raise SpecError(str(path), [("(file)", "does not exist")])
-    text = path.read_text()
+    text = _read(path)
     try:
         data = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        # ValueError: a scalar the constructor cannot build (an int of 5000 digits, a bad
+        # explicit !!timestamp); RecursionError: a last resort, the depth cap comes first.
         raise SpecError(str(path), [("(file)", f"is not valid YAML: {e}")]) from None
     if not isinstance(data, dict):
         raise SpecError(str(path), [("(file)", "expected a mapping of spec fields at top level")])
@@ -526,23 +831,30 @@ def load_spec(path: str | Path) -> Spec:
             {**data, "root": root, "path": path.resolve(), "content_hash": digest}
         )
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            loc = _loc(err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field (typo?); see the spec reference in the README"
-            elif err["type"] == "source_kind":
-                kind = err["input"].get("kind") if isinstance(err["input"], dict) else None
-                loc, msg = f"{loc}.kind", f"{msg} (got {kind!r})"
-                problems.append((loc, msg))
-                continue
-            elif err["type"] == "missing":
-                msg = "required field is missing"
-            elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
-                msg = f"{msg} (got {err['input']!r})"
-            problems.append((loc, msg))
-        raise SpecError(str(path), problems) from None
+        raise SpecError(str(path), _problems(e)) from None
+
+
+def _problems(e: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for err in e.errors():
+        loc = _loc(err["loc"])
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, _Problems):
+            prefix = "" if loc == "(top level)" else f"{loc}."
+            problems.extend((prefix + where, msg) for where, msg in cause.problems)
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (typo?); see the spec reference in the README"
+        elif err["type"] == "source_kind":
+            kind = err["input"].get("kind") if isinstance(err["input"], dict) else None
+            loc, msg = f"{loc}.kind", f"{msg} (got {echo(kind)})"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
+            msg = f"{msg} (got {echo(err['input'])})"
+        problems.append((loc, msg))
+    return problems
 
 
 def find_specs(specs_dir: str | Path) -> list[Spec]:
@@ -568,6 +880,11 @@ def summary(spec: Spec) -> str:
         f"  source     {where}",
         f"             timestamp '{src.timestamp_column}', entity '{src.entity_column or '-'}', "
         f"daily partitions from {src.start_date}",
+        *(
+            f"  warning    {where} reads {folder}, outside the project root "
+            f"{spec.root.resolve()} (allow_outside_project: true)"
+            for where, folder in spec.outside_project()
+        ),
         f"  schema     {len(spec.schema_.columns)} columns, unknown columns: "
         f"{spec.schema_.unknown_columns}, max quarantine rate {spec.schema_.max_quarantine_rate:.1%}",
         f"  labels     '{lab.name}' from {label_src}, mature after {lab.maturity}",

@@ -81,8 +81,9 @@ def test_cross_references_are_checked(tmp_path):
     p = _write(tmp_path, data)
     with pytest.raises(SpecError) as err:
         load_spec(p)
-    assert "features.passthrough 'humidity' is not in schema.columns" in str(err.value)
-    assert "longer than the lookback" in str(err.value)
+    problems = dict(err.value.problems)
+    assert problems["features.passthrough"] == "'humidity' is not in schema.columns"
+    assert "longer than the lookback" in problems["features.aggregates.0.windows"]
 
 
 def test_label_kinds_need_their_fields(tmp_path):
