@@ -11,8 +11,10 @@ from __future__ import annotations
 import codecs
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
+import os
 import re
 import tempfile
 from collections.abc import Iterator
@@ -43,14 +45,37 @@ class RawBatch:
     file_rows: dict[str, int] = field(default_factory=dict)  # source (file name) -> rows
 
 
-def _pattern_regex(feed: FileFeed) -> re.Pattern[str]:
-    parts = feed.file_pattern.split("{date}")
+# --- listing: which files in a landing folder are data (see mlops/watch.py for the rules) ---
+
+# Names a writer gives a file it has not finished, and markers that hold no data: never read.
+TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".filepart", ".crdownload")
+
+
+@functools.cache
+def _regex(file_pattern: str) -> re.Pattern[str]:
+    parts = file_pattern.split("{date}")
     glob_to_re = [re.escape(p).replace(r"\*", ".*").replace(r"\?", ".") for p in parts]
     return re.compile("^" + "(?P<date>.+?)".join(glob_to_re) + "$")
 
 
+def _pattern_regex(feed: FileFeed) -> re.Pattern[str]:
+    return _regex(feed.file_pattern)
+
+
+def is_writer_temp(feed: FileFeed, name: str) -> bool:
+    """A name that is never data: a dotfile, `~` lock file, `*.tmp` / `*.temp` / `*.part` /
+    `*.partial` / `*.filepart` / `*.crdownload`, or a `_SUCCESS`-style marker (a leading `_`,
+    unless the feed's own pattern starts with one)."""
+    if name.startswith((".", "~")) or name.lower().endswith(TEMP_SUFFIXES):
+        return True
+    return name.startswith("_") and not feed.file_pattern.startswith("_")
+
+
 def file_day(feed: FileFeed, name: str) -> dt.date | None:
-    """The daily partition a landing file belongs to, from its name; None if it does not match."""
+    """The daily partition a landing file belongs to, from its name; None if it does not match
+    (or is a writer's temporary name)."""
+    if is_writer_temp(feed, name):
+        return None
     m = _pattern_regex(feed).match(name)
     if not m:
         return None
@@ -60,17 +85,50 @@ def file_day(feed: FileFeed, name: str) -> dt.date | None:
         return None
 
 
+@dataclass(frozen=True)
+class Entry:
+    """A file in a landing folder, from one `os.scandir` (stat on demand, no content read)."""
+
+    dirent: os.DirEntry
+    escapes_to: str | None  # a symlink resolving outside the folder: where it points
+
+    @property
+    def name(self) -> str:
+        return self.dirent.name
+
+
+def scan(folder: Path) -> list[Entry]:
+    """The files in `folder`, one `os.scandir`. A symlink is the file it points to when that
+    lies inside the folder; one resolving outside it is listed with `escapes_to` set and is
+    never read (its rows would carry the link's name, hiding where they came from)."""
+    if not folder.is_dir():
+        return []
+    real = os.path.realpath(folder)
+    out = []
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.is_symlink():
+                target = os.path.realpath(e.path)
+                if os.path.commonpath([real, target]) != real:
+                    if not os.path.isdir(target):  # a linked-in folder is not a file either way
+                        out.append(Entry(e, target))
+                    continue
+            if e.is_file():
+                out.append(Entry(e, None))
+    return out
+
+
 def files_for_day(feed: FileFeed, folder: Path, day: dt.date) -> list[Path]:
-    pattern = feed.file_pattern.replace("{date}", day.strftime(feed.date_format))
-    return sorted(p for p in folder.glob(pattern) if p.is_file() and file_day(feed, p.name) == day)
+    """The day's landing files: names matching the pattern, never writer temp names nor
+    symlinks that leave the folder."""
+    return sorted(
+        folder / e.name for e in scan(folder) if not e.escapes_to and file_day(feed, e.name) == day
+    )
 
 
 def landed_days(feed: FileFeed, folder: Path) -> list[dt.date]:
     """Every day that has at least one landing file."""
-    if not folder.exists():
-        return []
-    glob = feed.file_pattern.replace("{date}", "*")
-    days = {file_day(feed, p.name) for p in folder.glob(glob) if p.is_file()}
+    days = {file_day(feed, e.name) for e in scan(folder) if not e.escapes_to}
     return sorted(d for d in days if d is not None)
 
 

@@ -19,7 +19,10 @@ Where a run executes (`runs`):
 """
 
 import datetime as dt
+import os
 import shutil
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,10 +108,7 @@ class Replay:
         for feed in self.feeds:
             for f in ingest.files_for_day(feed.spec, feed.source, day):
                 feed.target.mkdir(parents=True, exist_ok=True)
-                tmp = feed.target / f".{f.name}.part"
-                shutil.copyfile(f, tmp)
-                tmp.rename(feed.target / f.name)  # a half-copied file is never visible
-                landed.append(f.name)
+                landed.append(land_file(f, feed.target, feed.spec.settle_seconds).name)
         return landed
 
     # --- ticks --------------------------------------------------------------------------
@@ -260,6 +260,30 @@ class Replay:
 
     def summary(self, asset: str, day: str) -> dict | None:
         return read_json(self.lake, self.spec.name, asset, day)
+
+
+def land_file(source: Path, folder: Path, settle_seconds: float) -> Path:
+    """Copy `source` into the landing `folder` as a complete, settled file.
+
+    Written under a temporary name (never read) and renamed in, so a half-copied file is
+    never visible. Its mtime is then set `settle_seconds` (plus a second) into the past: a
+    replay lands each day's complete files and ticks at once on a simulated clock, where
+    the wall-clock wait the settle rule asks of files written in place means nothing.
+    """
+    target = folder / source.name
+    tmp = folder / f".{source.name}.part"
+    shutil.copyfile(source, tmp)
+    backdate([tmp], settle_seconds)
+    tmp.rename(target)
+    return target
+
+
+def backdate(paths: Iterable[Path], settle_seconds: float) -> None:
+    """Set each file's mtime `settle_seconds` (plus a second) into the past, so the new-data
+    sensor counts it as settled at once (for complete files only: replays, tests)."""
+    settled = time.time() - settle_seconds - 1
+    for p in paths:
+        os.utime(p, (settled, settled))
 
 
 def _next_fire(cron: str, after: dt.datetime) -> dt.datetime:

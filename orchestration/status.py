@@ -1,8 +1,9 @@
 """`mlops status`: where a spec's continuous-training loop stands.
 
-Reads the registry (aliases), the lake (monitoring summaries, deployment history) and the
-Dagster instance (retraining runs with their trigger tags, failed runs), and asks the
-retraining rules what they would decide now.
+Reads the registry (aliases), the lake (monitoring summaries, deployment history), the
+Dagster instance (retraining runs with their trigger tags, failed runs) and the landing
+folders (files the new-data sensor skips, and why), and asks the retraining rules what they
+would decide now.
 """
 
 import datetime as dt
@@ -11,9 +12,10 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
-from mlops import monitoring, promotion, registry
+from mlops import monitoring, promotion, registry, watch
 from mlops.lake import Lake
-from mlops.spec import Spec
+from mlops.spec import FileSource, Spec
+from sensors.new_data import last_partition
 from sensors.retrain import ACTIVE, evaluate, retraining_runs
 
 
@@ -33,6 +35,30 @@ def _outcome(tracking_uri: str, model_name: str, run) -> dict[str, Any]:
             decided = "not decided yet" if run.status in ACTIVE else "not decided (run ended)"
         return {"version": int(mv.version), "outcome": decided}
     return {"version": None, "outcome": "no version registered"}
+
+
+def landing(spec: Spec, now: float | None = None) -> list[dict[str, Any]]:
+    """Per landing folder: the days it holds and the files the new-data sensor skips (still
+    changing, dated outside the partitions, symlinks leading out, names matching no pattern),
+    the same way the sensor's tick sees them (on the wall clock)."""
+    import time
+
+    now = time.time() if now is None else now
+    feeds = []
+    if isinstance(spec.source, FileSource):
+        feeds.append((spec.source, spec.landing_dir, True))
+    if spec.labels.events is not None:
+        feeds.append((spec.labels.events, spec.resolve(spec.labels.events.path), False))
+    today = dt.datetime.now(dt.UTC).date()
+    out = []
+    for feed, folder, partitioned in feeds:
+        others = tuple(f for f, d, _ in feeds if d == folder and f is not feed)
+        if not partitioned and others:
+            continue  # the folder is the readings' too: listed once, with them
+        bounds = (spec.source.start_date, last_partition(spec, today)) if partitioned else ()
+        seen = watch.scan(feed, folder, now, *bounds, others=others)
+        out.append({"feed": "source" if partitioned else "labels.events"} | seen.summary())
+    return out
 
 
 def status(
@@ -117,6 +143,7 @@ def status(
         "retraining_running": any(r.status in ACTIVE for r in runs),
         "pending_triggers": pending,
         "last_failures": failures,
+        "landing": landing(spec),
     }
 
 
@@ -167,4 +194,27 @@ def render(s: dict[str, Any]) -> str:
             )
     else:
         lines.append("  failures     none")
+    lines += _render_landing(s.get("landing") or [])
     return "\n".join(lines)
+
+
+_SKIPPED = {
+    "still_changing": "still changing, wait for a later tick",
+    "before_start": "dated before source.start_date, skipped",
+    "after_last_partition": "dated after the last partition, wait for their day",
+    "symlinks_refused": "symlinks leading out of the folder, not read",
+    "unmatched": "match no file pattern, not read",
+}
+
+
+def _render_landing(folders: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for d in folders:
+        lines.append(f"  landing      {d['feed']}: {d['days']} day(s) in {d['folder']}")
+        for key, what in _SKIPPED.items():
+            got = d[key]
+            if got["count"]:
+                more = got["count"] - len(got["names"])
+                names = ", ".join(got["names"]) + (f" (+{more} more)" if more else "")
+                lines.append(f"    {got['count']} {what}: {names}")
+    return lines

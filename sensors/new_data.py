@@ -7,18 +7,24 @@
   were built (late) cascades to their features and scores the same way;
 - the label feed: a day's labels (and realized performance, when the day was scored) run
   once every arrival day its labels can depend on has landed, and again if one is corrected;
-- an identical re-delivery changes nothing.
+- an identical re-delivery changes nothing;
+- a file still being written (changed within `settle_seconds`) waits, its day with it; a file
+  dated outside the partitions that exist (before the start date, or a day not yet complete),
+  a symlink leading out of the landing folder and a name matching no pattern are skipped with
+  a warning on the tick (its log, and its skip reason): every other day goes on.
 The cursor holds the state (see mlops/watch.py); run keys make a lost cursor harmless.
 """
 
 import datetime as dt
 
 import dagster as dg
+from dagster._time import get_current_timestamp
 
 from mlops import ingest, watch
 from mlops.monitoring import MODEL_PERFORMANCE
 from mlops.spec import FileSource, Spec
 from orchestration.jobs import data_job_name, labels_job_name, scoring_job_name
+from orchestration.partitions import daily_partitions
 from resources.clock import ClockResource
 from resources.lake import LakeResource
 
@@ -34,6 +40,14 @@ def new_data_sensor_name(spec: Spec) -> str:
 def _days_after(day: str, n: int) -> list[str]:
     d = dt.date.fromisoformat(day)
     return [(d + dt.timedelta(days=i)).isoformat() for i in range(1, n + 1)]
+
+
+def last_partition(spec: Spec, today: dt.date) -> dt.date | None:
+    """The newest day a run can be requested for: the spec's last partition as Dagster
+    sees it now (days end at midnight UTC; a request beyond it fails the whole tick), and
+    never after the clock's day (a replay's simulated today). None: no partition yet."""
+    key = daily_partitions(spec).get_last_partition_key()
+    return min(dt.date.fromisoformat(key), today) if key else None
 
 
 def build_new_data_sensor(spec: Spec, jobs: list) -> dg.SensorDefinition:
@@ -109,22 +123,33 @@ def build_new_data_sensor(spec: Spec, jobs: list) -> dg.SensorDefinition:
         """Watch the landing folders and request the day's runs."""
         store = lake.get()
         state = watch.decode(context.cursor)
+        # Dagster's clock (the one it checks partition keys against; tests can freeze it).
+        now, notes = get_current_timestamp(), []
+        shared = files_source and events_feed is not None and readings_dir == events_dir
+        first, last = spec.source.start_date, last_partition(spec, clock.date())
         if files_source:
-            readings, changes = watch.diff(
-                state.get("r", {}), readings_dir, watch.listing(spec.source, readings_dir)
+            seen = watch.scan(
+                spec.source, readings_dir, now, first, last, (events_feed,) if shared else ()
             )
+            notes += seen.notes(first, last)
+            readings, changes = watch.diff(state.get("r", {}), readings_dir, seen.files)
         else:  # SQL: poll the recent days' row fingerprints (one query per day)
-            days = watch.sql_days(
-                spec.source.start_date,
-                clock.date(),
-                list(state.get("r", {})),
-                SQL_RESCAN_DAYS,
+            days = (
+                watch.sql_days(first, last, list(state.get("r", {})), SQL_RESCAN_DAYS)
+                if last
+                else []
             )
             fps = {d.isoformat(): ingest.partition_fingerprint(spec, d) for d in days}
             readings, changes = watch.diff_fingerprints(state.get("r", {}), fps)
         events = state.get("e", {})
         if events_feed is not None:
-            events, _ = watch.diff(events, events_dir, watch.listing(events_feed, events_dir))
+            seen = watch.scan(events_feed, events_dir, now, others=(spec.source,) if shared else ())
+            if shared:  # the folder's odd files were listed once, with the readings
+                seen.unmatched, seen.refused = [], []
+            notes += seen.notes()
+            events, _ = watch.diff(events, events_dir, seen.files)
+        for note in notes:
+            context.log.warning(note)
         labelled = dict(state.get("l", {}))
         pending = dict(state.get("p", {}))
         requests: list[dg.RunRequest] = []
@@ -188,7 +213,8 @@ def build_new_data_sensor(spec: Spec, jobs: list) -> dg.SensorDefinition:
 
         context.update_cursor(watch.encode({"r": kept, "e": events, "l": labelled, "p": pending}))
         if not requests:
-            return dg.SkipReason(f"no new or corrected data in {readings_dir or 'the SQL source'}")
+            why = f"no new or corrected data in {readings_dir or 'the SQL source'}"
+            return dg.SkipReason("; ".join([why, *notes]))
         return requests
 
     return new_data_sensor

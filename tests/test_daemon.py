@@ -208,6 +208,7 @@ def test_a_run_that_failed_to_launch_is_retried_and_alerts_no_one(tmp_path):
     builds the day. Its run key means the sensor never asks again: only the retry saves it."""
     from dagster._core.events import DagsterEventType
 
+    from orchestration.replay import backdate
     from resources.alerting import AlertingResource
     from sensors.alerts import run_failure_sensor_name
     from sensors.new_data import new_data_sensor_name
@@ -215,6 +216,7 @@ def test_a_run_that_failed_to_launch_is_retried_and_alerts_no_one(tmp_path):
 
     p = make_project(tmp_path)
     small_data(p, days=1, machines=3)
+    backdate(p.spec.landing_dir.iterdir(), p.spec.source.settle_seconds)  # complete files
     day = "2026-01-01"
     overrides = {
         "run_launcher": {
@@ -284,12 +286,12 @@ def test_a_run_that_failed_to_launch_is_retried_and_alerts_no_one(tmp_path):
 
 
 def _land(feed, source: Path, target: Path, day) -> None:
-    """A day's files of one feed into its landing folder, each appearing whole."""
+    """A day's files of one feed into its landing folder, each appearing whole and settled."""
     from mlops import ingest
+    from orchestration.replay import land_file
 
     for f in ingest.files_for_day(feed, source, day):
-        shutil.copyfile(f, target / f".{f.name}.part")
-        (target / f".{f.name}.part").rename(target / f.name)
+        land_file(f, target, feed.settle_seconds)
 
 
 def test_landed_days_are_built_scored_and_evaluated_by_the_daemon_alone(tmp_path):

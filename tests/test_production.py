@@ -51,6 +51,7 @@ from deploy.services import (
 from mlops import watch
 from mlops.lake import Lake
 from orchestration.definitions import build_definitions
+from orchestration.replay import backdate
 from tests.conftest import (
     QUIET,
     REPO,
@@ -557,6 +558,7 @@ def test_sensor_daemon_killed_mid_tick_starts_exactly_one_run_per_file(prod: Pro
     p = make_project(tmp_path)
     small_data(p, days=6, machines=3, seed=4)
     files = sorted(p.spec.landing_dir.glob("*.csv"))
+    backdate(files, p.spec.source.settle_seconds)  # complete files: the first tick reads them
     env = {
         **prod.env,
         "MLOPS_SPECS_DIR": str(tmp_path / "specs"),

@@ -3,9 +3,7 @@ requests and cursors, tick by tick."""
 
 import datetime as dt
 import json
-import os
 import shutil
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -17,6 +15,7 @@ from dagster._core.utils import make_new_run_id
 from mlops import monitoring
 from mlops.lake import write_json
 from orchestration.jobs import data_job_name, labels_job_name, scoring_job_name, training_job_name
+from orchestration.replay import backdate, land_file
 from orchestration.schedules import retraining_schedule_name, scoring_schedule_name
 from resources.clock import ClockResource
 from resources.lake import LakeResource
@@ -70,12 +69,13 @@ def staged(tmp_path: Path) -> tuple[Project, Path, Path]:
 
 
 def _land(p: Project, stage_r: Path, stage_e: Path, i: int) -> None:
+    """Day i's files, whole and settled (mtime past settle_seconds), as the replay lands them."""
     day = START + dt.timedelta(days=i)
-    for stage, target in ((stage_r, p.spec.landing_dir),):
-        for f in stage.glob(f"*{day.isoformat()}*"):
-            shutil.copy(f, target / f.name)
+    for f in stage_r.glob(f"*{day.isoformat()}*"):
+        land_file(f, p.spec.landing_dir, p.spec.source.settle_seconds)
     for f in stage_e.glob(f"*{day.isoformat()}*"):
-        shutil.copy(f, p.spec.resolve(p.spec.labels.events.path) / f.name)
+        events = p.spec.labels.events
+        land_file(f, p.spec.resolve(events.path), events.settle_seconds)
 
 
 # --- new_data_sensor -----------------------------------------------------------------------
@@ -89,11 +89,11 @@ def test_new_day_requests_one_data_run_and_identical_redelivery_starts_nothing(s
     assert [(r.job_name, r.partition_key) for r in reqs] == [(data_job_name(p.spec), _day(0))]
     assert reqs[0].run_key.startswith(f"data:{_day(0)}:")
 
-    # Re-delivered: same bytes, new mtime -> nothing, and the cursor records the new signature.
+    # Re-delivered: same bytes, new (settled) mtime -> nothing, and the cursor records the
+    # new signature.
     f = next(p.spec.landing_dir.glob("*"))
-    time.sleep(0.01)
     shutil.copy(sr / f.name, f)
-    os.utime(f, ns=(time.time_ns(), time.time_ns()))
+    backdate([f], p.spec.source.settle_seconds + 10)
     reqs2, cursor2, skip = _tick(p, name, cursor)
     assert reqs2 == [] and "no new or corrected data" in skip
     reqs3, _, _ = _tick(p, name, cursor2)
@@ -115,6 +115,7 @@ def test_corrected_file_reruns_its_day_then_its_downstream(staged):
     lines = f.read_text().splitlines()
     lines[1] = lines[1].replace(",", ", ", 1)  # one changed byte: a corrected delivery
     f.write_text("\n".join(lines) + "\n")
+    backdate([f], p.spec.source.settle_seconds)
     reqs, cursor, _ = _tick(p, name, cursor)
     assert [(r.job_name, r.partition_key) for r in reqs] == [(data_job_name(p.spec), _day(1))]
     assert reqs[0].tags["mlops/change"] == "corrected"
