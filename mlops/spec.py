@@ -127,6 +127,41 @@ def _days(d: dt.timedelta) -> str:
     return f"{d.days}d" if d.days else f"{d.seconds // 60}m"
 
 
+MINUTE = dt.timedelta(minutes=1)
+Horizon = Annotated[Duration, _between(MINUTE, dt.timedelta(days=365))]
+Maturity = Annotated[Duration, _between(dt.timedelta(0), dt.timedelta(days=730))]
+Window = Annotated[Duration, _between(MINUTE, dt.timedelta(days=91))]  # lookback_days <= 90
+
+# Cron fields (minute, hour, day of month, month, day of week) and the numbers each allows.
+CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+CRON_MACROS = ("@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually")
+
+
+def _cron(v: str) -> str:
+    """A five-field cron (names, ranges, steps, L/W/#) or a macro; numbers within range."""
+    fields = v.split()
+    ok = len(v) <= 200 and (
+        (len(fields) == 1 and fields[0] in CRON_MACROS)
+        or (
+            len(fields) == 5
+            and all(re.fullmatch(r"[0-9A-Za-z*/,?#-]+", f) for f in fields)
+            and all(
+                lo <= int(n) <= hi
+                for f, (lo, hi) in zip(fields, CRON_RANGES, strict=True)
+                for n in re.findall(r"(?<![/#])\b\d+", f)
+            )
+        )
+    )
+    if not ok:
+        raise ValueError(
+            f"{echo(v)} is not a cron schedule; expected five fields (minute hour day month "
+            "weekday), e.g. '0 2 * * *', or a macro like @daily"
+        )
+    return v
+
+
+Cron = Annotated[str, AfterValidator(_cron)]
+
 StartDate = Annotated[
     dt.date, Field(ge=FIRST_DATE, le=LAST_DATE, description="first daily partition")
 ]
@@ -340,10 +375,8 @@ class LabelSpec(_Strict):
     name: str = Field("label", description="name of the label column in the training set")
     column: str | None = Field(None, description="kind=column: the target column of the rows")
     events: EventFeed | None = Field(None, description="kind=event_feed: where events land")
-    horizon: Annotated[Duration, _between(dt.timedelta(minutes=1), dt.timedelta(days=365))] = Field(
-        "24h", description="kind=event_feed: label = event within this"
-    )
-    maturity: Annotated[Duration, _between(dt.timedelta(0), dt.timedelta(days=730))] = Field(
+    horizon: Horizon = Field("24h", description="kind=event_feed: label = event within this")
+    maturity: Maturity = Field(
         "0h", description="how long after a row's time its label is final (horizon + lateness)"
     )
 
@@ -359,9 +392,7 @@ class LabelSpec(_Strict):
 class AggregateSpec(_Strict):
     columns: list[str] = Field(min_length=1)
     functions: list[AggFunction] = Field(min_length=1)
-    windows: list[Annotated[Duration, _between(dt.timedelta(minutes=1), dt.timedelta(days=91))]] = (
-        Field(min_length=1)
-    )
+    windows: list[Window] = Field(min_length=1)
 
 
 class TransformSpec(_Strict):
@@ -447,7 +478,7 @@ class ModelSpec(_Strict):
     registered_name: str | None = Field(None, description="MLflow model name; default: spec name")
     candidates: list[CandidateSpec] = Field(min_length=1)
     trials: int = Field(20, ge=1, le=10_000)
-    seed: int = Field(42, ge=0, le=2**32 - 1, description="numpy's range")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="0 to 2**32 - 1 (numpy's range)")
     training_window_days: int = Field(21, ge=1, le=MAX_DAYS)
     split: tuple[float, float, float] = Field(
         (0.7, 0.15, 0.15), description="train/valid/test fractions of the window, time-ordered"
@@ -526,8 +557,8 @@ class MonitoringSpec(_Strict):
         "classification, a tenth of it) before a retraining trains on them alone; fewer: "
         "the spec window, with the post-change rows weighted up",
     )
-    scoring_schedule: str = "0 2 * * *"
-    retraining_schedule: str | None = Field(
+    scoring_schedule: Cron = "0 2 * * *"
+    retraining_schedule: Cron | None = Field(
         None, description="cron of a periodic retraining; none unless named"
     )
 

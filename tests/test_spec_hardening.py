@@ -292,6 +292,39 @@ def test_values_that_cannot_work_fail_with_their_path(tmp_path, field, value, wh
     assert any(loc.startswith(where) for loc in problems), problems
 
 
+CRONS = [
+    "0 2 * * *",
+    "@daily",
+    "*/5 * * * MON-FRI",
+    "15,45 9-17 * * 1-5",
+    "0 0 1-31/2 JAN-MAR SUN",
+    "0 0 L * *",
+    "0 0 * * 0#2",
+    "0 0 ? * *",
+    "0 2 * *",
+    "every day",
+    "0 25 * * *",
+    "60 * * * *",
+    "0 0 0 * *",
+    "0 0 * 13 *",
+    "@reboot",
+]
+
+
+@pytest.mark.parametrize("cron", CRONS)
+def test_a_schedule_dagster_would_refuse_fails_spec_check(tmp_path, cron):
+    from dagster._utils.schedules import is_valid_cron_string
+
+    data = _set(BASE, "monitoring.retraining_schedule", cron)
+    if is_valid_cron_string(cron):
+        assert load_spec(_write(tmp_path, data)).monitoring.retraining_schedule == cron
+    else:
+        assert (
+            "not a cron schedule"
+            in _problems(_write(tmp_path, data))["monitoring.retraining_schedule"]
+        )
+
+
 def test_the_shipped_spec_is_within_every_bound():
     spec = load_spec(REPO / "specs" / "machine_failure.yaml")
     assert spec.model.trials == 10 and spec.outside_project() == []
