@@ -6,6 +6,7 @@ and the request log.
     GET  /health/ready   503 until a champion is loaded
     GET  /model          served versions, aliases, lineage summary, refusals
     GET  /metrics        Prometheus text format
+    GET  /openapi.json   the OpenAPI document, its request schema generated from the spec's
 
 A request is handled in the event loop without awaiting anything after its body is read:
 the work (validation, one feature-store read and append, one model call, one log write) is
@@ -34,7 +35,15 @@ from mlops.registry import CHALLENGER, CHAMPION
 from mlops.spec import load_spec
 from serving.metrics import ServingMetrics
 from serving.models import ModelManager, ServedModel, Snapshot, bound_registry_requests
-from serving.requests import BadRequest, Parsed, Record, RequestParser, problem
+from serving.requests import (
+    BadRequest,
+    Parsed,
+    Record,
+    RequestParser,
+    example_reading,
+    problem,
+    request_schemas,
+)
 from serving.settings import TOKEN_ENV, ServeSettings
 
 log = logging.getLogger("mlops.serving")
@@ -476,6 +485,188 @@ class Guard:
             self.service.metrics.observe_request(path, status[0], time.perf_counter() - t0)
 
 
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _content(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[int, dict[str, Any]]:
+    what = {
+        400: "the body is not JSON (malformed_json, malformed_request)",
+        401: "the bearer token is missing or wrong (when MLOPS_SERVE_TOKEN is set)",
+        413: "the body or the batch is over its limit (body_too_large, too_many_records)",
+        422: "field problems, each with its record, field, code and reason; or no usable "
+        "feature state (unknown_entity, stale_state, out_of_order)",
+        500: "the service failed on this request (internal_error); see its log",
+        503: "no champion loaded (model_not_ready) or the feature store is down "
+        "(feature_store_unavailable); retry later",
+    }
+    return {s: _content(_ref("Error"), what[s]) for s in statuses}
+
+
+def response_schemas(service: Service) -> dict[str, dict[str, Any]]:
+    """Component schemas of the responses (the requests' come from the spec's schema)."""
+    decision = {"type": "integer", "enum": [0, 1]} if service.classify else {"type": "number"}
+    routes = ["champion", "canary"]
+    explanation = {
+        "type": "object",
+        "properties": {
+            "method": {"type": "string"},
+            "space": {"type": "string"},
+            "base_value": {"type": "number"},
+            "top": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "feature": {"type": "string"},
+                        "value": {"type": ["number", "null"]},
+                        "contribution": {"type": "number"},
+                    },
+                    "required": ["feature", "value", "contribution"],
+                },
+            },
+            "rest": {"type": "number"},
+            "reason": {"type": "string"},
+        },
+        "required": ["method"],
+    }
+    prediction = {
+        "type": "object",
+        "properties": {
+            "record": {"type": "integer", "minimum": 0},
+            "entity": {"type": "string"},
+            "timestamp": {"type": "string"},
+            "score": {"type": "number"},
+            "decision": decision,
+            "model_version": {"type": "integer"},
+            "route": {"type": "string", "enum": routes},
+            "request_id": {"type": "string"},
+            "fallback": {
+                "type": ["string", "null"],
+                "description": "why the entity's state was not used (reading_only policy)",
+            },
+            "explanation": explanation,
+        },
+        "required": [
+            "record", "entity", "timestamp", "score", "decision", "model_version", "route",
+            "request_id", "fallback",
+        ],
+    }  # fmt: skip
+    return {
+        "Prediction": prediction,
+        "PredictResponse": {
+            "type": "object",
+            "properties": {
+                "request_id": {"type": "string"},
+                "model_version": {"type": "integer"},
+                "route": {"type": "string", "enum": routes},
+                "predictions": {"type": "array", "items": _ref("Prediction"), "minItems": 1},
+            },
+            "required": ["request_id", "model_version", "route", "predictions"],
+        },
+    }
+
+
+def _openapi_routes(settings: ServeSettings, example: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per route: the responses and the /predict request for the OpenAPI document."""
+    obj = {"type": "object"}
+    return {
+        "predict": {
+            "response_class": Response,
+            "responses": {
+                200: _content(_ref("PredictResponse"), "one prediction per reading"),
+                **_errors(400, 401, 413, 422, 500, 503),
+            },
+            "openapi_extra": {
+                "parameters": [
+                    {
+                        "name": "explain",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "boolean"},
+                        "description": "add each prediction's top feature contributions",
+                    },
+                    {
+                        "name": "top",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TOP},
+                        "description": f"contributions per prediction (default "
+                        f"{settings.explain_top})",
+                    },
+                    {
+                        "name": "x-request-id",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "the request id to log and answer with, when it "
+                        f"matches {REQUEST_ID_RE.pattern}; otherwise the service makes one",
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {JSON: {"schema": _ref("PredictBody"), "example": example}},
+                    "description": "one reading, a list of readings, or {records, explain}; "
+                    f"at most {settings.max_batch} readings and {settings.max_body_bytes} bytes",
+                },
+            },
+        },
+        "live": {
+            "response_class": Response,
+            "responses": {200: _content(obj, "the process answers")},
+        },
+        "ready": {
+            "response_class": Response,
+            "responses": {
+                200: _content(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "status": {"const": "ready"},
+                            "model_version": {"type": "integer"},
+                            "registry": {"type": "string"},
+                        },
+                        "required": ["status", "model_version", "registry"],
+                    },
+                    "a champion is loaded",
+                ),
+                503: _content(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "status": {"const": "not_ready"},
+                            "reason": {"type": "string"},
+                        },
+                        "required": ["status", "reason"],
+                    },
+                    "no champion loaded yet, and why",
+                ),
+            },
+        },
+        "model": {
+            "response_class": Response,
+            "responses": {
+                200: _content(obj, "served versions, lineage, refusals, retries"),
+                **_errors(401),
+            },
+        },
+        "metrics": {
+            "response_class": Response,
+            "responses": {
+                200: {
+                    "description": "Prometheus text format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                **_errors(401),
+            },
+        },
+    }
+
+
 def create_app(settings: ServeSettings) -> FastAPI:
     service = Service(settings)
 
@@ -491,13 +682,32 @@ def create_app(settings: ServeSettings) -> FastAPI:
         title=f"{service.spec.name} prediction service",
         description=f"Scores {service.spec.registered_model_name}@{CHAMPION} on live readings.",
         lifespan=lifespan,
-        docs_url=None,  # the API is in the README; a schema-less /docs page would mislead
+        docs_url=None,  # no UI pages: /openapi.json is the machine-readable API
         redoc_url=None,
-        openapi_url=None,
+        openapi_url="/openapi.json",
     )
     app.state.service = service
+    doc = _openapi_routes(settings, example_reading(service.parser))
 
-    @app.post("/predict")
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(request_schemas(service.parser))
+            components.update(response_schemas(service))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.post("/predict", **doc["predict"])
     async def predict(request: Request) -> Response:
         """One reading, a list of readings, or {"records": [...], "explain": bool}."""
         t0 = time.perf_counter()
@@ -524,12 +734,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
             service.log_failure(rid, t0, f"{type(e).__name__}: {e}")
         return _json(status, payload, rid)
 
-    @app.get("/health/live")
+    @app.get("/health/live", **doc["live"])
     async def live() -> Response:
         """The process is up."""
         return _json(200, {"status": "live", "pid": service.pid})
 
-    @app.get("/health/ready")
+    @app.get("/health/ready", **doc["ready"])
     async def ready() -> Response:
         """200 once a champion is loaded; 503 with the reason before. A registry that cannot
         be reached does not make a loaded worker unready (it only stops swaps): `registry`
@@ -549,12 +759,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
             },
         )
 
-    @app.get("/model")
+    @app.get("/model", **doc["model"])
     async def model() -> Response:
         """Served versions, aliases, lineage summary from the version's tags, refusals."""
         return _json(200, service.model_info())
 
-    @app.get("/metrics")
+    @app.get("/metrics", **doc["metrics"])
     async def metrics() -> Response:
         """Prometheus text format."""
         from prometheus_client import CONTENT_TYPE_LATEST

@@ -29,7 +29,9 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 )  # fmt: skip
 SCORE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
-ENDPOINTS = frozenset(["/predict", "/model", "/metrics", "/health/live", "/health/ready"])
+ENDPOINTS = frozenset(
+    ["/predict", "/model", "/metrics", "/health/live", "/health/ready", "/openapi.json"]
+)
 
 
 def multiprocess_mode() -> bool:

@@ -346,3 +346,123 @@ class RequestParser:
                     )
             return ts, None, ""
         return None, f"unsupported column type {kind}", "type"  # pragma: no cover
+
+
+# The schema as JSON Schema (for the OpenAPI document) ------------------------------------------
+JSON_TYPES = {"float": "number", "int": "integer", "string": "string", "category": "string",
+              "bool": "boolean", "timestamp": "string"}  # fmt: skip
+
+
+def request_schemas(parser: RequestParser) -> dict[str, dict[str, Any]]:
+    """The request bodies the parser accepts, as OpenAPI 3.1 component schemas: each column's
+    type, range and categories from the spec's schema, the required columns, no others."""
+    spec = parser.spec
+    props: dict[str, Any] = {}
+    for name, col in parser.columns.items():
+        s: dict[str, Any] = {"type": JSON_TYPES[col.type]}
+        if col.type == "timestamp":
+            if parser.ts_format:
+                s["description"] = f"a timestamp in the format {parser.ts_format!r} (UTC)"
+            else:
+                s["format"] = "date-time"
+                s["description"] = "ISO 8601; naive is UTC"
+            s["description"] += (
+                f"; not before {EARLIEST:%Y-%m-%d}"
+                + (f", not more than {parser.max_future} ahead of the server's clock"
+                   if parser.max_future is not None else "")
+            )  # fmt: skip
+        if col.min is not None:
+            s["minimum"] = col.min
+        if col.max is not None:
+            s["maximum"] = col.max
+        if name in parser.categories:
+            s["enum"] = sorted(parser.categories[name])
+        if name == parser.entity_col:
+            s["minLength"] = 1
+            s["description"] = "the entity key"
+        if col.nullable:
+            s["type"] = [s["type"], "null"]
+            if "enum" in s:
+                s["enum"] = [*s["enum"], None]
+        props[name] = s
+    reading = {
+        "type": "object",
+        "description": f"One reading of the spec {spec.name!r}.",
+        "properties": props,
+        "required": list(parser.required),
+        "additionalProperties": False,
+    }
+    explain = {"type": ["boolean", "null"], "description": "add top feature contributions"}
+    single = dict(reading, properties=dict(props))
+    if not parser.explain_is_column:
+        single["properties"]["explain"] = explain
+    records = {
+        "type": "array",
+        "items": {"$ref": "#/components/schemas/Reading"},
+        "minItems": 1,
+        "maxItems": parser.max_batch,
+    }
+    return {
+        "Reading": reading,
+        "SingleReading": single,
+        "Readings": records,
+        "Batch": {
+            "type": "object",
+            "properties": {
+                "records": {"$ref": "#/components/schemas/Readings"},
+                "explain": explain,
+            },
+            "required": ["records"],
+            "additionalProperties": False,
+        },
+        "PredictBody": {
+            "anyOf": [
+                {"$ref": "#/components/schemas/SingleReading"},
+                {"$ref": "#/components/schemas/Readings"},
+                {"$ref": "#/components/schemas/Batch"},
+            ]
+        },
+        "Problem": {
+            "type": "object",
+            "properties": {
+                "record": {"type": ["integer", "null"]},
+                "field": {"type": ["string", "null"]},
+                "code": {"type": "string"},
+                "reason": {"type": "string"},
+            },
+            "required": ["record", "field", "code", "reason"],
+        },
+        "Error": {
+            "type": "object",
+            "properties": {
+                "error": {"type": "string", "description": "a stable code"},
+                "message": {"type": "string"},
+                "detail": {"type": "array", "items": {"$ref": "#/components/schemas/Problem"}},
+                "request_id": {"type": "string"},
+            },
+            "required": ["error", "message"],
+        },
+    }
+
+
+def example_reading(parser: RequestParser) -> dict[str, Any]:
+    """A valid reading (an hour before now) for the OpenAPI document's example."""
+    when = dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0) - dt.timedelta(hours=1)
+    out: dict[str, Any] = {}
+    for name, col in parser.columns.items():
+        if name not in parser.required:
+            continue
+        if col.type == "timestamp":
+            out[name] = when.strftime(parser.ts_format) if parser.ts_format else when.isoformat()
+        elif name in parser.categories:
+            out[name] = sorted(parser.categories[name])[0]
+        elif col.type in ("float", "int"):
+            lo = col.min if col.min is not None else 0
+            hi = col.max if col.max is not None else lo + 1
+            mid = (lo + hi) / 2
+            out[name] = int(mid) if col.type == "int" else float(mid)
+        elif col.type == "bool":
+            out[name] = False
+        else:
+            out[name] = "example-1"
+    return out

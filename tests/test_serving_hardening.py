@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import schemathesis
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
 
 from mlops import registry, training
 from mlops.spec import load_spec
@@ -69,7 +71,7 @@ def world(tmp_path_factory) -> World:
     return World(root, p.tracking_uri, arts, xgb.version)
 
 
-def settings(world: World, log: str, spec: str = f"{NAME}.yaml", **kw: Any) -> ServeSettings:
+def serve_settings(world: World, log: str, spec: str = f"{NAME}.yaml", **kw: Any) -> ServeSettings:
     base = {
         "spec_path": str(world.root / "specs" / spec),
         "tracking_uri": world.uri,
@@ -118,7 +120,7 @@ EXTREMES = [
 
 @pytest.mark.parametrize("spec", [f"{NAME}.yaml", f"reading_only/{NAME}.yaml"])
 def test_extreme_timestamps_are_a_422_with_a_code_never_a_500(world, spec):
-    client = ready_client(settings(world, "extremes", spec))
+    client = ready_client(serve_settings(world, "extremes", spec))
     try:
         for what, ts, code in EXTREMES:
             for machine in ("M0001", "M9999"):  # a known entity and an unknown one
@@ -134,7 +136,7 @@ def test_extreme_timestamps_are_a_422_with_a_code_never_a_500(world, spec):
 
 
 def test_a_reading_older_than_the_state_is_rejected_with_a_code(world):
-    client = ready_client(settings(world, "old_reject"))
+    client = ready_client(serve_settings(world, "old_reject"))
     try:
         r = client.post("/predict", json=reading("M0001", "1970-01-02T00:00:00"))
         ok = client.post("/predict", json=reading("M0001", STATE_DAY))  # within the window
@@ -148,7 +150,7 @@ def test_a_reading_older_than_the_state_is_rejected_with_a_code(world):
 
 
 def test_a_reading_older_than_the_state_is_flagged_under_reading_only(world):
-    client = ready_client(settings(world, "old_flag", f"reading_only/{NAME}.yaml"))
+    client = ready_client(serve_settings(world, "old_flag", f"reading_only/{NAME}.yaml"))
     try:
         r = client.post("/predict", json=reading("M0002", "1970-01-02T00:00:00"))
         after = client.post("/predict", json=reading("M0002", STATE_DAY))
@@ -172,7 +174,7 @@ def test_missing_artifacts_are_retried_with_backoff_until_they_come_back(world):
     shutil.move(world.arts, away)
     try:
         client = TestClient(
-            create_app(settings(world, "retry", load_retry_s=0.2, load_retry_max_s=1.0)),
+            create_app(serve_settings(world, "retry", load_retry_s=0.2, load_retry_max_s=1.0)),
             raise_server_exceptions=False,
         )
         client.__enter__()
@@ -223,7 +225,7 @@ def test_a_version_refused_for_its_content_is_not_retried(world):
     registry.set_alias(world.uri, NAME, registry.CHALLENGER, broken)
     try:
         client = ready_client(
-            settings(world, "content", mode="shadow", load_retry_s=0.05, load_retry_max_s=0.1)
+            serve_settings(world, "content", mode="shadow", load_retry_s=0.05, load_retry_max_s=0.1)
         )
         try:
             wait(lambda: client.get("/model").json()["refused"], 30, "the refusal")
@@ -242,3 +244,88 @@ def test_a_version_refused_for_its_content_is_not_retried(world):
     assert model["retrying"] == []
     (refusals,) = samples(metrics, "mlops_serving_swap_refusals_total", alias="challenger")
     assert refusals.value == 1  # loaded once, refused once: never tried again
+
+
+# 15. The OpenAPI document, and schemathesis against it ----------------------------------------
+
+
+def test_openapi_document_carries_the_spec_schema(world):
+    from mlops.spec import load_spec
+
+    client = TestClient(create_app(serve_settings(world, "openapi")))
+    doc = client.get("/openapi.json")
+    assert doc.status_code == 200, doc.text
+    d = doc.json()
+    comp = d["components"]["schemas"]
+    reading = comp["Reading"]
+    spec = load_spec(world.root / "specs" / f"{NAME}.yaml")
+    columns = {c.name: c for c in spec.schema_.columns}
+    assert set(reading["properties"]) == set(columns)
+    assert reading["additionalProperties"] is False
+    assert set(reading["required"]) >= {"timestamp", "machine_id", "temperature"}
+    assert reading["properties"]["temperature"] == {
+        "type": "number",
+        "minimum": -20,
+        "maximum": 150,
+    }
+    assert reading["properties"]["machine_type"]["enum"] == ["A", "B", "C"]
+    assert reading["properties"]["timestamp"]["format"] == "date-time"
+    assert comp["Readings"]["maxItems"] == serve_settings(world, "x").max_batch
+    predict = d["paths"]["/predict"]["post"]
+    assert predict["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/PredictBody"
+    }
+    assert {"200", "400", "413", "422", "503"} <= set(predict["responses"])
+    assert set(d["paths"]) == {"/predict", "/health/live", "/health/ready", "/model", "/metrics"}
+
+
+@pytest.fixture(scope="module")
+def fuzzed(world):
+    """The app (reading_only: an unknown entity is scored and flagged, so generated readings
+    reach the model) on a copy of the online store, its champion loaded; the schema
+    schemathesis reads from it, and the (path, status) of every case it sent."""
+    store = world.root / ".mlops" / "fuzz_online.db"
+    shutil.copy(world.root / ".mlops" / "online.db", store)
+    s = serve_settings(world, "fuzz", f"reading_only/{NAME}.yaml", store_url=f"sqlite:///{store}")
+    app = create_app(s)
+    with TestClient(app) as client:  # the lifespan: the poller loads the champion
+        wait(lambda: client.get("/health/ready").status_code == 200, 60, "the champion")
+        yield schemathesis.openapi.from_asgi("/openapi.json", app), []
+
+
+def test_schemathesis_finds_no_5xx_and_no_response_outside_the_document(fuzzed):
+    """Every operation: the document's examples, then 30 cases that fit the document and
+    30 that do not; every default check (no 5xx, documented status codes, content types
+    and response schemas, invalid data rejected) but one: schema-valid data accepted. The
+    service refuses valid-looking readings for reasons a static schema cannot say (a
+    timestamp ahead of the server's clock, before 1970 after a time-zone shift, an entity
+    without state under `reject`), each a documented 422. Schemathesis' pytest plugin is
+    not used: its lazy fixture loader does not run under pytest 9."""
+    from schemathesis.generation import GenerationMode
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    schema, statuses = fuzzed
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/predict", "/health/ready", "/model"}
+    run = settings(
+        max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    for op in operations:
+        modes = list(GenerationMode)
+        if not (op.query or op.headers or op.body):
+            modes.remove(GenerationMode.NEGATIVE)  # nothing to get wrong in a bare GET
+        strategies = schema.get_strategies_from_examples(op) + [
+            op.as_strategy(generation_mode=mode) for mode in modes
+        ]
+        for strategy in strategies:
+
+            @run
+            @given(case=strategy)
+            def check(case) -> None:
+                response = case.call_and_validate(excluded_checks=[positive_data_acceptance])
+                statuses.append((case.operation.path, response.status_code))
+
+            check()
+    predict = {status for path, status in statuses if path == "/predict"}
+    assert {200, 422} <= predict, sorted(predict)  # it reached the model, and was refused
+    assert not [s for s in statuses if s[1] >= 500]
