@@ -187,16 +187,22 @@ def promote(spec_arg: str, version: int, force: bool, reason: str) -> None:
 @main.command()
 @SPEC_OPTION
 @click.option("--to", "to", type=int, default=None, help="version to restore (default: previous)")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="allow a version that was never champion (needs --reason; recorded); it must still "
+    "load and score",
+)
 @click.option("--reason", default="", help="why; recorded in the deployment history")
-def rollback(spec_arg: str, to: int | None, reason: str) -> None:
-    """Point the champion alias back at the previous champion (or --to N)."""
+def rollback(spec_arg: str, to: int | None, force: bool, reason: str) -> None:
+    """Point the champion alias back at the previous champion (or --to N, a former champion)."""
     from mlops import promotion, registry
 
     s, lake, uri = _context(spec_arg)
     try:
-        d = promotion.rollback(s, lake, uri, to, reason=reason)
+        d = promotion.rollback(s, lake, uri, to, force=force, reason=reason)
     except (promotion.PromotionError, registry.RegistryError) as e:
-        _fail(f"rollback: {e}")
+        _fail(f"rollback refused, the champion is unchanged: {e}")
     click.echo(f"champion: v{d.from_version} -> v{d.to_version} ({d.reason})")
 
 
@@ -228,10 +234,11 @@ def status(spec_arg: str, as_json: bool) -> None:
 @main.command()
 @SPEC_OPTION
 def history(spec_arg: str) -> None:
-    """The deployment history: every alias move and every refused challenger, newest last."""
+    """The deployment history: every alias move and every refused challenger, newest last,
+    and a champion alias moved in MLflow directly, outside the platform."""
     from mlops import registry
 
-    s, lake, _ = _context(spec_arg)
+    s, lake, uri = _context(spec_arg)
     h = registry.deployment_history(lake, s.name)
     if h.height == 0:
         click.echo("no deployments yet")
@@ -242,6 +249,17 @@ def history(spec_arg: str) -> None:
             what = f"v{r['from_version'] or '-'} -> v{r['to_version']}"
         click.echo(
             f"{r['time']:%Y-%m-%d %H:%M:%S}  {r['action']:<13} {what}  {r['actor']}  {r['reason']}"
+        )
+    try:
+        moved = registry.moved_outside(uri, s.registered_model_name, h)
+    except registry.RegistryError as e:
+        _fail(f"history: cannot compare with the registry's aliases: {e}")
+    if moved is not None:  # MLflow records no time or actor for an alias change
+        now = f"v{moved['version']}" if moved["version"] is not None else "(alias removed)"
+        click.echo(
+            f"{'-':<19}  {'moved outside the platform':<13} "
+            f"v{moved['recorded'] or '-'} -> {now}  {moved['alias']} alias set in MLflow "
+            "directly, not by mlops promote/rollback or champion_model"
         )
 
 

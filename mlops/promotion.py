@@ -17,7 +17,7 @@ import polars as pl
 
 from mlops import evaluation, modeling, registry
 from mlops.lake import Lake, read_json, write_json
-from mlops.model_loader import LoadedModel, load_model
+from mlops.model_loader import LoadedModel, ModelRefused, load_model, verify_servable
 from mlops.spec import Spec
 
 EVALUATION_ASSET = "model_evaluation"
@@ -529,12 +529,28 @@ def promote(
     reason: str = "",
     actor: str = "cli",
 ) -> Decision:
-    """`mlops promote`: evaluate against the current champion now, then gate."""
+    """`mlops promote`: evaluate against the current champion now, then gate. `force`
+    overrides the gate, never the serving loader's check: a forced version must load in a
+    format the platform writes and score its input example."""
     if force and not reason:
         raise PromotionError("--force needs --reason: say why the gate is overridden")
+    if force:
+        _require_servable(spec, tracking_uri, version, "promoted, not even with --force")
     doc = evaluate_version(spec, lake, tracking_uri, version)
     save_evaluation(lake, spec, doc)
     return decide(spec, lake, tracking_uri, version, doc, force=force, reason=reason, actor=actor)
+
+
+def _require_servable(spec: Spec, tracking_uri: str, version: int, what: str) -> None:
+    """verify_servable, or PromotionError saying why the version cannot be `what`."""
+    name = spec.registered_model_name
+    try:
+        verify_servable(tracking_uri, name, version)
+    except ModelRefused as e:
+        raise PromotionError(
+            f"{name} v{version} cannot be {what}: it does not pass the serving loader's "
+            f"check: {e}. Pick a version that loads and scores its input example"
+        ) from None
 
 
 def rollback(
@@ -543,11 +559,16 @@ def rollback(
     tracking_uri: str,
     to: int | None = None,
     *,
+    force: bool = False,
     reason: str = "",
     dagster_run_id: str = "",
     actor: str = "cli",
 ) -> Decision:
-    """Point `champion` back at `to`, or at the champion before the current one."""
+    """Point `champion` back at `to`, or at the champion before the current one.
+
+    Only to a version the deployment history shows was champion before, and that still
+    loads and scores its input example (verify_servable). `force` (with a reason, recorded
+    as a `force_rollback`) lifts the first rule, never the second."""
     name = spec.registered_model_name
     current = registry.alias_version(tracking_uri, name, registry.CHAMPION)
     if current is None:
@@ -560,15 +581,35 @@ def rollback(
         )
     if target == current:
         raise PromotionError(f"v{target} is already the champion")
+    if force and not reason:
+        raise PromotionError("--force needs --reason: say why the rollback rule is overridden")
     registry.version_tags(tracking_uri, name, target)  # raises if the version does not exist
+    history = registry.deployment_history(lake, spec.name)
+    was_champion = history.filter(
+        pl.col("action").is_in(registry.MOVES) & (pl.col("to_version") == target)
+    ).height
+    if not was_champion and not force:
+        before = sorted(
+            set(history.filter(pl.col("action").is_in(registry.MOVES))["to_version"].to_list())
+        )
+        raise PromotionError(
+            f"{name} v{target} was never champion (the deployment history's champions: "
+            f"{', '.join(f'v{v}' for v in before) or 'none'}): a rollback returns only to one "
+            "of those. Promote it through the gate (mlops promote), or override with "
+            "--force --reason '...' (recorded)"
+        )
+    _require_servable(spec, tracking_uri, target, "rolled back to")
+    action = "rollback" if was_champion else "force_rollback"
     text = reason or f"rollback from v{current}"
+    if not was_champion:
+        text = f"{reason} (forced: v{target} was never champion)"
     registry.move_champion(
         tracking_uri,
         lake,
         spec.name,
         name,
         registry.Deployment(
-            action="rollback",
+            action=action,
             from_version=current,
             to_version=target,
             reason=text,

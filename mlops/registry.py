@@ -19,10 +19,11 @@ from mlops.lake import Lake
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 TAG = "mlops."  # every tag this project writes starts with it
-HISTORY_ASSET = "deployments"
+HISTORY_ASSET = "deployments"  # the single-file history of earlier versions, read only
+HISTORY_LOG_ASSET = "deployment_log"  # one file per entry: appends never race
 HISTORY_SCHEMA = {
     "time": pl.Datetime("us", "UTC"),
-    "action": pl.String,  # promote | force_promote | rollback | refused
+    "action": pl.String,  # promote | force_promote | rollback | force_rollback | refused
     "from_version": pl.Int64,
     "to_version": pl.Int64,
     "reason": pl.String,
@@ -32,7 +33,7 @@ HISTORY_SCHEMA = {
 }
 # Actions that moved the champion alias; a `refused` row records a challenger the gate kept
 # out (to_version: the refused version, from_version: the champion that kept serving).
-MOVES = ("promote", "force_promote", "rollback")
+MOVES = ("promote", "force_promote", "rollback", "force_rollback")
 PROMOTIONS = ("promote", "force_promote")
 REFUSED = "refused"
 # Lineage tags every model version carries (DESIGN §5); data versions are one tag per input
@@ -85,14 +86,39 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: str) -> str:
     return exp_id
 
 
+def not_found(e: Exception) -> bool:
+    """Is this MlflowException "no such model / version / alias" (and not an outage)?
+
+    MLflow 3 answers a missing model or version with RESOURCE_DOES_NOT_EXIST and a missing
+    alias of an existing model with INVALID_PARAMETER_VALUE "Registered model alias ... not
+    found" (the same codes over the REST API)."""
+    code = str(getattr(e, "error_code", ""))
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    return code == "INVALID_PARAMETER_VALUE" and "not found" in str(getattr(e, "message", e))
+
+
+def _unavailable(tracking_uri: str, what: str, e: Exception) -> RegistryError:
+    return RegistryError(
+        f"cannot read {what} from the MLflow registry at {tracking_uri}: "
+        f"{getattr(e, 'message', e)}; check that the tracking server is up and "
+        "MLOPS_MLFLOW_TRACKING_URI is right, then retry"
+    )
+
+
 def alias_version(tracking_uri: str, model_name: str, alias: str) -> int | None:
+    """The version `alias` names; None only when the model or the alias does not exist.
+    Any other failure (the registry unreachable, ...) raises RegistryError: a gate must not
+    take an outage for "no champion yet"."""
     from mlflow.exceptions import MlflowException
 
     c = client(tracking_uri)
     try:
         return int(c.get_model_version_by_alias(model_name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if not_found(e):
+            return None
+        raise _unavailable(tracking_uri, f"alias {model_name}@{alias}", e) from e
 
 
 def set_alias(tracking_uri: str, model_name: str, alias: str, version: int) -> None:
@@ -113,8 +139,10 @@ def version_tags(tracking_uri: str, model_name: str, version: int) -> dict[str, 
 
     try:
         mv = client(tracking_uri).get_model_version(model_name, str(version))
-    except MlflowException:
-        raise RegistryError(f"model {model_name} has no version {version}") from None
+    except MlflowException as e:
+        if not_found(e):
+            raise RegistryError(f"model {model_name} has no version {version}") from None
+        raise _unavailable(tracking_uri, f"{model_name} v{version}", e) from e
     return dict(mv.tags)
 
 
@@ -161,8 +189,10 @@ def aliases(tracking_uri: str, model_name: str) -> dict[int, list[str]]:
 
     try:
         model = client(tracking_uri).get_registered_model(model_name)
-    except MlflowException:
-        return {}
+    except MlflowException as e:
+        if not_found(e):
+            return {}
+        raise _unavailable(tracking_uri, f"the aliases of {model_name}", e) from e
     out: dict[int, list[str]] = {}
     for alias, version in sorted((model.aliases or {}).items()):
         out.setdefault(int(version), []).append(alias)
@@ -189,17 +219,37 @@ class Deployment:
 
 
 def deployment_history(lake: Lake, spec_name: str) -> pl.DataFrame:
-    if not lake.exists(spec_name, HISTORY_ASSET):
+    """Every recorded alias move and refusal, oldest first.
+
+    One file per entry (HISTORY_LOG_ASSET, named by time and a random id), so concurrent
+    writers never overwrite each other; the single file older versions rewrote on each
+    entry (HISTORY_ASSET) is read first when present."""
+    frames = []
+    if lake.exists(spec_name, HISTORY_ASSET):
+        frames.append(lake.read(spec_name, HISTORY_ASSET).with_columns(pl.lit("").alias("_key")))
+    keys = lake.partitions(spec_name, HISTORY_LOG_ASSET)
+    frames += [
+        lake.read(spec_name, HISTORY_LOG_ASSET, k).with_columns(pl.lit(k).alias("_key"))
+        for k in keys
+    ]
+    if not frames:
         return pl.DataFrame(schema=HISTORY_SCHEMA)
-    return lake.read(spec_name, HISTORY_ASSET)
+    history = pl.concat([f.select([*HISTORY_SCHEMA, "_key"]) for f in frames], how="vertical")
+    # The legacy file's rows keep their order; entries sort by time, then their file name.
+    return history.with_row_index("_at").sort("time", "_key", "_at").select(list(HISTORY_SCHEMA))
 
 
 def record_deployment(lake: Lake, spec_name: str, d: Deployment) -> pl.DataFrame:
-    """Append one alias move, or one refusal, to the history (the lake write is atomic)."""
+    """Append one alias move, or one refusal, to the history: its own file, written with the
+    lake's atomic put, so appends from several processes (mlops promote while champion_model
+    runs) never lose one another's entry. Returns the history after it."""
+    import uuid
+
+    now = dt.datetime.now(dt.UTC)
     row = pl.DataFrame(
         [
             {
-                "time": dt.datetime.now(dt.UTC),
+                "time": now,
                 "action": d.action,
                 "from_version": d.from_version,
                 "to_version": d.to_version,
@@ -211,9 +261,27 @@ def record_deployment(lake: Lake, spec_name: str, d: Deployment) -> pl.DataFrame
         ],
         schema=HISTORY_SCHEMA,
     )
-    history = pl.concat([deployment_history(lake, spec_name), row])
-    lake.write(spec_name, HISTORY_ASSET, history)
-    return history
+    key = f"{now:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex}"
+    lake.write(spec_name, HISTORY_LOG_ASSET, row, key)
+    return deployment_history(lake, spec_name)
+
+
+def recorded_champion(history: pl.DataFrame) -> int | None:
+    """The version the history last moved `champion` to (None: it never moved)."""
+    moves = history.filter(pl.col("action").is_in(MOVES))
+    return int(moves["to_version"][-1]) if moves.height else None
+
+
+def moved_outside(tracking_uri: str, model_name: str, history: pl.DataFrame) -> dict | None:
+    """The registry's `champion` when it differs from the last move the history recorded
+    (someone set or deleted the alias in MLflow directly): {"alias", "version", "recorded"};
+    None when they agree. MLflow keeps no time or actor for an alias change, so none is
+    given. (`challenger` is moved by training without a history entry: not compared.)"""
+    current = alias_version(tracking_uri, model_name, CHAMPION)
+    recorded = recorded_champion(history)
+    if current == recorded:
+        return None
+    return {"alias": CHAMPION, "version": current, "recorded": recorded}
 
 
 def move_champion(
