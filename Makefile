@@ -67,6 +67,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/monitor.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/startup.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
