@@ -45,6 +45,7 @@ from serving.requests import (
     request_schemas,
 )
 from serving.settings import TOKEN_ENV, ServeSettings
+from serving.timing import ARRIVAL
 
 log = logging.getLogger("mlops.serving")
 JSON = "application/json"
@@ -444,7 +445,8 @@ def _too_large(size: int, limit: int) -> BadRequest:
 
 
 class Guard:
-    """Pure ASGI middleware: bearer-token check (health stays open) and request metrics."""
+    """Pure ASGI middleware: bearer-token check (health stays open) and request metrics:
+    latency from the request's arrival at the server (serving.timing) and from here."""
 
     def __init__(self, app: Any, service: Service):
         self.app, self.service = app, service
@@ -456,8 +458,14 @@ class Guard:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
+        # The arrival at the server (serving.timing), so queueing counts; else the app's t0.
+        arrived = (scope.get("extensions") or {}).get(ARRIVAL, t0)
         path = scope["path"]
         status = [500]
+
+        def observe(code: int) -> None:
+            now = time.perf_counter()
+            self.service.metrics.observe_request(path, code, now - arrived, now - t0)
 
         async def send_status(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -477,12 +485,12 @@ class Guard:
                 )
                 resp.headers["www-authenticate"] = "Bearer"
                 await resp(scope, receive, send_status)
-                self.service.metrics.observe_request(path, 401, time.perf_counter() - t0)
+                observe(401)
                 return
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.service.metrics.observe_request(path, status[0], time.perf_counter() - t0)
+            observe(status[0])
 
 
 def _ref(name: str) -> dict[str, str]:

@@ -50,7 +50,17 @@ class ServingMetrics:
         )
         self.latency = Histogram(
             "mlops_serving_request_duration_seconds",
-            "Time from the request's arrival to its response, by endpoint.",
+            "Time from the request's arrival at the server (its socket readable) to its "
+            "response, by endpoint: what clients wait, queueing for the event loop included.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.handler_latency = Histogram(
+            "mlops_serving_handler_duration_seconds",
+            "Time from when the app starts handling a request to its response, by endpoint: "
+            "the request's own work, without the time it queued (compare with "
+            "mlops_serving_request_duration_seconds).",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -127,8 +137,13 @@ class ServingMetrics:
             self.fallbacks.labels(reason)
         self._req: dict[tuple[str, int], Counter] = {}
         self._lat: dict[str, Histogram] = {}
+        self._hlat: dict[str, Histogram] = {}
 
-    def observe_request(self, path: str, status: int, seconds: float) -> None:
+    def observe_request(
+        self, path: str, status: int, seconds: float, handler_seconds: float | None = None
+    ) -> None:
+        """`seconds` since the request arrived; `handler_seconds` since the app began on it
+        (the same when the server gives no arrival time)."""
         endpoint = path if path in ENDPOINTS else "other"
         key = (endpoint, status)
         child = self._req.get(key)
@@ -139,6 +154,10 @@ class ServingMetrics:
         if lat is None:
             lat = self._lat[endpoint] = self.latency.labels(endpoint)
         lat.observe(seconds)
+        hl = self._hlat.get(endpoint)
+        if hl is None:
+            hl = self._hlat[endpoint] = self.handler_latency.labels(endpoint)
+        hl.observe(seconds if handler_seconds is None else handler_seconds)
 
     def render(self) -> bytes:
         if self.multiprocess:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from serving.metrics import MULTIPROC_ENV
 from serving.settings import SETTINGS_ENV, ServeSettings
+from serving.timing import PROTOCOL
 
 APP = "serving.app:app_from_env"
 
@@ -57,6 +58,7 @@ def run(
             access_log=False,  # every /predict request is in the request log already
             log_level="info",
             server_header=False,
+            http=PROTOCOL,  # stamps each request's arrival: latency includes queueing
             timeout_graceful_shutdown=timeout_graceful_shutdown,
         )
     finally:

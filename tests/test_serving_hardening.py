@@ -329,3 +329,93 @@ def test_schemathesis_finds_no_5xx_and_no_response_outside_the_document(fuzzed):
     predict = {status for path, status in statuses if path == "/predict"}
     assert {200, 422} <= predict, sorted(predict)  # it reached the model, and was refused
     assert not [s for s in statuses if s[1] >= 500]
+
+
+# 14. Latency as clients see it -----------------------------------------------------------------
+
+
+def test_latency_histogram_includes_the_time_requests_queue(world, tmp_path):
+    """serving.server.run (uvicorn, one worker, as `mlops serve` starts it) under 8 concurrent clients sending slow requests
+    (60 readings each, explained): each waits behind the others for the event loop, and
+    the request histogram must count that wait; the handler histogram shows it is there."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    import httpx
+
+    from deploy.services import free_port
+
+    store = tmp_path / "online.db"
+    shutil.copy(world.root / ".mlops" / "online.db", store)
+    env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR",)}
+    env.pop("MLOPS_SERVE_TOKEN", None)
+    env.update(
+        MLOPS_SPECS_DIR=str(world.root / "specs"),
+        MLOPS_MLFLOW_TRACKING_URI=world.uri,
+        MLOPS_ONLINE_STORE_URL=f"sqlite:///{store}",
+        MLOPS_INFERENCE_LOG_DIR=str(tmp_path / "log"),
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    stderr = tmp_path / "server.stderr"
+    s = serve_settings(world, "latency", store_url=f"sqlite:///{store}")
+    launch = (
+        "import json, sys; from serving.server import run; from serving.settings import "
+        f"ServeSettings; run(ServeSettings(**json.loads(sys.argv[1])), port={port})"
+    )
+    cmd = [sys.executable, "-c", launch, s.to_env()]  # what `mlops serve` runs, less the CLI
+    with open(stderr, "wb") as err:  # the child keeps its own copy
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
+
+    def up() -> bool:
+        try:
+            return httpx.get(url + "/health/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return proc.poll() is not None  # exited: fail below, with its stderr
+
+    batch = [
+        reading(f"M000{1 + k % 4}", STATE_DAY + dt.timedelta(minutes=k), vibration=1.0 + k / 50)
+        for k in range(60)
+    ]
+    clients, rounds = 8, 3
+    seen: list[float] = []
+    errors: list[str] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            c.get("/health/live")  # the connection is open before timing
+            for _ in range(rounds):
+                t = time.perf_counter()
+                r = c.post("/predict", params={"explain": "true"}, json={"records": batch})
+                seen.append(time.perf_counter() - t)
+                if r.status_code != 200:
+                    errors.append(r.text[:300])
+
+    def sums() -> tuple[float, float, float]:
+        text = httpx.get(url + "/metrics").text
+        (req,) = samples(text, "mlops_serving_request_duration_seconds_sum", endpoint="/predict")
+        (hnd,) = samples(text, "mlops_serving_handler_duration_seconds_sum", endpoint="/predict")
+        (n,) = samples(text, "mlops_serving_request_duration_seconds_count", endpoint="/predict")
+        return req.value, hnd.value, n.value
+
+    try:
+        wait(up, 60, lambda: "the server: " + stderr.read_text(errors="replace")[-2000:])
+        assert proc.poll() is None, stderr.read_text(errors="replace")[-2000:]
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        req, hnd, n = sums()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert not errors, errors[:3]
+    assert len(seen) == clients * rounds == n
+    felt = sum(seen)
+    # What clients felt, less a little for the client's own work and the network.
+    assert req >= 0.9 * felt - 0.005 * len(seen), (req, hnd, felt)
+    assert req <= felt, (req, felt)  # never stamped before the request was sent
+    assert hnd < 0.6 * felt, (req, hnd, felt)  # the requests did queue
