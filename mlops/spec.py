@@ -36,9 +36,11 @@ NAME_RE = r"^[a-z][a-z0-9_]*$"
 DURATION_RE = re.compile(r"^(\d+)([mhd])$")
 DURATION_DIGITS = 9  # 999999999d still fits a timedelta; more digits would overflow it
 
-# Loader limits: a spec is a few KB with a few hundred YAML nodes.
-MAX_SPEC_CHARS = 1_000_000
-MAX_YAML_NODES = 100_000  # nodes after expanding aliases (billion laughs: 10^9)
+# Loader limits: a spec is a few KB with a few hundred YAML nodes. PyYAML's pure-Python
+# parser (the one whose composer can be bounded) takes ~25 us a node, so the worst document
+# under these caps still loads or fails in about a second of CPU.
+MAX_SPEC_CHARS = 512 * 1024
+MAX_YAML_NODES = 50_000  # nodes, aliases expanded (billion laughs: 10^9)
 MAX_YAML_DEPTH = 50
 MAX_PROBLEMS = 50  # problems listed in one SpecError; the rest are counted
 
@@ -741,17 +743,21 @@ class _Loader(yaml.SafeLoader):
     def __init__(self, stream) -> None:
         super().__init__(stream)
         self._depth = 0
+        self._nodes = 0
 
     def compose_node(self, parent, index):
         self._depth += 1
+        self._nodes += 1
         try:
-            if self._depth > MAX_YAML_DEPTH:
-                raise yaml.composer.ComposerError(
-                    None,
-                    None,
-                    f"nested deeper than {MAX_YAML_DEPTH} levels",
-                    self.peek_event().start_mark,
-                )
+            problem = (
+                f"nested deeper than {MAX_YAML_DEPTH} levels"
+                if self._depth > MAX_YAML_DEPTH
+                else f"has more than {MAX_YAML_NODES} nodes; a spec has a few hundred"
+                if self._nodes > MAX_YAML_NODES
+                else None
+            )
+            if problem:
+                raise yaml.composer.ComposerError(None, None, problem, self.peek_event().start_mark)
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -798,7 +804,7 @@ def _check_expansion(root: yaml.Node | None) -> None:
                     None,
                     None,
                     f"expands to more than {MAX_YAML_NODES} nodes through aliases "
-                    "(an alias bomb?); a spec has a few hundred",
+                    "(an alias bomb); a spec has a few hundred",
                     node.start_mark,
                 )
             if depth[key] > MAX_YAML_DEPTH:
