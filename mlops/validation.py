@@ -120,7 +120,7 @@ def parse(spec: Spec, raw: pl.DataFrame) -> tuple[pl.DataFrame, pd.DataFrame]:
     ).with_row_index("_index")
     failures = []
     for c in spec.schema_.columns:
-        bad = typed.filter(pl.col(c.name).is_null() & raw[c.name].is_not_null())
+        bad = typed.select("_index").filter(typed[c.name].is_null() & raw[c.name].is_not_null())
         failures.extend(
             {
                 "column": c.name,
@@ -134,8 +134,9 @@ def parse(spec: Spec, raw: pl.DataFrame) -> tuple[pl.DataFrame, pd.DataFrame]:
     return typed.drop("_index"), fc.astype({"index": "int64"})
 
 
-def rules_schema(spec: Spec, day: dt.date | None) -> pa.DataFrameSchema:
-    """The spec's rules on typed rows: nulls, ranges, categories, partition day, duplicates."""
+def rules_schema(spec: Spec, day: dt.date | None, duplicates: bool = True) -> pa.DataFrameSchema:
+    """The spec's rules on typed rows: nulls, ranges, categories, partition day, duplicates
+    (duplicates=False: without the last, for rows checked a batch at a time)."""
     columns: dict[str, pa.Column] = {}
     for c in spec.schema_.columns:
         checks: list[pa.Check] = []
@@ -154,19 +155,24 @@ def rules_schema(spec: Spec, day: dt.date | None) -> pa.DataFrameSchema:
         columns[c.name] = pa.Column(
             _pandas_dtype(c), checks=checks, nullable=c.nullable, coerce=True
         )
-    key = (
-        [spec.source.entity_column, spec.source.timestamp_column]
-        if spec.source.entity_column
-        else [c.name for c in spec.schema_.columns]
-    )
+    key = unique_key(spec) if duplicates else None
     return pa.DataFrameSchema(columns, strict=False, unique=key, report_duplicates="exclude_first")
+
+
+def unique_key(spec: Spec) -> list[str]:
+    """The columns no two valid rows share: entity and timestamp, else every column."""
+    if spec.source.entity_column:
+        return [spec.source.entity_column, spec.source.timestamp_column]
+    return [c.name for c in spec.schema_.columns]
 
 
 def check_file_columns(spec: Spec, raw: pl.DataFrame) -> None:
     """Fail on a file that misses a required column (or has a forbidden one): name both."""
     if raw.height == 0:
         return
-    files = raw.select(SOURCE_FILE, FILE_COLUMNS).unique(maintain_order=True)
+    # A file's rows all carry its columns: group by the file name alone (a unique over both
+    # columns row-encodes them, about 2.5x the raw frame's size for a large day).
+    files = raw.group_by(SOURCE_FILE, maintain_order=True).agg(pl.col(FILE_COLUMNS).first())
     names = {c.name for c in spec.schema_.columns}
     problems: list[str] = []
     for source_file, cols in files.iter_rows():
@@ -254,6 +260,51 @@ def _failures(schema: pa.DataFrameSchema, frame: pd.DataFrame) -> tuple[pd.DataF
     return frame, fc
 
 
+RULES_BATCH_ROWS = 50_000  # rows pandera checks at a time: its pandas copies stay this small
+
+
+def _rule_failures(
+    spec: Spec, typed: pl.DataFrame, parse_bad: list[int], day: dt.date | None
+) -> pd.DataFrame:
+    """The rules on the rows that parsed: pandera a batch of rows at a time (a whole large
+    day in pandas, with pandera's coercion copies, peaked at 8x the file), and duplicates
+    across all of them in polars, as pandera reports them (the first of a key is kept)."""
+    schema = rules_schema(spec, day, duplicates=False)
+    names = [c.name for c in spec.schema_.columns]
+    parts = [pd.DataFrame(columns=["column", "check", "pandera_check", "index"])]
+    parsed = ~pl.col("_index").is_in(parse_bad)
+    for start in range(0, typed.height, RULES_BATCH_ROWS):
+        batch = (
+            typed.select(names)
+            .slice(start, RULES_BATCH_ROWS)
+            .with_row_index("_index", offset=start)
+            .filter(parsed)
+        )
+        frame = batch.drop("_index").to_pandas()
+        frame.index = pd.Index(batch["_index"].to_numpy().astype("int64"))
+        parts.append(_failures(schema, frame)[1])
+    key = unique_key(spec)
+    # Rows whose key hash repeats, then the exact comparison among those few (a distinct
+    # over the whole day's keys row-encodes them all: about 2x the key columns' size).
+    hashes = typed.select(pl.struct(key).hash().alias("_hash")).with_row_index("_index")
+    repeats = hashes.filter(parsed).filter(pl.col("_hash").is_duplicated())["_index"]
+    rows = typed.select(key)[repeats].with_columns(repeats)  # in row order: the first is kept
+    dupes = rows.filter(~pl.struct(key).is_first_distinct())["_index"]
+    parts.append(
+        pd.DataFrame(
+            {
+                "column": ", ".join(key),
+                "check": "duplicate",
+                "pandera_check": "multiple_fields_uniqueness",
+                "index": dupes.to_numpy().astype("int64"),
+            }
+        )
+    )
+    return pd.concat([p for p in parts if len(p)] or parts[:1], ignore_index=True).astype(
+        {"index": "int64"}
+    )
+
+
 def validate(spec: Spec, raw: pl.DataFrame, day: dt.date | None = None) -> ValidationResult:
     """Split one partition's raw rows into valid, typed rows and quarantined rows."""
     check_file_columns(spec, raw)
@@ -262,16 +313,13 @@ def validate(spec: Spec, raw: pl.DataFrame, day: dt.date | None = None) -> Valid
         if name not in raw.columns:
             raw = raw.with_columns(pl.lit(None, dtype=pl.String).alias(name))
     typed, parse_fc = parse(spec, raw.select([*schema_names, SOURCE_FILE, ROW_NUMBER]))
-    typed_pd = typed.to_pandas()
-    typed_pd.index = pd.RangeIndex(len(typed_pd))
-    parsed_ok = typed_pd.drop(index=parse_fc["index"].unique())
-    _, rule_fc = _failures(rules_schema(spec, day), parsed_ok)
+    rule_fc = _rule_failures(spec, typed, parse_fc["index"].unique().tolist(), day)
     failures = pd.concat([parse_fc, rule_fc], ignore_index=True)
 
     bad_idx = sorted(set(failures["index"].tolist()))
     cols = {c.name: c for c in spec.schema_.columns}
     quarantine = _quarantine_frame(raw, failures, bad_idx, cols)
-    valid = _sorted(spec, typed.filter(~pl.int_range(pl.len()).is_in(bad_idx)))
+    valid = _valid_sorted(spec, typed, bad_idx)
     result = ValidationResult(valid=valid, quarantine=quarantine, rows_in=raw.height)
     if result.rows_valid + result.rows_quarantined != result.rows_in:  # pragma: no cover
         raise RuntimeError(
@@ -330,8 +378,12 @@ def _quarantine_frame(
     return pl.DataFrame(rows, schema=QUARANTINE_SCHEMA)
 
 
-def _sorted(spec: Spec, valid: pl.DataFrame) -> pl.DataFrame:
+def _valid_sorted(spec: Spec, typed: pl.DataFrame, bad_idx: list[int]) -> pl.DataFrame:
+    """The rows not quarantined, in key order: the order from the key columns alone, then
+    one gather (a filter, then a sort of every column, held three copies at once)."""
     keys = [spec.source.timestamp_column]
     if spec.source.entity_column:
         keys.append(spec.source.entity_column)
-    return valid.sort([*keys, SOURCE_FILE, ROW_NUMBER])
+    keys += [SOURCE_FILE, ROW_NUMBER]
+    order = typed.select(pl.arg_sort_by(keys).alias("_index"))
+    return typed[order.filter(~pl.col("_index").is_in(bad_idx))["_index"]]

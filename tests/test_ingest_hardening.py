@@ -16,9 +16,9 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from mlops import ingest, labels
+from mlops import ingest, labels, validation
 from mlops.spec import FileFeed, load_spec
-from tests.conftest import QUIET, embedded_spec_text, make_project
+from tests.conftest import QUIET, embedded_spec_text, make_project, small_data
 
 DAY = dt.date(2026, 1, 1)
 HEADER = "timestamp,machine_id,machine_type,firmware,temperature,vibration,pressure,rpm,voltage\n"
@@ -233,3 +233,20 @@ def test_content_hash_streams_the_same_digest(tmp_path: Path, monkeypatch) -> No
         expected.update(hashlib.sha256(p.read_bytes()).digest())
     monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read whole"))
     assert ingest.content_hash([big, small]) == expected.hexdigest()
+
+
+def test_validation_in_batches_matches_one_batch(project, monkeypatch) -> None:
+    """pandera checks rows a batch at a time and duplicates are found across batches: the
+    same valid rows, in the same order, and the same quarantine as checking all at once."""
+    small_data(project, days=1, machines=12, bad_rows=0.08)
+    spec = project.spec
+    raw = ingest.load_day(spec.source, spec.landing_dir, spec.source.start_date).frame
+    results = []
+    for rows in (10**9, 7):
+        monkeypatch.setattr(validation, "RULES_BATCH_ROWS", rows)
+        results.append(validation.validate(spec, raw, spec.source.start_date))
+    whole, batched = results
+    assert {"duplicate", "min", "max", "category", "not_null", "type"} <= set(whole.reasons())
+    assert batched.valid.equals(whole.valid)
+    assert batched.quarantine.equals(whole.quarantine)
+    assert whole.rows_valid + whole.rows_quarantined == raw.height
