@@ -401,7 +401,7 @@ def test_latency_histogram_includes_the_time_requests_queue(world, tmp_path):
         return req.value, hnd.value, n.value
 
     try:
-        wait(up, 60, lambda: "the server: " + stderr.read_text(errors="replace")[-2000:])
+        wait(up, 180, lambda: "the server: " + stderr.read_text(errors="replace")[-2000:])
         assert proc.poll() is None, stderr.read_text(errors="replace")[-2000:]
         threads = [threading.Thread(target=client) for _ in range(clients)]
         for th in threads:
