@@ -4,13 +4,16 @@ and the request log.
     POST /predict        readings -> score, decision, model version, route, request id
     GET  /health/live    the process answers
     GET  /health/ready   503 until a champion is loaded
-    GET  /model          served versions, aliases, lineage summary, refusals
+    GET  /model          served versions, aliases, lineage summary, refusals, retries
     GET  /metrics        Prometheus text format
-    GET  /openapi.json   the OpenAPI document, its request schema generated from the spec's
+    GET  /openapi.json   the OpenAPI document; its request schema is generated from the
+                         spec's (types, ranges, categories, required columns)
 
 A request is handled in the event loop without awaiting anything after its body is read:
 the work (validation, one feature-store read and append, one model call, one log write) is
 CPU-bound and short, so a worker runs one request at a time and scales out with workers.
+Requests that arrive meanwhile wait for the loop; the latency histogram counts that wait
+(serving.timing).
 """
 
 from __future__ import annotations
