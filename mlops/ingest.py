@@ -237,7 +237,7 @@ def _read_text(path: Path, fmt: str, encoding: str, setting: str) -> pl.DataFram
                 return pl.read_csv(utf8, infer_schema=False)
             return _read_jsonl(utf8, path)
     except (pl.exceptions.ComputeError, UnicodeDecodeError) as e:
-        if not _is_utf8(encoding) or "utf-8" not in str(e).lower():
+        if not _is_utf8(encoding) or "utf" not in str(e).lower():
             raise
         _decode_stream(path, encoding, setting)  # raises, naming the first bad byte
         raise  # pragma: no cover - polars and Python disagree on what is UTF-8
