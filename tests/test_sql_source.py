@@ -82,6 +82,7 @@ def _sql_spec_text(file_project: Project, url: str, query: str) -> str:
     # Labels still come from the file project's event feed.
     events = copy.deepcopy(data["labels"]["events"])
     events["path"] = str(file_project.spec.resolve(events["path"]))
+    events["allow_outside_project"] = True  # the file project's feed, in its own tmp root
     data["labels"]["events"] = events
     return yaml.safe_dump(data, sort_keys=False)
 
