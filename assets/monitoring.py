@@ -98,9 +98,8 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
         }
         written = store.write(name, DRIFT_REPORT, result.columns, day)
         write_json(store, name, DRIFT_REPORT, day, summary)
-        html = f"{store.root}/{name}/{DRIFT_REPORT}/{day}.html"
-        with store.fs.open(html, "w") as f:
-            f.write(result.html)
+        # Atomic like the table beside it: a failed write leaves the previous report whole.
+        html = store.put_text(f"{name}/{DRIFT_REPORT}/{day}.html", result.html)
         drifted = result.columns.filter(pl.col("drifted"))["column"].to_list()
         pred = result.prediction or {}
         return dg.MaterializeResult(

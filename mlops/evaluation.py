@@ -208,8 +208,15 @@ def expected_calibration_error(y: Any, p: Any, bins: int = 10) -> float:
 
 
 def _save(fig: Any, path: Path) -> Path:
+    """Render in memory, then one atomic write: a failed render leaves no half PNG."""
+    import io
+
+    from mlops.lake import put_file
+
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI, format="png", metadata={"Software": None})
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, format="png", metadata={"Software": None})
+    put_file(path, buf.getvalue())
     return path
 
 
@@ -423,8 +430,9 @@ def evidently_report(
             y, yhat = _arrays(frame[target], frame[prediction], "evidently_report")
             return pd.DataFrame({target: y, prediction: yhat})
 
+    from mlops.lake import put_file
+
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     if task == BINARY:
         one_class = [
             f"{name} split has only class {int(frame[target].iloc[0])} ({len(frame)} rows)"
@@ -435,10 +443,10 @@ def evidently_report(
             # Evidently's classification metrics need both classes; say so in the report
             # instead of failing the evaluation (the metrics gate fails on its own).
             why = "; ".join(one_class)
-            out_path.write_text(
+            put_file(
+                out_path,
                 "<html><body><h1>Classification report not available</h1>"
                 f"<p>Evidently needs both classes in each split: {why}.</p></body></html>",
-                encoding="utf-8",
             )
             return out_path
     snapshot = Report([preset]).run(
@@ -446,7 +454,7 @@ def evidently_report(
         Dataset.from_pandas(prepare(reference), data_definition=definition),
     )
     # Snapshot.save_html silently writes nothing when given a Path, so write the string.
-    out_path.write_text(snapshot.get_html_str(as_iframe=False), encoding="utf-8")
+    put_file(out_path, snapshot.get_html_str(as_iframe=False))
     return out_path
 
 

@@ -9,6 +9,11 @@ object store makes an object visible only once its upload completes. Files are w
 deterministically (same rows -> same bytes), so a partition's content hash is its data
 version.
 
+Every file the platform writes goes through the same atomic path: lake partitions
+(`Lake.write`), documents and reports beside them (`Lake.put_bytes` / `put_text`, `write_json`)
+and files outside the lake, local or remote (`put_file`, e.g. an evaluation's plots before
+they go to MLflow). A write that fails half-way leaves the previous file as it was.
+
 Remote lakes take fsspec storage options from `Lake(url, storage_options=...)` and from
 fsspec's environment configuration, read when the Lake is made: FSSPEC_<PROTOCOL>_<OPTION>,
 e.g. FSSPEC_S3_ENDPOINT_URL=http://minio:9000 for an S3-compatible store (credentials the
@@ -72,8 +77,7 @@ class Lake:
         self.fs, root = fsspec.core.url_to_fs(self.base_url, **options)
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
-        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else self.fs.protocol
-        self.is_object_store = bool(set(protocols) & OBJECT_STORE_PROTOCOLS)
+        self.is_object_store = _is_object_store(self.fs)
 
     # Paths -------------------------------------------------------------------------------
     def path(self, spec: str, asset: str, partition: str = UNPARTITIONED) -> str:
@@ -121,24 +125,25 @@ class Lake:
         )
 
     def put_atomic(self, final: str, data: bytes) -> None:
-        """Make `final` hold `data`, all or nothing, as readers see it."""
-        if self.is_object_store:
-            # One PUT to the final key: the object appears whole or not at all (a rename
-            # would be a copy plus a delete, with a window where both exist).
-            self.fs.pipe_file(final, data)
-            return
-        folder = final.rsplit("/", 1)[0]
-        # Hidden, and not *.parquet: a glob over the folder (duckdb, polars) never reads it.
-        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}.partial"
-        self.fs.makedirs(folder, exist_ok=True)
-        try:
-            with self.fs.open(tmp, "wb") as f:
-                f.write(data)
-            self.fs.mv(tmp, final)
-        except BaseException:
-            if self.fs.exists(tmp):
-                self.fs.rm(tmp)
-            raise
+        """Make `final` (a path in this lake's filesystem) hold `data`, all or nothing."""
+        _put_atomic(self.fs, final, data, self.is_object_store)
+
+    def key_path(self, key: str) -> str:
+        """The path of `key` (`<spec>/<asset>/<name>`, relative to the base URL)."""
+        parts = key.strip("/").split("/")
+        if not key.strip("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"lake key {key!r}: give <spec>/<asset>/<file>, no '..' or '//'")
+        return f"{self.root}/{'/'.join(parts)}"
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        """Atomically make the file at `key` (relative to the base URL) hold `data`; its path."""
+        final = self.key_path(key)
+        self.put_atomic(final, data)
+        return final
+
+    def put_text(self, key: str, text: str) -> str:
+        """`put_bytes` of UTF-8 text (an HTML report, a JSON or Markdown document)."""
+        return self.put_bytes(key, text.encode("utf-8"))
 
     def delete(self, spec: str, asset: str, partition: str = UNPARTITIONED) -> None:
         p = self.path(spec, asset, partition)
@@ -203,14 +208,54 @@ def _visible(name: str) -> bool:
     return name.endswith(".parquet") and not name.startswith(".")
 
 
+def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & OBJECT_STORE_PROTOCOLS)
+
+
+def _put_atomic(fs: fsspec.AbstractFileSystem, final: str, data: bytes, object_store: bool) -> None:
+    """The one atomic write: every file the platform writes ends here."""
+    if object_store:
+        # One PUT to the final key: the object appears whole or not at all (a rename
+        # would be a copy plus a delete, with a window where both exist).
+        fs.pipe_file(final, data)
+        return
+    folder, name = final.rsplit("/", 1) if "/" in final else (".", final)
+    # Hidden, and not *.parquet: a glob over the folder (duckdb, polars) never reads it.
+    tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}.partial"
+    fs.makedirs(folder, exist_ok=True)
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, final)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
+def put_file(
+    url: str | Path, data: bytes | str, storage_options: Mapping[str, Any] | None = None
+) -> str:
+    """Atomically make the file at `url` (a local path or any fsspec URL) hold `data` (text
+    is written as UTF-8), as the lake writes its partitions; returns `url` as a string.
+
+    For files outside the lake: reports, plots, summaries, a generated spec."""
+    url = str(url)
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    options = {**env_storage_options(protocol), **(storage_options or {})}
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    _put_atomic(fs, path, payload, _is_object_store(fs))
+    return url
+
+
 def write_json(lake: Lake, spec: str, asset: str, key: str, doc: dict) -> str:
     """Atomically write a small JSON document next to an asset's partitions."""
     import json
 
-    final = f"{lake.root}/{spec}/{asset}/{key}.json"
     text = json.dumps(doc, indent=2, sort_keys=True, default=str)
-    lake.put_atomic(final, text.encode())
-    return final
+    return lake.put_text(f"{spec}/{asset}/{key}.json", text)
 
 
 def read_json(lake: Lake, spec: str, asset: str, key: str) -> dict | None:
