@@ -3,6 +3,10 @@ champion -> batch predictions. Thin wiring over mlops/ (training, promotion, mod
 
 Each step loads the exact model version its upstream materialization recorded, never "the
 newest": candidate_model's metadata names the version that evaluation and the gate use.
+
+The steps that write the registry (register a version, move an alias) do so only for a run
+that is still alive (`run_alive`): a step orphaned by a killed run worker, or whose run is
+being cancelled, stops before the write instead of finishing for a run that never will.
 """
 
 import base64
@@ -42,6 +46,34 @@ def upstream_meta(context, key: dg.AssetKey) -> dict:
             f"{key.to_user_string()} has never been materialized: materialize it first"
         )
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def run_alive(context) -> training.Alive:
+    """Arm the step to die with its run worker, and return the check to call right before a
+    registry write: it raises training.RunGone unless the step's launcher still runs (see
+    training.ParentWatch) and the run is still STARTED in the instance (not CANCELING or
+    CANCELED: a run terminated from the UI, including a stuck one whose worker was killed)."""
+    watch = training.ParentWatch()
+    how = watch.arm()
+    if watch.launcher is not None:
+        context.log.debug(f"step dies with its run worker (pid {watch.launcher.pid}): {how}")
+    run_id = context.run.run_id
+    instance = context.instance
+
+    def alive(action: str) -> None:
+        why = watch.gone()
+        if why is None:
+            run = instance.get_run_by_id(run_id)
+            if run is None:
+                why = f"run {run_id} is not in the Dagster instance"
+            elif run.status != dg.DagsterRunStatus.STARTED:
+                why = f"run {run_id} is {run.status.value}"
+        if why is not None:
+            raise training.RunGone(
+                f"did not {action}: {why}. The registry is left to live runs: start a new run."
+            )
+
+    return alive
 
 
 def _png_md(path: str, title: str) -> str:
@@ -88,6 +120,7 @@ def build_model_assets(spec: Spec) -> list:
         mlflow: MlflowResource,
     ) -> dg.MaterializeResult:
         """Optuna search over the spec's candidates; the best refit, registered as challenger."""
+        alive = run_alive(context)
         ts_meta = upstream_meta(context, key["training_set"])
         ts_hash = ts_meta["training_set_hash"]
         store = lake.get()
@@ -113,7 +146,10 @@ def build_model_assets(spec: Spec) -> list:
                 mlflow.artifact_root,
                 trials=config.trials,
                 training_set_path=store.url(name, "training_set", ts_hash[:16]),
+                alive=alive,
             )
+        except training.RunGone as e:
+            raise dg.Failure(f"{name}: {e}") from None
         except ValueError as e:  # data that cannot train a model: say why, no traceback
             raise dg.Failure(f"{name}: {e}") from None
         return dg.MaterializeResult(
@@ -237,6 +273,7 @@ def build_model_assets(spec: Spec) -> list:
         context: dg.AssetExecutionContext, lake: LakeResource, mlflow: MlflowResource
     ) -> dg.MaterializeResult:
         """Moves alias `champion` to the evaluated version if every gate passed, else records why."""
+        alive = run_alive(context)
         version = int(upstream_meta(context, key["model_evaluation"])["model_version"])
         evaluated = context.instance.get_latest_materialization_event(key["model_evaluation"])
         store = lake.get()
@@ -249,6 +286,10 @@ def build_model_assets(spec: Spec) -> list:
         recorded = promotion.recorded_gates(
             mlflow.tracking_uri, model_name, version, evaluation_run_id=evaluated.run_id
         )
+        try:
+            alive(f"decide on v{version} (move alias {registry.CHAMPION} of {model_name})")
+        except training.RunGone as e:
+            raise dg.Failure(f"{name}: {e}") from None
         decision = promotion.decide(
             spec,
             store,
@@ -324,7 +365,9 @@ def build_model_assets(spec: Spec) -> list:
         mlflow: MlflowResource,
     ) -> None:
         """Point alias champion back at the previous champion (or config.to_version)."""
+        alive = run_alive(context)
         try:
+            alive(f"roll back alias {registry.CHAMPION} of {model_name}")
             d = promotion.rollback(
                 spec,
                 lake.get(),
@@ -334,7 +377,7 @@ def build_model_assets(spec: Spec) -> list:
                 dagster_run_id=context.run.run_id,
                 actor="dagster",
             )
-        except (promotion.PromotionError, registry.RegistryError) as e:
+        except (promotion.PromotionError, registry.RegistryError, training.RunGone) as e:
             raise dg.Failure(str(e)) from None
         context.log.info(f"champion v{d.from_version} -> v{d.to_version}: {d.reason}")
 

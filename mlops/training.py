@@ -4,12 +4,27 @@ The MLflow parent run holds one nested run per trial; the refit best model is lo
 own flavor (xgboost's JSON format, not a pickle) with signature, input example and the
 input layout, registered as a new version of the spec's model name, aliased `challenger`,
 and tagged with the lineage contract (DESIGN §5).
+
+A version is registered, and its alias moved, only by a run that is still alive: the caller
+passes `alive`, called right before each of the two writes, which raises `RunGone` when the
+run that started this training has died or is being cancelled (assets/model.py checks the
+Dagster run; `ParentWatch` sees the run worker of a step process die). A step orphaned by a
+killed run worker (`kill -9` of `dagster job execute` leaves the multiprocess executor's step
+processes running) is also told at once: `ParentWatch.arm` has it sent SIGTERM, which Dagster
+turns into an interrupt of the step.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
 import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +34,101 @@ import polars as pl
 
 from mlops import modeling, registry
 from mlops.spec import Spec
+
+# Fault injection, for tests only (unset in every profile): seconds to sleep right before a
+# candidate is registered (search, refit and model logging done), so a test can kill or cancel
+# the run there. When MLOPS_FAULT_PAUSE_MARKER names a file, the pid of the training process
+# is written to it as the pause begins.
+FAULT_PAUSE_ENV = "MLOPS_FAULT_PAUSE_BEFORE_REGISTER"
+FAULT_MARKER_ENV = "MLOPS_FAULT_PAUSE_MARKER"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class RunGone(RuntimeError):
+    """The run that started this training is dead or being cancelled: nothing is registered."""
+
+
+Alive = Callable[[str], None]  # called with what is about to happen; raises RunGone
+
+
+class ParentWatch:
+    """The process that launched this one, when it is a multiprocessing child (a step of
+    Dagster's multiprocess executor: the run worker started it, spawn or forkserver).
+
+    `gone()` says why the launcher is gone, or None: its end of the pipe multiprocessing keeps
+    between them has closed (the launcher died, whatever the start method), or this process
+    has a new parent (orphans are re-parented). Not a multiprocessing child (the in-process
+    executor, a celery worker, a test): nothing to watch, the step dies with its run worker.
+    """
+
+    def __init__(self) -> None:
+        self.launcher = multiprocessing.parent_process()
+        self.ppid = os.getppid()
+
+    def gone(self) -> str | None:
+        if self.launcher is None:
+            return None
+        if not self.launcher.is_alive():
+            return f"the run worker that started this step (pid {self.launcher.pid}) has died"
+        if os.getppid() != self.ppid:
+            return (
+                f"this step's parent process (pid {self.ppid}) has died: it was re-parented "
+                f"to pid {os.getppid()}"
+            )
+        return None
+
+    def arm(self) -> str:
+        """Have this process sent SIGTERM as soon as its launcher dies; says how.
+
+        Linux, launcher is the parent (spawn): prctl(PR_SET_PDEATHSIG), the kernel sends it.
+        The kernel sends it when the launcher's thread that started this process ends: Dagster
+        (1.13) starts step processes from the thread that runs the executor's loop, which
+        lives as long as the run. Otherwise (forkserver: the parent is the fork server; other
+        systems): a daemon thread waits on the launcher's pipe. Dagster's step process turns
+        SIGTERM into an interrupt of the step's code, so an orphaned training stops where it
+        is."""
+        if self.launcher is None:
+            return "not watched (no launcher process)"
+        if sys.platform.startswith("linux") and self.ppid == self.launcher.pid:
+            if _parent_death_signal(signal.SIGTERM):
+                # The launcher may have died before prctl: then no signal will come.
+                if os.getppid() != self.ppid:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return "prctl(PR_SET_PDEATHSIG, SIGTERM)"
+        sentinel = self.launcher.sentinel
+        threading.Thread(
+            target=_terminate_when_ready, args=(sentinel,), name="parent-watch", daemon=True
+        ).start()
+        return "watch thread on the launcher's pipe"
+
+
+def _parent_death_signal(sig: int) -> bool:
+    """prctl(PR_SET_PDEATHSIG, sig) through libc; False where it is not available."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _terminate_when_ready(sentinel: int) -> None:
+    from multiprocessing.connection import wait
+
+    wait([sentinel])  # readable (EOF) once the launcher's end closes: it died
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _fault_pause() -> None:
+    """The test-only pause before registration (FAULT_PAUSE_ENV); nothing when unset."""
+    seconds = os.environ.get(FAULT_PAUSE_ENV, "")
+    if not seconds:
+        return
+    marker = os.environ.get(FAULT_MARKER_ENV, "")
+    if marker:
+        Path(marker).write_text(str(os.getpid()))
+    time.sleep(float(seconds))
 
 
 @dataclass
@@ -103,7 +213,12 @@ def train_candidate(
     artifact_root: str,
     trials: int | None = None,
     training_set_path: str = "",
+    alive: Alive | None = None,
 ) -> Candidate:
+    """Search, refit, log to MLflow, then, if `alive` lets it, register the model as a new
+    version and move alias challenger to it. `alive(action)` is called right before each of
+    those two writes and raises RunGone to stop (a version registered before its run died is
+    left without the alias)."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -163,7 +278,6 @@ def train_candidate(
             "name": "model",
             "signature": signature,
             "input_example": example,
-            "registered_model_name": name,
             "metadata": meta,
             # Given, MLflow does not infer them: inference imports the model in a subprocess
             # (about 6 s a model, whatever the data size).
@@ -185,8 +299,12 @@ def train_candidate(
             )
         mlflow.log_text(spec_text(spec), "spec/spec.yaml")
         mlflow.log_dict(lineage, "lineage/lineage.json")
-        version = int(info.registered_model_version)
         run_id = parent.info.run_id
+        _fault_pause()
+        # Registered apart from logging, so that a dead run registers nothing.
+        if alive is not None:
+            alive(f"register a new version of {name}")
+        version = int(mlflow.register_model(info.model_uri, name).version)
 
     registry.tag_version(
         tracking_uri,
@@ -199,6 +317,12 @@ def train_candidate(
             f"{registry.TAG}decision_threshold": str(fit.threshold),
         },
     )
+    if alive is not None:
+        try:
+            alive(f"move alias {registry.CHALLENGER} of {name} to v{version}")
+        except RunGone as e:
+            registry.tag_version(tracking_uri, name, version, {f"{registry.TAG}orphaned": str(e)})
+            raise
     registry.set_alias(tracking_uri, name, registry.CHALLENGER, version)
     return Candidate(
         name,
