@@ -32,7 +32,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 
 from mlops.inference_log import InferenceLogWriter, now_iso
-from mlops.online import FeatureRejected, OnlineFeatures, OnlineResult
+from mlops.online import OUT_OF_ORDER, FeatureRejected, OnlineFeatures, OnlineResult
 from mlops.online_store import StoreUnavailable, make_store
 from mlops.registry import CHALLENGER, CHAMPION
 from mlops.spec import load_spec
@@ -249,11 +249,13 @@ class Service:
             problem(i, field, e.code, f"{field or 'entity'} {e.entity!r}: {e.reason}")
             for i, e in rejected
         ]
+        late = any(e.code == OUT_OF_ORDER for _, e in rejected)
         return BadRequest(
             422,
             detail[0]["code"],
             f"{len(rejected)} reading(s) have no usable feature state in the online store; "
-            "materialize online_features for the entity, or set features.online_fallback: "
+            + ("send each entity's readings in time order, " if late else "")
+            + "materialize online_features for the entity, or set features.online_fallback: "
             "reading_only in the spec; nothing was scored",
             detail,
         )

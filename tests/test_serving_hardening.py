@@ -146,6 +146,7 @@ def test_a_reading_older_than_the_state_is_rejected_with_a_code(world):
     (d,) = r.json()["detail"]
     assert (d["field"], d["code"]) == ("machine_id", "out_of_order"), d
     assert "out of order" in d["reason"] and "1970-01-02" in d["reason"]
+    assert "in time order" in r.json()["message"]
     assert ok.status_code == 200 and ok.json()["predictions"][0]["fallback"] is None
 
 
