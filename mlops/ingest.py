@@ -272,12 +272,15 @@ def load_day(feed: FileFeed, folder: Path, day: dt.date) -> RawBatch:
     """All of one day's landing files, stacked (columns unioned by name)."""
     files = files_for_day(feed, folder, day)
     frames = [read_file(p, feed.format, feed.encoding) for p in files]
+    # No with_columns on the stacked frame: a new one-chunk column makes polars rechunk
+    # every column of a many-chunk frame to match, a whole copy of the day.
     frame = (
         pl.concat(frames, how="diagonal")
         if frames
-        else pl.DataFrame(schema={c: pl.String for c in META_COLUMNS})
+        else pl.DataFrame(
+            schema={SOURCE_FILE: pl.String, ROW_NUMBER: pl.Int64, FILE_COLUMNS: pl.String}
+        )
     )
-    frame = frame.with_columns(pl.col(ROW_NUMBER).cast(pl.Int64))
     return RawBatch(
         day=day,
         files=files,
