@@ -431,6 +431,28 @@ def features_online_stats(spec_arg: str) -> None:
     show_default=True,
     help="most readings in one request",
 )
+@click.option(
+    "--max-future",
+    type=click.FloatRange(min=0),
+    default=86_400.0,
+    show_default=True,
+    help="seconds a reading may be ahead of the server's clock; further ahead is a 422 "
+    "(raise it to replay data dated in the future)",
+)
+@click.option(
+    "--load-retry",
+    type=click.FloatRange(min=0.01),
+    default=1.0,
+    show_default=True,
+    help="seconds before retrying a version whose artifacts or registry were unreachable",
+)
+@click.option(
+    "--load-retry-max",
+    type=click.FloatRange(min=0.01),
+    default=60.0,
+    show_default=True,
+    help="the retry delay doubles up to this many seconds",
+)
 def serve(
     spec_arg: str,
     host: str,
@@ -442,6 +464,9 @@ def serve(
     log_dir: str | None,
     max_body_bytes: int,
     max_batch: int,
+    max_future: float,
+    load_retry: float,
+    load_retry_max: float,
 ) -> None:
     """Serve models:/<name>@champion over HTTP: POST /predict, /health/*, /model, /metrics."""
     from mlops import config
@@ -461,6 +486,9 @@ def serve(
         poll_interval_s=poll_interval,
         max_body_bytes=max_body_bytes,
         max_batch=max_batch,
+        max_future_s=max_future,
+        load_retry_s=load_retry,
+        load_retry_max_s=max(load_retry, load_retry_max),
     )
     click.echo(
         f"serving {s.registered_model_name}@champion ({mode}) on http://{host}:{port} with "
