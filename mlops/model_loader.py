@@ -285,6 +285,8 @@ def load_model(
         local = Path(mlflow.artifacts.download_artifacts(uri))
     except Exception as e:  # MlflowException, OSError, the object store's client errors
         detail = getattr(e, "message", None) or str(e)
+        if "No such artifact" in detail:  # MLflow names the path relative to the root: ''
+            detail = "nothing is stored there (moved, deleted, or not uploaded yet)"
         raise ArtifactsUnavailable(
             f"cannot fetch the artifacts of {uri} from {source}: {detail}"
         ) from e
