@@ -10,6 +10,7 @@ being cancelled, stops before the write instead of finishing for a run that neve
 """
 
 import base64
+import multiprocessing
 import tempfile
 from pathlib import Path
 
@@ -48,12 +49,26 @@ def upstream_meta(context, key: dg.AssetKey) -> dict:
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
+def _in_step_worker() -> bool:
+    """Whether this process is a step process of Dagster's multiprocess executor (spawn or
+    forkserver; the default executor): a child of the run worker, running Dagster's
+    child-process command. Not under the in-process executor (the step runs in the run worker,
+    itself a child of the code server that launched it) nor under celery."""
+    try:
+        from dagster._core.executor.child_process_executor import (
+            _execute_command_in_child_process as step_command,
+        )
+    except ImportError:  # moved in a later Dagster: tests/test_run_hardening.py says so
+        return False
+    return getattr(multiprocessing.current_process(), "_target", None) is step_command
+
+
 def run_alive(context) -> training.Alive:
     """Arm the step to die with its run worker, and return the check to call right before a
     registry write: it raises training.RunGone unless the step's launcher still runs (see
     training.ParentWatch) and the run is still STARTED in the instance (not CANCELING or
     CANCELED: a run terminated from the UI, including a stuck one whose worker was killed)."""
-    watch = training.ParentWatch()
+    watch = training.ParentWatch(step_process=_in_step_worker())
     how = watch.arm()
     if watch.launcher is not None:
         context.log.debug(f"step dies with its run worker (pid {watch.launcher.pid}): {how}")

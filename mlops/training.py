@@ -57,12 +57,15 @@ class ParentWatch:
 
     `gone()` says why the launcher is gone, or None: its end of the pipe multiprocessing keeps
     between them has closed (the launcher died, whatever the start method), or this process
-    has a new parent (orphans are re-parented). Not a multiprocessing child (the in-process
-    executor, a celery worker, a test): nothing to watch, the step dies with its run worker.
+    has a new parent (orphans are re-parented). `step_process=False` (the step runs in the
+    run worker itself: the in-process executor, a celery worker, a test), or not a
+    multiprocessing child: nothing to watch, the step dies with its run worker. A run worker
+    is itself a multiprocessing child of the code server that launched it, and outlives it
+    legitimately: only a step process is watched.
     """
 
-    def __init__(self) -> None:
-        self.launcher = multiprocessing.parent_process()
+    def __init__(self, step_process: bool = True) -> None:
+        self.launcher = multiprocessing.parent_process() if step_process else None
         self.ppid = os.getppid()
 
     def gone(self) -> str | None:

@@ -214,7 +214,8 @@ def child(out, arm):
     signal.signal(signal.SIGTERM, lambda *_: (Path(out).write_text("SIGTERM"), os._exit(0)))
     watch = ParentWatch()
     how = watch.arm() if arm else ""
-    Path(out + ".ready").write_text(how)
+    run_worker = ParentWatch(step_process=False)  # a run worker is not watched
+    Path(out + ".ready").write_text(f"{how}|{run_worker.launcher is None}")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and watch.gone() is None:
         time.sleep(0.05)
@@ -271,7 +272,8 @@ def test_a_step_process_sees_its_launcher_die(tmp_path, method):
     proc, out = _launch_watched(tmp_path, method, arm=False)
     with _group(proc):
         ready = Path(f"{out}.ready")
-        _wait_for("the child to start", ready.exists, 60)
+        _wait_for("the child to start", lambda: ready.exists() and ready.read_text(), 60)
+        assert ready.read_text() == "|True"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         said = _wait_for("the child to notice", lambda: out.exists() and out.read_text(), 20)
@@ -283,7 +285,8 @@ def test_an_armed_step_process_is_terminated_when_its_launcher_dies(tmp_path, me
     proc, out = _launch_watched(tmp_path, method, arm=True)
     with _group(proc):
         ready = Path(f"{out}.ready")
-        how = _wait_for("the child to start", lambda: ready.exists() and ready.read_text(), 60)
+        started = _wait_for("the child to start", lambda: ready.exists() and ready.read_text(), 60)
+        how = started.split("|")[0]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         said = _wait_for("the child to be told", lambda: out.exists() and out.read_text(), 20)
@@ -293,9 +296,9 @@ def test_an_armed_step_process_is_terminated_when_its_launcher_dies(tmp_path, me
 
 
 def test_an_unwatched_process_is_never_gone():
-    watch = training.ParentWatch()  # pytest is no multiprocessing child
-    assert watch.launcher is None and watch.gone() is None
-    assert watch.arm().startswith("not watched")
+    for watch in (training.ParentWatch(), training.ParentWatch(step_process=False)):
+        assert watch.launcher is None and watch.gone() is None  # pytest: no launcher
+        assert watch.arm().startswith("not watched")
 
 
 @dataclass
