@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
+from mlops.lake import put_file
 from mlops.spec import Spec
 
 BAD_ROW_KINDS = (
@@ -533,7 +534,7 @@ def _write_events(
         name = layout.events_pattern.replace("{date}", day.strftime(layout.events_date_format))
         part = events.filter(pl.col("_arrival") == d).drop("_arrival")
         path = layout.events_dir / name
-        path.write_text(part.write_csv(), newline="")
+        put_file(path, part.write_csv())
         paths.append(path)
         written += part.height
     return paths, written
@@ -614,7 +615,7 @@ def generate(
             text, bad = corruptor.corrupt(text, seconds, name, day)
             report.bad_rows.extend(bad)
         path = layout.readings_dir / name
-        path.write_text(text, newline="")
+        put_file(path, text)
         report.readings_files.append(path)
         report.rows += text.count("\n") - 1
 

@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from mlops import evaluation, modeling, registry
-from mlops.lake import Lake, read_json, write_json
+from mlops.lake import Lake, put_file, read_json, write_json
 from mlops.model_loader import LoadedModel, ModelRefused, load_model, verify_servable
 from mlops.spec import Spec
 
@@ -178,7 +178,7 @@ def _artifacts(
             "Slices with fewer than 30 test rows are not scored.",
         ],
     )
-    (out_dir / "model_card.md").write_text(card)
+    put_file(out_dir / "model_card.md", card)
     files["model_card"] = out_dir / "model_card.md"
     return {k: str(v) for k, v in files.items()}
 

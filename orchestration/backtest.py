@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ import yaml
 
 from mlops import ingest, modeling, monitoring
 from mlops.config import PROJECT_ROOT, spec_path
+from mlops.lake import put_file
 from mlops.monitoring import DRIFT_REPORT, MODEL_PERFORMANCE
 from mlops.spec import FileSource, Spec, SpecError, _Loader, load_spec
 
@@ -107,7 +109,7 @@ def staged_spec(spec: Spec, state: Path, start: dt.date | None = None) -> Spec:
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / spec.path.name
     header = f"# backtest copy of {spec.path}: landing folders moved under {landing}\n"
-    out.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    put_file(out, header + yaml.safe_dump(data, sort_keys=False))
     return load_spec(out)
 
 
@@ -427,7 +429,9 @@ def write_plot(spec: Spec, timeline: list[dict], path: Path, marker: int | None 
                     ax.axvline(r["n"], c="tab:green" if "promoted" in e else "tab:orange", lw=1)
     fig.suptitle(f"{spec.name}: closed loop (green: promoted, orange: refused)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=90, format="png")
+    put_file(path, buf.getvalue())
     plt.close(fig)
     return path
 
@@ -523,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     json_path = args.json_path or state / "backtest.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(out.summary(), indent=2, default=str))
+    put_file(json_path, json.dumps(out.summary(), indent=2, default=str))
     plot = write_plot(landed, out.timeline, args.plot or state / "timeline.png")
     print(
         f"\ndone in {time.perf_counter() - t0:.0f} s. Summary: {json_path}; timeline: {plot}\n"

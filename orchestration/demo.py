@@ -31,7 +31,7 @@ from mlops.config import (
     specs_dir,
 )
 from mlops.generate import generate
-from mlops.lake import Lake
+from mlops.lake import Lake, put_file
 from mlops.online_store import make_store
 from mlops.spec import FileSource, Spec, load_spec
 from orchestration.backtest import BacktestError, write_plot
@@ -200,7 +200,7 @@ def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
 def write_json(spec: Spec, out) -> Path:
     path = spec.root / ".mlops" / "reports" / spec.name / "backtest.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out.summary(), indent=2, default=str))
+    put_file(path, json.dumps(out.summary(), indent=2, default=str))
     return path
 
 
@@ -208,7 +208,7 @@ def write_timeline(spec: Spec, timeline: list[dict], drift_from: int | None = No
     """timeline.json and timeline.png under .mlops/reports/<spec>/."""
     out = spec.root / ".mlops" / "reports" / spec.name / "timeline"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(timeline, indent=2))
+    put_file(out.with_suffix(".json"), json.dumps(timeline, indent=2))
     write_plot(spec, timeline, out.with_suffix(".png"), marker=drift_from)
     return out
 

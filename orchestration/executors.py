@@ -311,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         "outcomes": [asdict(o) for o in outcomes],
     }
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(summary, f, indent=2)
+        from mlops.lake import put_file
+
+        put_file(args.out, json.dumps(summary, indent=2))
     print(
         f"{len(parts)} partition(s) of {args.job}: {len(outcomes)} runs, {len(failed)} failed, "
         f"{seconds:.1f} s ({summary['partitions_per_s']} partitions/s, {summary['executor']})"

@@ -14,6 +14,7 @@ over PostgreSQL; README "What runs" says which ones to raise on a slower machine
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -80,13 +81,14 @@ def write_default_instance(home: str | Path) -> Path:
     path = Path(home) / "dagster.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.read_text() in EARLIER_DEFAULTS:
-        path.write_text(DEFAULT_INSTANCE_YAML)
+        # Temp name then rename, as every file the platform writes: never a half-written file.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        tmp.write_text(DEFAULT_INSTANCE_YAML)
+        os.replace(tmp, path)
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     args = sys.argv[1:] if argv is None else argv
     home = args[0] if args else os.environ.get("DAGSTER_HOME", "")
     if not home:
