@@ -349,11 +349,18 @@ def build_model_assets(spec: Spec) -> list:
         context: dg.AssetExecutionContext, lake: LakeResource, mlflow: MlflowResource
     ) -> dg.MaterializeResult:
         """The day's feature rows scored by the champion; each row names the model version."""
-        from mlops.model_loader import load_model
+        from mlops.model_loader import ArtifactsUnavailable, ModelRefused, load_model
 
         store = lake.get()
         try:
             model = load_model(mlflow.tracking_uri, model_name, alias=registry.CHAMPION)
+        except ModelRefused as e:
+            raise dg.Failure(
+                f"the champion cannot score: {e}. Roll back to a former champion "
+                "(mlops rollback) or promote another version."
+            ) from None
+        except ArtifactsUnavailable as e:
+            raise dg.Failure(f"{e}. Check the artifact store, then re-run the day.") from None
         except registry.RegistryError as e:
             raise dg.Failure(
                 f"{e}. Promote a champion first (champion_model or mlops promote)."
