@@ -262,7 +262,9 @@ def test_executor_and_backfill_waves_come_from_the_environment(tmp_path, monkeyp
 
     monkeypatch.delenv("MLOPS_EXECUTOR", raising=False)
     monkeypatch.delenv("MLOPS_MULTIPROCESS_START_METHOD", raising=False)
-    assert executor() == "multi_or_in_process_executor"  # Dagster's default, unchanged
+    assert executor() == "in_process"  # the default profile: no interpreter per step
+    monkeypatch.setenv("MLOPS_EXECUTOR", "multiprocess")
+    assert executor() == "multi_or_in_process_executor"  # Dagster's own default
     monkeypatch.setenv("MLOPS_EXECUTOR", "celery")
     assert executor() == "celery"
     monkeypatch.setenv("MLOPS_EXECUTOR", "multiprocess")

@@ -447,8 +447,8 @@ def test_killing_the_run_worker_mid_training_registers_nothing(trainable, tmp_pa
         training.FAULT_PAUSE_ENV: str(PAUSE),
         training.FAULT_MARKER_ENV: str(marker),
     }
-    env.pop("MLOPS_EXECUTOR", None)  # the default: multiprocess, one process per step
-    env.pop("MLOPS_MULTIPROCESS_START_METHOD", None)
+    env["MLOPS_EXECUTOR"] = "multiprocess"  # one process per step: the steps that outlived
+    env.pop("MLOPS_MULTIPROCESS_START_METHOD", None)  # their run worker
     env.pop("MLOPS_ALERT_WEBHOOK_URL", None)
     log = tmp_path / "run.log"
     with open(log, "w") as out:
