@@ -163,7 +163,16 @@ def bench_sensor_tick(files: int = 10_000) -> dict:
     home = root / "dagster"
     home.mkdir()
     instance = dg.DagsterInstance.local_temp(str(home))
-    resources = {"lake": LakeResource(base_url=str(root / ".mlops" / "lake"))}
+    from resources.clock import ClockResource
+
+    # Complete files: dated past the spec's settle_seconds, so the first tick reads them all.
+    old = time.time() - 3600
+    for f in landing.iterdir():
+        os.utime(f, (old, old))
+    resources = {
+        "lake": LakeResource(base_url=str(root / ".mlops" / "lake")),
+        "clock": ClockResource(),
+    }
 
     def tick(cursor):
         ctx = dg.build_sensor_context(
@@ -182,9 +191,9 @@ def bench_sensor_tick(files: int = 10_000) -> dict:
         backlog.append((s_, n))
     steady_s, steady_runs, cursor = tick(cursor)
     d = start + dt.timedelta(days=files)
-    (landing / f"readings_{d}.csv").write_text(
-        header + f"{d}T00:00:00,m0,A,1.0,70,3,100,1500,230\n"
-    )
+    new = landing / f"readings_{d}.csv"
+    new.write_text(header + f"{d}T00:00:00,m0,A,1.0,70,3,100,1500,230\n")
+    os.utime(new, (old, old))
     one_s, one_runs, cursor = tick(cursor)
     os.system(f"rm -rf {root}")
     out = {

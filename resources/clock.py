@@ -10,7 +10,8 @@ import dagster as dg
 class ClockResource(dg.ConfigurableResource):
     """`today` (YYYY-MM-DD) pins the date a sensor sees; empty = the wall clock (UTC).
 
-    Only what polls by date needs it (a SQL source's recent days): everything else follows
+    The new-data sensor reads it for the last day it may request (files dated later wait for
+    their partition) and for the days a SQL source is polled up to; everything else follows
     the partitions in the lake, never the clock.
     """
 
