@@ -52,7 +52,7 @@ class WriteResult:
     content_hash: str  # sha256 of the file's bytes: the partition's data version
 
 
-def sha256_bytes(data: bytes) -> str:
+def sha256_bytes(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -118,13 +118,14 @@ class Lake:
         buf = io.BytesIO()
         # No statistics timestamps or writer ids in the file: same frame -> same bytes.
         df.write_parquet(buf, compression="zstd", statistics=True)
-        data = buf.getvalue()
-        self.put_atomic(self.path(spec, asset, partition), data)
+        with buf.getbuffer() as data:  # a view of the buffer: no second copy of the file
+            self.put_atomic(self.path(spec, asset, partition), data)
+            digest = sha256_bytes(data)
         return WriteResult(
-            path=self.url(spec, asset, partition), rows=df.height, content_hash=sha256_bytes(data)
+            path=self.url(spec, asset, partition), rows=df.height, content_hash=digest
         )
 
-    def put_atomic(self, final: str, data: bytes) -> None:
+    def put_atomic(self, final: str, data: bytes | memoryview) -> None:
         """Make `final` (a path in this lake's filesystem) hold `data`, all or nothing."""
         _put_atomic(self.fs, final, data, self.is_object_store)
 
@@ -151,7 +152,24 @@ class Lake:
             self.fs.rm(p)
 
     # Reads -------------------------------------------------------------------------------
-    def read(self, spec: str, asset: str, partition: str = UNPARTITIONED) -> pl.DataFrame:
+    def read(
+        self,
+        spec: str,
+        asset: str,
+        partition: str = UNPARTITIONED,
+        columns: list[str] | None = None,
+    ) -> pl.DataFrame:
+        """One partition (only `columns`, in that order, when given)."""
+        p = self._existing(spec, asset, partition)
+        with self.fs.open(p, "rb") as f:
+            return pl.read_parquet(f, columns=columns)
+
+    def columns(self, spec: str, asset: str, partition: str = UNPARTITIONED) -> list[str]:
+        """A partition's column names, from the file's footer (no data read)."""
+        with self.fs.open(self._existing(spec, asset, partition), "rb") as f:
+            return list(pl.read_parquet_schema(f))
+
+    def _existing(self, spec: str, asset: str, partition: str) -> str:
         p = self.path(spec, asset, partition)
         self._forget_listing(p)
         if not self.fs.exists(p):
@@ -159,8 +177,7 @@ class Lake:
                 f"{self.url(spec, asset, partition)} does not exist: materialize "
                 f"{spec}/{asset} for partition {partition} first"
             )
-        with self.fs.open(p, "rb") as f:
-            return pl.read_parquet(f)
+        return p
 
     def read_many(self, spec: str, asset: str, partitions: Iterable[str]) -> pl.DataFrame:
         frames = [self.read(spec, asset, p) for p in partitions]
@@ -213,9 +230,12 @@ def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
     return bool(protocols & OBJECT_STORE_PROTOCOLS)
 
 
-def _put_atomic(fs: fsspec.AbstractFileSystem, final: str, data: bytes, object_store: bool) -> None:
+def _put_atomic(
+    fs: fsspec.AbstractFileSystem, final: str, data: bytes | memoryview, object_store: bool
+) -> None:
     """The one atomic write: every file the platform writes ends here."""
     if object_store:
+        data = bytes(data)  # fsspec object stores' pipe_file takes bytes
         # One PUT to the final key: the object appears whole or not at all (a rename
         # would be a copy plus a delete, with a window where both exist).
         fs.pipe_file(final, data)
