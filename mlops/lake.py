@@ -27,10 +27,10 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import fsspec
@@ -38,6 +38,7 @@ import polars as pl
 from fsspec.implementations.local import LocalFileSystem
 
 UNPARTITIONED = "__all__"
+T = TypeVar("T")
 # Filesystems where an object appears whole when its single upload completes, and where a
 # rename is a copy plus a delete: written with one PUT to the final key.
 OBJECT_STORE_PROTOCOLS = frozenset(
@@ -115,12 +116,22 @@ class Lake:
         self, spec: str, asset: str, df: pl.DataFrame, partition: str = UNPARTITIONED
     ) -> WriteResult:
         """Atomically replace one partition with `df`."""
-        buf = io.BytesIO()
+        final = self.path(spec, asset, partition)
         # No statistics timestamps or writer ids in the file: same frame -> same bytes.
-        df.write_parquet(buf, compression="zstd", statistics=True)
-        with buf.getbuffer() as data:  # a view of the buffer: no second copy of the file
-            self.put_atomic(self.path(spec, asset, partition), data)
-            digest = sha256_bytes(data)
+        if self.is_local:  # straight to the temporary file: the bytes are never in memory
+
+            def write(tmp: str) -> str:
+                df.write_parquet(tmp, compression="zstd", statistics=True)
+                with open(tmp, "rb") as f:
+                    return hashlib.file_digest(f, "sha256").hexdigest()
+
+            digest = _replace_local(self.fs, final, write)
+        else:
+            buf = io.BytesIO()
+            df.write_parquet(buf, compression="zstd", statistics=True)
+            with buf.getbuffer() as data:  # a view of the buffer: no second copy of the file
+                self.put_atomic(final, data)
+                digest = sha256_bytes(data)
         return WriteResult(
             path=self.url(spec, asset, partition), rows=df.height, content_hash=digest
         )
@@ -240,18 +251,29 @@ def _put_atomic(
         # would be a copy plus a delete, with a window where both exist).
         fs.pipe_file(final, data)
         return
+
+    def write(tmp: str) -> None:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+
+    _replace_local(fs, final, write)
+
+
+def _replace_local(fs: fsspec.AbstractFileSystem, final: str, write: Callable[[str], T]) -> T:
+    """`write` a file under a hidden temporary name beside `final`, then rename it into place
+    (a rename-capable filesystem); a failure removes the temporary file. `write`'s result."""
     folder, name = final.rsplit("/", 1) if "/" in final else (".", final)
     # Hidden, and not *.parquet: a glob over the folder (duckdb, polars) never reads it.
     tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}.partial"
     fs.makedirs(folder, exist_ok=True)
     try:
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
+        out = write(tmp)
         fs.mv(tmp, final)
     except BaseException:
         if fs.exists(tmp):
             fs.rm(tmp)
         raise
+    return out
 
 
 def put_file(
