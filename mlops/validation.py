@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 import polars as pl
@@ -286,8 +287,23 @@ def _rule_failures(
     key = unique_key(spec)
     # Rows whose key hash repeats, then the exact comparison among those few (a distinct
     # over the whole day's keys row-encodes them all: about 2x the key columns' size).
-    hashes = typed.select(pl.struct(key).hash().alias("_hash")).with_row_index("_index")
-    repeats = hashes.filter(parsed).filter(pl.col("_hash").is_duplicated())["_index"]
+    # Found in numpy on the hashes' own buffer (sort the parsed rows' hashes, compare
+    # neighbours): polars' is_duplicated builds a hash table over every row, about the
+    # file's size again for a large day.
+    hashes = typed.select(pl.struct(key).hash()).to_series().to_numpy()
+    keep = np.ones(len(hashes), dtype=bool)
+    keep[parse_bad] = False
+    idx = np.flatnonzero(keep)
+    parsed_hashes = hashes[idx]
+    del hashes, keep
+    order = np.argsort(parsed_hashes, kind="stable")
+    ordered = parsed_hashes[order]
+    del parsed_hashes
+    same = ordered[1:] == ordered[:-1]
+    repeated = np.zeros(len(ordered), dtype=bool)
+    repeated[1:] |= same
+    repeated[:-1] |= same
+    repeats = pl.Series("_index", np.sort(idx[order[repeated]]), dtype=pl.get_index_type())
     rows = typed.select(key)[repeats].with_columns(repeats)  # in row order: the first is kept
     dupes = rows.filter(~pl.struct(key).is_first_distinct())["_index"]
     parts.append(
