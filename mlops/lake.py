@@ -27,10 +27,10 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import fsspec
@@ -38,6 +38,7 @@ import polars as pl
 from fsspec.implementations.local import LocalFileSystem
 
 UNPARTITIONED = "__all__"
+T = TypeVar("T")
 # Filesystems where an object appears whole when its single upload completes, and where a
 # rename is a copy plus a delete: written with one PUT to the final key.
 OBJECT_STORE_PROTOCOLS = frozenset(
@@ -52,7 +53,7 @@ class WriteResult:
     content_hash: str  # sha256 of the file's bytes: the partition's data version
 
 
-def sha256_bytes(data: bytes) -> str:
+def sha256_bytes(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -115,16 +116,27 @@ class Lake:
         self, spec: str, asset: str, df: pl.DataFrame, partition: str = UNPARTITIONED
     ) -> WriteResult:
         """Atomically replace one partition with `df`."""
-        buf = io.BytesIO()
+        final = self.path(spec, asset, partition)
         # No statistics timestamps or writer ids in the file: same frame -> same bytes.
-        df.write_parquet(buf, compression="zstd", statistics=True)
-        data = buf.getvalue()
-        self.put_atomic(self.path(spec, asset, partition), data)
+        if self.is_local:  # straight to the temporary file: the bytes are never in memory
+
+            def write(tmp: str) -> str:
+                df.write_parquet(tmp, compression="zstd", statistics=True)
+                with open(tmp, "rb") as f:
+                    return hashlib.file_digest(f, "sha256").hexdigest()
+
+            digest = _replace_local(self.fs, final, write)
+        else:
+            buf = io.BytesIO()
+            df.write_parquet(buf, compression="zstd", statistics=True)
+            with buf.getbuffer() as data:  # a view of the buffer: no second copy of the file
+                self.put_atomic(final, data)
+                digest = sha256_bytes(data)
         return WriteResult(
-            path=self.url(spec, asset, partition), rows=df.height, content_hash=sha256_bytes(data)
+            path=self.url(spec, asset, partition), rows=df.height, content_hash=digest
         )
 
-    def put_atomic(self, final: str, data: bytes) -> None:
+    def put_atomic(self, final: str, data: bytes | memoryview) -> None:
         """Make `final` (a path in this lake's filesystem) hold `data`, all or nothing."""
         _put_atomic(self.fs, final, data, self.is_object_store)
 
@@ -151,7 +163,26 @@ class Lake:
             self.fs.rm(p)
 
     # Reads -------------------------------------------------------------------------------
-    def read(self, spec: str, asset: str, partition: str = UNPARTITIONED) -> pl.DataFrame:
+    def read(
+        self,
+        spec: str,
+        asset: str,
+        partition: str = UNPARTITIONED,
+        columns: list[str] | None = None,
+    ) -> pl.DataFrame:
+        """One partition (only `columns`, in that order, when given)."""
+        p = self._existing(spec, asset, partition)
+        if self.is_local:  # by path: polars reads only the columns' pages, not the whole file
+            return pl.read_parquet(p, columns=columns)
+        with self.fs.open(p, "rb") as f:
+            return pl.read_parquet(f, columns=columns)
+
+    def columns(self, spec: str, asset: str, partition: str = UNPARTITIONED) -> list[str]:
+        """A partition's column names, from the file's footer (no data read)."""
+        with self.fs.open(self._existing(spec, asset, partition), "rb") as f:
+            return list(pl.read_parquet_schema(f))
+
+    def _existing(self, spec: str, asset: str, partition: str) -> str:
         p = self.path(spec, asset, partition)
         self._forget_listing(p)
         if not self.fs.exists(p):
@@ -159,8 +190,7 @@ class Lake:
                 f"{self.url(spec, asset, partition)} does not exist: materialize "
                 f"{spec}/{asset} for partition {partition} first"
             )
-        with self.fs.open(p, "rb") as f:
-            return pl.read_parquet(f)
+        return p
 
     def read_many(self, spec: str, asset: str, partitions: Iterable[str]) -> pl.DataFrame:
         frames = [self.read(spec, asset, p) for p in partitions]
@@ -213,25 +243,39 @@ def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
     return bool(protocols & OBJECT_STORE_PROTOCOLS)
 
 
-def _put_atomic(fs: fsspec.AbstractFileSystem, final: str, data: bytes, object_store: bool) -> None:
+def _put_atomic(
+    fs: fsspec.AbstractFileSystem, final: str, data: bytes | memoryview, object_store: bool
+) -> None:
     """The one atomic write: every file the platform writes ends here."""
     if object_store:
+        data = bytes(data)  # fsspec object stores' pipe_file takes bytes
         # One PUT to the final key: the object appears whole or not at all (a rename
         # would be a copy plus a delete, with a window where both exist).
         fs.pipe_file(final, data)
         return
+
+    def write(tmp: str) -> None:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+
+    _replace_local(fs, final, write)
+
+
+def _replace_local(fs: fsspec.AbstractFileSystem, final: str, write: Callable[[str], T]) -> T:
+    """`write` a file under a hidden temporary name beside `final`, then rename it into place
+    (a rename-capable filesystem); a failure removes the temporary file. `write`'s result."""
     folder, name = final.rsplit("/", 1) if "/" in final else (".", final)
     # Hidden, and not *.parquet: a glob over the folder (duckdb, polars) never reads it.
     tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}.partial"
     fs.makedirs(folder, exist_ok=True)
     try:
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
+        out = write(tmp)
         fs.mv(tmp, final)
     except BaseException:
         if fs.exists(tmp):
             fs.rm(tmp)
         raise
+    return out
 
 
 def put_file(

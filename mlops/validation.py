@@ -14,8 +14,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 import polars as pl
@@ -285,8 +287,23 @@ def _rule_failures(
     key = unique_key(spec)
     # Rows whose key hash repeats, then the exact comparison among those few (a distinct
     # over the whole day's keys row-encodes them all: about 2x the key columns' size).
-    hashes = typed.select(pl.struct(key).hash().alias("_hash")).with_row_index("_index")
-    repeats = hashes.filter(parsed).filter(pl.col("_hash").is_duplicated())["_index"]
+    # Found in numpy on the hashes' own buffer (sort the parsed rows' hashes, compare
+    # neighbours): polars' is_duplicated builds a hash table over every row, about the
+    # file's size again for a large day.
+    hashes = typed.select(pl.struct(key).hash()).to_series().to_numpy()
+    keep = np.ones(len(hashes), dtype=bool)
+    keep[parse_bad] = False
+    idx = np.flatnonzero(keep)
+    parsed_hashes = hashes[idx]
+    del hashes, keep
+    order = np.argsort(parsed_hashes, kind="stable")
+    ordered = parsed_hashes[order]
+    del parsed_hashes
+    same = ordered[1:] == ordered[:-1]
+    repeated = np.zeros(len(ordered), dtype=bool)
+    repeated[1:] |= same
+    repeated[:-1] |= same
+    repeats = pl.Series("_index", np.sort(idx[order[repeated]]), dtype=pl.get_index_type())
     rows = typed.select(key)[repeats].with_columns(repeats)  # in row order: the first is kept
     dupes = rows.filter(~pl.struct(key).is_first_distinct())["_index"]
     parts.append(
@@ -304,22 +321,90 @@ def _rule_failures(
     )
 
 
-def validate(spec: Spec, raw: pl.DataFrame, day: dt.date | None = None) -> ValidationResult:
-    """Split one partition's raw rows into valid, typed rows and quarantined rows."""
-    check_file_columns(spec, raw)
-    schema_names = [c.name for c in spec.schema_.columns]
-    for name in schema_names:  # nullable columns a file did not have
-        if name not in raw.columns:
-            raw = raw.with_columns(pl.lit(None, dtype=pl.String).alias(name))
-    typed, parse_fc = parse(spec, raw.select([*schema_names, SOURCE_FILE, ROW_NUMBER]))
+@dataclass(frozen=True)
+class RawColumns:
+    """A raw frame given as its column names and a reader of one column by name (e.g. from
+    the lake's Parquet file), so `validate` never holds the whole raw frame."""
+
+    names: list[str]
+    read: Callable[[str], pl.Series]
+
+
+def validate(
+    spec: Spec, raw: pl.DataFrame | RawColumns, day: dt.date | None = None
+) -> ValidationResult:
+    """Split one partition's raw rows into valid, typed rows and quarantined rows.
+
+    The raw rows are used a column at a time: each is read, parsed and dropped in turn; the
+    quarantined rows' raw values are read again, a column at a time, once the failures are
+    known; the valid frame is gathered a column at a time, each typed column released once
+    gathered. Given RawColumns, a large day so peaks near the typed rows plus a column, where
+    the whole raw frame (about 3x an all-text CSV) plus the typed and valid frames were held.
+    """
+    if isinstance(raw, pl.DataFrame):
+        raw = RawColumns(raw.columns, raw.get_column)
+    columns, read = raw.names, raw.read
+    del raw
+    meta = pl.DataFrame([read(SOURCE_FILE), read(ROW_NUMBER)])
+    rows_in = meta.height
+    if rows_in:
+        check_file_columns(spec, pl.DataFrame([meta[SOURCE_FILE], read(FILE_COLUMNS)]))
+    present = set(columns)
+    typed_cols: list[pl.Series] = []
+    parse_rows = []
+    for c in spec.schema_.columns:
+        # A nullable column a file did not have: all nulls.
+        raw_col = (
+            read(c.name)
+            if c.name in present
+            else pl.repeat(None, rows_in, dtype=pl.String, eager=True)
+        )
+        one = pl.DataFrame([raw_col.alias(c.name)])
+        typed_col = one.select(_parse_expr(c, spec).alias(c.name)).to_series()
+        bad = (typed_col.is_null() & raw_col.is_not_null()).arg_true()
+        parse_rows.extend(
+            {
+                "column": c.name,
+                "check": "type",
+                "pandera_check": f"coerce_dtype('{c.type}')",
+                "index": i,
+            }
+            for i in bad.to_list()
+        )
+        typed_cols.append(typed_col)
+        del raw_col, one, typed_col
+    typed = pl.DataFrame([*typed_cols, *meta.get_columns()])
+    del typed_cols, meta
+    parse_fc = pd.DataFrame(parse_rows, columns=["column", "check", "pandera_check", "index"])
+    parse_fc = parse_fc.astype({"index": "int64"})
     rule_fc = _rule_failures(spec, typed, parse_fc["index"].unique().tolist(), day)
     failures = pd.concat([parse_fc, rule_fc], ignore_index=True)
 
     bad_idx = sorted(set(failures["index"].tolist()))
     cols = {c.name: c for c in spec.schema_.columns}
-    quarantine = _quarantine_frame(raw, failures, bad_idx, cols)
-    valid = _valid_sorted(spec, typed, bad_idx)
-    result = ValidationResult(valid=valid, quarantine=quarantine, rows_in=raw.height)
+    # The raw record's columns, as the frame had them, then the schema's missing ones.
+    record_cols = [n for n in columns if n != FILE_COLUMNS]
+    record_cols += [n for n in cols if n not in present]
+
+    def bad_rows(name: str) -> pl.Series:
+        if name not in present:
+            return pl.repeat(None, len(bad_idx), dtype=pl.String, eager=True).alias(name)
+        return read(name).gather(bad_idx)
+
+    quarantine = _quarantine_frame(
+        pl.DataFrame([bad_rows(n) for n in record_cols]) if bad_idx else None,
+        failures,
+        bad_idx,
+        cols,
+    )
+    order = _valid_order(spec, typed, bad_idx)
+    left = typed.get_columns()
+    del typed
+    valid_cols = []
+    while left:  # each typed column is released once gathered
+        valid_cols.append(left.pop(0).gather(order))
+    valid = pl.DataFrame(valid_cols)
+    result = ValidationResult(valid=valid, quarantine=quarantine, rows_in=rows_in)
     if result.rows_valid + result.rows_quarantined != result.rows_in:  # pragma: no cover
         raise RuntimeError(
             f"row counts do not reconcile: {result.rows_in} in, {result.rows_valid} valid, "
@@ -329,16 +414,19 @@ def validate(spec: Spec, raw: pl.DataFrame, day: dt.date | None = None) -> Valid
 
 
 def _quarantine_frame(
-    raw: pl.DataFrame, failures: pd.DataFrame, bad_idx: list[int], cols: dict[str, ColumnSpec]
+    bad_rows: pl.DataFrame | None,
+    failures: pd.DataFrame,
+    bad_idx: list[int],
+    cols: dict[str, ColumnSpec],
 ) -> pl.DataFrame:
-    if not bad_idx:
+    """The quarantine from the failures and the bad rows' raw values (in `bad_idx` order)."""
+    if not bad_idx or bad_rows is None:
         return pl.DataFrame(schema=QUARANTINE_SCHEMA)
     order = {name: i for i, name in enumerate(cols)}
     failures = failures.assign(
         _order=failures["column"].map(lambda c: order.get(c, len(order)))
     ).sort_values(["index", "_order", "check"], kind="stable")
-    kept = raw.select(pl.exclude(FILE_COLUMNS))
-    records = dict(zip(bad_idx, kept[bad_idx].to_dicts(), strict=True))
+    records = dict(zip(bad_idx, bad_rows.to_dicts(), strict=True))
     rows = []
     for idx, group in failures.groupby("index", sort=True):
         rec = records[int(idx)]
@@ -377,12 +465,12 @@ def _quarantine_frame(
     return pl.DataFrame(rows, schema=QUARANTINE_SCHEMA)
 
 
-def _valid_sorted(spec: Spec, typed: pl.DataFrame, bad_idx: list[int]) -> pl.DataFrame:
-    """The rows not quarantined, in key order: the order from the key columns alone, then
-    one gather (a filter, then a sort of every column, held three copies at once)."""
+def _valid_order(spec: Spec, typed: pl.DataFrame, bad_idx: list[int]) -> pl.Series:
+    """The positions of the rows not quarantined, in key order (from the key columns alone:
+    a filter, then a sort of every column, held three copies at once)."""
     keys = [spec.source.timestamp_column]
     if spec.source.entity_column:
         keys.append(spec.source.entity_column)
     keys += [SOURCE_FILE, ROW_NUMBER]
     order = typed.select(pl.arg_sort_by(keys).alias("_index"))
-    return typed[order.filter(~pl.col("_index").is_in(bad_idx))["_index"]]
+    return order.filter(~pl.col("_index").is_in(bad_idx))["_index"]
