@@ -414,23 +414,29 @@ def test_backfill_of_50_partitions_on_two_workers_matches_the_default_profile(pr
 # --- (c) SIGKILL in the middle of a write --------------------------------------------------
 
 KILLED_WRITE = r"""
-import os, signal, sys
-from fsspec.implementations.local import LocalFileOpener
+import io, os, signal, sys
+import polars as pl
 
 day, asset = sys.argv[1], sys.argv[2]
-original = LocalFileOpener.write
+original = pl.DataFrame.write_parquet
 
-def write(self, data):
+def write_parquet(self, file, *args, **kwargs):
     # Fault injection, nothing else changed: half of the partition's bytes reach the
-    # temporary file, then the process is killed (no handler, no cleanup can run).
-    if f"/{asset}/.tmp-" in self.path and f"-{day}.parquet" in self.path:
-        original(self, data[: len(data) // 2])
-        self.flush()
-        os.fsync(self.f.fileno())
+    # temporary file (the lake streams a local partition straight into it), then the
+    # process is killed (no handler, no cleanup can run).
+    path = str(file) if isinstance(file, (str, os.PathLike)) else ""
+    if f"/{asset}/.tmp-" in path and f"-{day}.parquet" in path:
+        buf = io.BytesIO()
+        original(self, buf, *args, **kwargs)
+        data = buf.getvalue()
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
         os.kill(os.getpid(), signal.SIGKILL)
-    return original(self, data)
+    return original(self, file, *args, **kwargs)
 
-LocalFileOpener.write = write
+pl.DataFrame.write_parquet = write_parquet
 
 import dagster as dg
 from orchestration.definitions import defs
