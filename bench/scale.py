@@ -3,10 +3,10 @@
 One run, the same generated days and the same backfill driver for both sides
 (`python -m orchestration.executors backfill`: dependency waves, N runs in flight):
 
-- default: Dagster's multiprocess executor, the instance on SQLite (a fresh DAGSTER_HOME);
-  its steps start as Dagster starts them by default (`spawn`: a fresh interpreter per step,
-  which imports the code location), or with `--start-method forkserver` (forked from a
-  process per run slot that imported it once);
+- default: the default profile's in-process executor (every step inside its run's process),
+  the instance on SQLite (a fresh DAGSTER_HOME); `--start-method spawn|forkserver` runs it
+  on the multiprocess executor instead (a fresh interpreter per step, or forked from a
+  process per run slot that imported the code location once);
 - production: the dagster-celery executor with two worker processes on the Redis broker
   (one step at a time each), the instance in PostgreSQL (deploy/dagster.yaml, a fresh
   database, dropped afterwards).
@@ -16,7 +16,7 @@ and writes bench/results/scale.json. Needs PostgreSQL on 127.0.0.1:5432 (user ro
 and Redis on 127.0.0.1:6379.
 
     .venv/bin/python bench/scale.py [--days 60] [--machines 5] [--concurrency 4] [--workers 2]
-                                    [--start-method spawn|forkserver]
+                                    [--start-method in_process|spawn|forkserver]
 """
 
 from __future__ import annotations
@@ -89,9 +89,10 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="celery worker processes")
     ap.add_argument(
         "--start-method",
-        choices=["spawn", "forkserver"],
-        default="spawn",
-        help="how the default profile's multiprocess executor starts steps (Dagster: spawn)",
+        choices=["in_process", "spawn", "forkserver"],
+        default="in_process",
+        help="the default profile's executor (in_process), or how a multiprocess executor "
+        "starts its steps",
     )
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
     args = ap.parse_args()
@@ -134,15 +135,17 @@ def main() -> int:
                 print(f"production profile: {len(names)} celery workers ...")
                 prod = backfill(prod_env, first, last, args.concurrency, root / "prod.json")
 
-        # 2. The default profile: multiprocess executor, SQLite instance.
+        # 2. The default profile: its executor (in process unless --start-method), SQLite.
         home = root / "home_default"
         home.mkdir()
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         default_env = {
             **base,
             "DAGSTER_HOME": str(home),
-            "MLOPS_EXECUTOR": "multiprocess",
-            "MLOPS_MULTIPROCESS_START_METHOD": args.start_method,
+            "MLOPS_EXECUTOR": "in_process" if args.start_method == "in_process" else "multiprocess",
+            "MLOPS_MULTIPROCESS_START_METHOD": ""
+            if args.start_method == "in_process"
+            else args.start_method,
             "MLOPS_LAKE_URL": str(root / "lake_default"),
             "MLOPS_ONLINE_STORE_URL": f"sqlite:///{root / 'online_default.db'}",
         }
@@ -162,7 +165,7 @@ def main() -> int:
         ratio = prod["partitions_per_s"] / default["partitions_per_s"]
         print(
             f"\n{args.days} partitions ({report.rows} rows), {args.concurrency} runs in flight:\n"
-            f"  default    (multiprocess/{args.start_method}, SQLite) {default['partitions_per_s']:.3f} "
+            f"  default    ({args.start_method}, SQLite) {default['partitions_per_s']:.3f} "
             f"partitions/s ({default['seconds']:.0f} s)\n"
             f"  production (celery x{args.workers}, PostgreSQL)  {prod['partitions_per_s']:.3f} "
             f"partitions/s ({prod['seconds']:.0f} s)\n"

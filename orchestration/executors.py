@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [o for o in outcomes if not o.success]
     summary = {
         "job": args.job,
-        "executor": os.environ.get(EXECUTOR_ENV) or "multiprocess",
+        "executor": os.environ.get(EXECUTOR_ENV) or "in_process",
         "partitions": len(parts),
         "runs": len(outcomes),
         "failed": len(failed),
