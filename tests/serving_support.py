@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,3 +60,19 @@ def samples(text: str, name: str, **labels: str) -> list[Any]:
         for s in f.samples
         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     ]
+
+
+# One raw reading of the example spec's schema, values overridden by keyword.
+def reading(machine: str, when: dt.datetime | str, **values: Any) -> dict[str, Any]:
+    base = {
+        "timestamp": when if isinstance(when, str) else when.isoformat(),
+        "machine_id": machine,
+        "machine_type": "A",
+        "firmware": "1.0",
+        "temperature": 60.0,
+        "vibration": 2.0,
+        "pressure": 110.0,
+        "rpm": 1500.0,
+        "voltage": 230.0,
+    }
+    return {**base, **values}

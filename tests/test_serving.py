@@ -43,6 +43,7 @@ from mlops.model_loader import load_model
 from mlops.online_store import make_store
 from resources.lake import LakeResource
 from tests.conftest import QUIET, make_project, materialization_meta, small_data
+from tests.serving_support import reading as _reading
 from tests.serving_support import samples, training_frame, variant, wait
 
 NAME = "machine_failure"
@@ -229,21 +230,6 @@ def replay(world: World) -> list[dict[str, Any]]:
             assert r.status_code == 200, r.text
             out.append(r.json())
     return out
-
-
-def _reading(machine: str, when: dt.datetime, **values: Any) -> dict[str, Any]:
-    base = {
-        "timestamp": when.isoformat(),
-        "machine_id": machine,
-        "machine_type": "A",
-        "firmware": "1.0",
-        "temperature": 60.0,
-        "vibration": 2.0,
-        "pressure": 110.0,
-        "rpm": 1500.0,
-        "voltage": 230.0,
-    }
-    return {**base, **values}
 
 
 # Served = batch ----------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from mlops.spec import load_spec
 from serving.app import create_app
 from serving.settings import ServeSettings
 from tests.conftest import embedded_spec_text, make_project, small_data
-from tests.serving_support import samples, training_frame, variant, wait
+from tests.serving_support import reading, samples, training_frame, variant, wait
 
 NAME = "machine_failure"
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
@@ -88,21 +88,6 @@ def ready_client(s: ServeSettings) -> TestClient:
     client.__enter__()
     wait(lambda: client.get("/health/ready").status_code == 200, 60, "the champion to load")
     return client
-
-
-def reading(machine: str, when: dt.datetime | str, **values: Any) -> dict[str, Any]:
-    base = {
-        "timestamp": when if isinstance(when, str) else when.isoformat(),
-        "machine_id": machine,
-        "machine_type": "A",
-        "firmware": "1.0",
-        "temperature": 60.0,
-        "vibration": 2.0,
-        "pressure": 110.0,
-        "rpm": 1500.0,
-        "voltage": 230.0,
-    }
-    return {**base, **values}
 
 
 # 12. Timestamps --------------------------------------------------------------------------------
