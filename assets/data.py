@@ -5,9 +5,9 @@ returns metadata. Keys are prefixed with the spec name (e.g. machine_failure/fea
 """
 
 import datetime as dt
+from typing import TYPE_CHECKING
 
 import dagster as dg
-import polars as pl
 
 from assets.metadata import md_table
 from mlops import features as feats
@@ -19,6 +19,11 @@ from orchestration.partitions import daily_partitions, lookback_mapping
 from orchestration.pools import online_store_pool
 from resources.lake import LakeResource
 from resources.online_store import OnlineStoreResource
+
+if TYPE_CHECKING:
+    import polars as pl
+else:
+    from mlops.lazy import polars as pl
 
 EXTERNAL_ASSET_NAMES = ("landing_files", "label_events")
 ROWS_RECONCILE_CHECK = "rows_reconcile_check"

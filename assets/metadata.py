@@ -1,10 +1,16 @@
 """Metadata values the asset pages show."""
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
-import polars as pl
+
+if TYPE_CHECKING:
+    import polars as pl
+else:
+    from mlops.lazy import polars as pl
 
 
-def md_table(df: pl.DataFrame, rows: int = 10, cols: int = 16) -> dg.MetadataValue:
+def md_table(df: "pl.DataFrame", rows: int = 10, cols: int = 16) -> dg.MetadataValue:
     """The frame's first rows as a Markdown table (long strings cut, 4 decimals)."""
     with pl.Config(
         tbl_formatting="MARKDOWN",

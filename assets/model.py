@@ -13,9 +13,9 @@ import base64
 import multiprocessing
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
-import polars as pl
 
 from mlops import promotion, registry, training
 from mlops.lake import Lake
@@ -24,6 +24,11 @@ from orchestration.partitions import daily_partitions
 from orchestration.pools import registry_pool
 from resources.lake import LakeResource
 from resources.mlflow import MlflowResource
+
+if TYPE_CHECKING:
+    import polars as pl
+else:
+    from mlops.lazy import polars as pl
 
 GATE_CHECKS = {
     "thresholds": "thresholds_gate_check",
@@ -423,7 +428,7 @@ class RollbackConfig(dg.Config):
     reason: str = ""
 
 
-def score_frame(spec: Spec, model, feats: pl.DataFrame) -> pl.DataFrame:
+def score_frame(spec: Spec, model, feats: "pl.DataFrame") -> "pl.DataFrame":
     """Keys of the input rows, score, decision and model version: output keys = input keys."""
     from mlops.labels import entity_column
 

@@ -4,8 +4,9 @@ Each writes its per-day summary to the lake (`<spec>/<asset>/<day>.json`) beside
 table; the retraining sensors read those summaries, so the rules see exactly what the UI shows.
 """
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
-import polars as pl
 
 from assets.metadata import md_table
 from mlops import monitoring, promotion, registry
@@ -17,14 +18,19 @@ from orchestration.partitions import daily_partitions
 from resources.lake import LakeResource
 from resources.mlflow import MlflowResource
 
+if TYPE_CHECKING:
+    import polars as pl
+else:
+    from mlops.lazy import polars as pl
 
-def scored_version(predictions: pl.DataFrame) -> int:
+
+def scored_version(predictions: "pl.DataFrame") -> int:
     """The model version that scored most of the day's rows."""
     counts = predictions.group_by("model_version").len().sort("len", descending=True)
     return int(counts["model_version"][0])
 
 
-def _predictions(store, spec: Spec, day: str) -> tuple[pl.DataFrame, str]:
+def _predictions(store, spec: Spec, day: str) -> "tuple[pl.DataFrame, str]":
     """The day's scored rows: what the online service served when it served any (the
     inference_log asset), else the batch predictions."""
     if store.exists(spec.name, "inference_log", day):

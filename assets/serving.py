@@ -5,14 +5,20 @@ reads one day of them (by the readings' event time) into the lake and compares t
 (champion, canary, shadow) in its metadata. Logic in mlops.inference_log.
 """
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
-import polars as pl
 
 from assets.metadata import md_table
 from mlops.inference_log import compare_routes, inference_log_dir, read_day
 from mlops.spec import Spec
 from orchestration.partitions import daily_partitions
 from resources.lake import LakeResource
+
+if TYPE_CHECKING:
+    import polars as pl
+else:
+    from mlops.lazy import polars as pl
 
 
 def build_serving_assets(spec: Spec) -> list[dg.AssetsDefinition]:

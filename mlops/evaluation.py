@@ -15,10 +15,15 @@ import math
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+else:
+    from mlops.lazy import numpy as np
+    from mlops.lazy import pandas as pd
+
 
 BINARY = "binary_classification"
 REGRESSION = "regression"

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-
-import numpy as np
-import polars as pl
+from typing import TYPE_CHECKING
 
 from mlops.labels import entity_column, with_entity
 from mlops.spec import Spec, parse_duration
+
+if TYPE_CHECKING:
+    import numpy as np
+    import polars as pl
+else:
+    from mlops.lazy import numpy as np
+    from mlops.lazy import polars as pl
 
 
 def feature_names(spec: Spec) -> list[str]:

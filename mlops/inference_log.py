@@ -32,15 +32,20 @@ champion (what the client got) and route shadow (the challenger's score, not ret
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import re
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import polars as pl
+if TYPE_CHECKING:
+    import polars as pl
+else:
+    from mlops.lazy import polars as pl
+
 
 LOG_DIR_ENV = "MLOPS_INFERENCE_LOG_DIR"
 DEFAULT_MAX_BYTES = 128 * 1024 * 1024
@@ -50,24 +55,28 @@ FILE_RE = re.compile(r"^inference-(\d{4}-\d{2}-\d{2})-(\d+)-(\d+)\.jsonl$")
 CLOCK_SLACK = dt.timedelta(days=1)
 ROUTES = ("champion", "canary", "shadow")
 
-LOG_SCHEMA: dict[str, pl.DataType] = {
-    "request_id": pl.String(),
-    "record": pl.Int64(),
-    "time": pl.Datetime("us", "UTC"),
-    "event_time": pl.Datetime("us"),
-    "entity": pl.String(),
-    "route": pl.String(),
-    "model_version": pl.Int64(),
-    "status": pl.Int64(),
-    "score": pl.Float64(),
-    "decision": pl.Float64(),
-    "latency_ms": pl.Float64(),
-    "score_ms": pl.Float64(),
-    "fallback": pl.String(),
-    "inputs": pl.String(),  # JSON text: the schema's columns, as sent
-    "features": pl.String(),  # JSON text: feature name -> value
-    "pid": pl.Int64(),
-}
+
+@functools.cache
+def log_schema() -> dict[str, pl.DataType]:
+    """The request log's columns, as `read_day` returns them (a function: polars loads only when a log is read)."""
+    return {
+        "request_id": pl.String(),
+        "record": pl.Int64(),
+        "time": pl.Datetime("us", "UTC"),
+        "event_time": pl.Datetime("us"),
+        "entity": pl.String(),
+        "route": pl.String(),
+        "model_version": pl.Int64(),
+        "status": pl.Int64(),
+        "score": pl.Float64(),
+        "decision": pl.Float64(),
+        "latency_ms": pl.Float64(),
+        "score_ms": pl.Float64(),
+        "fallback": pl.String(),
+        "inputs": pl.String(),  # JSON text: the schema's columns, as sent
+        "features": pl.String(),  # JSON text: feature name -> value
+        "pid": pl.Int64(),
+    }
 
 
 def inference_log_dir(spec_name: str) -> Path:
@@ -193,8 +202,8 @@ def _json_text(v: Any) -> str | None:
 
 
 def to_frame(lines: list[dict[str, Any]]) -> pl.DataFrame:
-    """Log lines -> a frame in LOG_SCHEMA (inputs and features kept as JSON text)."""
-    cols: dict[str, list[Any]] = {k: [] for k in LOG_SCHEMA}
+    """Log lines -> a frame in log_schema() (inputs and features kept as JSON text)."""
+    cols: dict[str, list[Any]] = {k: [] for k in log_schema()}
     for rec in lines:
         outputs = rec.get("outputs") or {}
         for k in ("request_id", "record", "entity", "route", "model_version", "status"):
@@ -212,18 +221,18 @@ def to_frame(lines: list[dict[str, Any]]) -> pl.DataFrame:
         cols["pid"].append(rec.get("pid"))
     text = {k: pl.String() for k in ("time", "event_time")}
     frame = pl.DataFrame(
-        {k: cols[k] for k in LOG_SCHEMA},
-        schema={**LOG_SCHEMA, **text},
+        {k: cols[k] for k in log_schema()},
+        schema={**log_schema(), **text},
         strict=False,
     )
     return frame.with_columns(
         pl.col("time").str.to_datetime(time_unit="us", time_zone="UTC", strict=False),
         pl.col("event_time").str.to_datetime(time_unit="us", strict=False),
-    ).select([pl.col(k).cast(t) for k, t in LOG_SCHEMA.items()])
+    ).select([pl.col(k).cast(t) for k, t in log_schema().items()])
 
 
 def read_day(directory: str | Path, day: dt.date | str) -> pl.DataFrame:
-    """The day's served records (event time in [day, day + 1)), in LOG_SCHEMA, sorted by
+    """The day's served records (event time in [day, day + 1)), in log_schema(), sorted by
     event time, request and route. Rejected requests carry no event time and are left out."""
     day = dt.date.fromisoformat(day) if isinstance(day, str) else day
     lines, _ = read_lines(log_files(directory, since=day - CLOCK_SLACK))
@@ -236,20 +245,24 @@ def read_day(directory: str | Path, day: dt.date | str) -> pl.DataFrame:
 
 # Comparing routes --------------------------------------------------------------------------------
 
-COMPARISON_SCHEMA: dict[str, pl.DataType] = {
-    "route": pl.String(),
-    "model_version": pl.Int64(),
-    "count": pl.Int64(),
-    "mean_score": pl.Float64(),
-    "decision_rate": pl.Float64(),
-    "latency_p50_ms": pl.Float64(),
-    "latency_p99_ms": pl.Float64(),
-    "score_p50_ms": pl.Float64(),
-    "paired": pl.Int64(),  # shadow: records scored by the champion too
-    "agreement": pl.Float64(),  # shadow: share of paired records with the same decision
-    "mean_abs_score_diff": pl.Float64(),  # shadow: |shadow - champion| over paired records
-    "max_abs_score_diff": pl.Float64(),
-}
+
+@functools.cache
+def comparison_schema() -> dict[str, pl.DataType]:
+    """One row per route and model version, as `compare_routes` returns them (a function: polars loads only when a log is read)."""
+    return {
+        "route": pl.String(),
+        "model_version": pl.Int64(),
+        "count": pl.Int64(),
+        "mean_score": pl.Float64(),
+        "decision_rate": pl.Float64(),
+        "latency_p50_ms": pl.Float64(),
+        "latency_p99_ms": pl.Float64(),
+        "score_p50_ms": pl.Float64(),
+        "paired": pl.Int64(),  # shadow: records scored by the champion too
+        "agreement": pl.Float64(),  # shadow: share of paired records with the same decision
+        "mean_abs_score_diff": pl.Float64(),  # shadow: |shadow - champion| over paired records
+        "max_abs_score_diff": pl.Float64(),
+    }
 
 
 def compare_routes(log: pl.DataFrame) -> pl.DataFrame:
@@ -257,7 +270,7 @@ def compare_routes(log: pl.DataFrame) -> pl.DataFrame:
     the shadow route also the agreement with, and the score difference from, the champion's
     answer to the same records (paired on request id and record)."""
     if log.height == 0:
-        return pl.DataFrame(schema=COMPARISON_SCHEMA)
+        return pl.DataFrame(schema=comparison_schema())
     stats = (
         log.group_by("route", "model_version")
         .agg(
@@ -282,4 +295,4 @@ def compare_routes(log: pl.DataFrame) -> pl.DataFrame:
         (pl.col("score") - pl.col("c_score")).abs().max().alias("max_abs_score_diff"),
     )
     out = stats.join(paired, on=["route", "model_version"], how="left")
-    return out.select([pl.col(k).cast(t) for k, t in COMPARISON_SCHEMA.items()])
+    return out.select([pl.col(k).cast(t) for k, t in comparison_schema().items()])

@@ -20,11 +20,14 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
-
-import polars as pl
+from typing import TYPE_CHECKING, BinaryIO
 
 from mlops.spec import FileFeed, FileSource, Spec
+
+if TYPE_CHECKING:
+    import polars as pl
+else:
+    from mlops.lazy import polars as pl
 
 SOURCE_FILE = "_source_file"
 ROW_NUMBER = "_row_number"  # 1-based data row in the source file (header excluded)

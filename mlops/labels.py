@@ -11,11 +11,15 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
-
-import polars as pl
+from typing import TYPE_CHECKING
 
 from mlops import ingest
 from mlops.spec import EventFeed, Spec, parse_duration
+
+if TYPE_CHECKING:
+    import polars as pl
+else:
+    from mlops.lazy import polars as pl
 
 ENTITY = "_entity"  # internal entity key when the spec has none
 MATURE = "label_mature"

@@ -30,12 +30,15 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import duckdb
-import fsspec
-import polars as pl
-from fsspec.implementations.local import LocalFileSystem
+if TYPE_CHECKING:
+    import duckdb
+    import fsspec
+    import polars as pl
+else:
+    from mlops.lazy import duckdb, fsspec
+    from mlops.lazy import polars as pl
 
 UNPARTITIONED = "__all__"
 T = TypeVar("T")
@@ -72,6 +75,8 @@ class Lake:
     """
 
     def __init__(self, base_url: str, storage_options: Mapping[str, Any] | None = None):
+        from fsspec.implementations.local import LocalFileSystem
+
         self.base_url = base_url.rstrip("/")
         protocol = fsspec.core.split_protocol(self.base_url)[0] or "file"
         options = {**env_storage_options(protocol), **(storage_options or {})}

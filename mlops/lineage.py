@@ -6,14 +6,18 @@ from __future__ import annotations
 import io
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import polars as pl
+from typing import TYPE_CHECKING, Any
 
 from mlops import registry
 from mlops.lake import Lake, sha256_bytes
 from mlops.spec import Spec, load_spec
+
+if TYPE_CHECKING:
+    import numpy as np
+    import polars as pl
+else:
+    from mlops.lazy import numpy as np
+    from mlops.lazy import polars as pl
 
 PREDICTIONS = "batch_predictions"
 

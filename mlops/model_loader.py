@@ -8,14 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import pandas as pd
-import polars as pl
+from typing import TYPE_CHECKING, Any
 
 from mlops.modeling import MatrixLayout, model_matrix, predict
 from mlops.registry import RegistryError, client
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import polars as pl
+else:
+    from mlops.lazy import numpy as np
+    from mlops.lazy import pandas as pd
+    from mlops.lazy import polars as pl
 
 
 class ModelRefused(RegistryError):

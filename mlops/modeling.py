@@ -13,20 +13,25 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 # OpenMP threads that spin while they wait make xgboost 5x slower whenever another process
 # holds a core (parallel test workers, a Dagster run beside the webserver). Must be set
 # before xgboost's OpenMP runtime starts, i.e. before the first fit in this process.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import polars as pl
 
 from mlops.features import feature_names
 from mlops.spec import CandidateSpec, Spec
 from mlops.training_set import SAMPLE_WEIGHT
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import polars as pl
+else:
+    from mlops.lazy import numpy as np
+    from mlops.lazy import pandas as pd
+    from mlops.lazy import polars as pl
 
 XGBOOST = "xgboost"
 

@@ -10,15 +10,19 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-import numpy as np
-import polars as pl
+from typing import TYPE_CHECKING, Any
 
 from mlops import evaluation, modeling
 from mlops.labels import MATURE, entity_column
 from mlops.lake import Lake, read_json
 from mlops.spec import Spec
+
+if TYPE_CHECKING:
+    import numpy as np
+    import polars as pl
+else:
+    from mlops.lazy import numpy as np
+    from mlops.lazy import polars as pl
 
 DRIFT_REPORT = "drift_report"
 MODEL_PERFORMANCE = "model_performance"

@@ -11,15 +11,19 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-import polars as pl
+from typing import TYPE_CHECKING, Any
 
 from mlops import features as feats
 from mlops.labels import entity_column, with_entity
 from mlops.online_store import EntityState, OnlineStore
 from mlops.spec import Spec
+
+if TYPE_CHECKING:
+    import numpy as np
+    import polars as pl
+else:
+    from mlops.lazy import numpy as np
+    from mlops.lazy import polars as pl
 
 TS = "ts"  # the timestamp's key inside stored rows
 

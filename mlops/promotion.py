@@ -10,15 +10,19 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import polars as pl
+from typing import TYPE_CHECKING, Any
 
 from mlops import evaluation, modeling, registry
 from mlops.lake import Lake, put_file, read_json, write_json
 from mlops.model_loader import LoadedModel, ModelRefused, load_model, verify_servable
 from mlops.spec import Spec
+
+if TYPE_CHECKING:
+    import numpy as np
+    import polars as pl
+else:
+    from mlops.lazy import numpy as np
+    from mlops.lazy import polars as pl
 
 EVALUATION_ASSET = "model_evaluation"
 GATES = ("thresholds", "improvement", "slices", "serving_smoke")

@@ -10,27 +10,20 @@ import datetime as dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import polars as pl
-
 from mlops.lake import Lake
+
+if TYPE_CHECKING:
+    import polars as pl
+else:
+    from mlops.lazy import polars as pl
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 TAG = "mlops."  # every tag this project writes starts with it
 HISTORY_ASSET = "deployments"  # the single-file history of earlier versions, read only
 HISTORY_LOG_ASSET = "deployment_log"  # one file per entry: appends never race
-HISTORY_SCHEMA = {
-    "time": pl.Datetime("us", "UTC"),
-    "action": pl.String,  # promote | force_promote | rollback | force_rollback | refused
-    "from_version": pl.Int64,
-    "to_version": pl.Int64,
-    "reason": pl.String,
-    "dagster_run_id": pl.String,
-    "mlflow_run_id": pl.String,
-    "actor": pl.String,
-}
 # Actions that moved the champion alias; a `refused` row records a challenger the gate kept
 # out (to_version: the refused version, from_version: the champion that kept serving).
 MOVES = ("promote", "force_promote", "rollback", "force_rollback")
@@ -55,6 +48,20 @@ LINEAGE_TAGS = (
 
 class RegistryError(ValueError):
     pass
+
+
+def history_schema() -> dict[str, pl.DataType]:
+    """The deployment history's columns (a function: polars loads only when it is read)."""
+    return {
+        "time": pl.Datetime("us", "UTC"),
+        "action": pl.String,  # promote | force_promote | rollback | force_rollback | refused
+        "from_version": pl.Int64,
+        "to_version": pl.Int64,
+        "reason": pl.String,
+        "dagster_run_id": pl.String,
+        "mlflow_run_id": pl.String,
+        "actor": pl.String,
+    }
 
 
 def client(tracking_uri: str):
@@ -233,10 +240,10 @@ def deployment_history(lake: Lake, spec_name: str) -> pl.DataFrame:
         for k in keys
     ]
     if not frames:
-        return pl.DataFrame(schema=HISTORY_SCHEMA)
-    history = pl.concat([f.select([*HISTORY_SCHEMA, "_key"]) for f in frames], how="vertical")
+        return pl.DataFrame(schema=history_schema())
+    history = pl.concat([f.select([*history_schema(), "_key"]) for f in frames], how="vertical")
     # The legacy file's rows keep their order; entries sort by time, then their file name.
-    return history.with_row_index("_at").sort("time", "_key", "_at").select(list(HISTORY_SCHEMA))
+    return history.with_row_index("_at").sort("time", "_key", "_at").select(list(history_schema()))
 
 
 def record_deployment(lake: Lake, spec_name: str, d: Deployment) -> pl.DataFrame:
@@ -259,7 +266,7 @@ def record_deployment(lake: Lake, spec_name: str, d: Deployment) -> pl.DataFrame
                 "actor": d.actor,
             }
         ],
-        schema=HISTORY_SCHEMA,
+        schema=history_schema(),
     )
     key = f"{now:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex}"
     lake.write(spec_name, HISTORY_LOG_ASSET, row, key)

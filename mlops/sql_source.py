@@ -35,9 +35,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import polars as pl
+from typing import TYPE_CHECKING, Any
 
 from mlops.ingest import (
     FILE_COLUMNS,
@@ -48,6 +46,11 @@ from mlops.ingest import (
     partition_fingerprint,
 )
 from mlops.spec import ENV_VAR_RE, SqlSource
+
+if TYPE_CHECKING:
+    import polars as pl
+else:
+    from mlops.lazy import polars as pl
 
 __all__ = [
     "SqlPull",

@@ -27,13 +27,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import polars as pl
+from typing import TYPE_CHECKING, Any
 
 from mlops import modeling, registry
 from mlops.spec import Spec
+
+if TYPE_CHECKING:
+    import numpy as np
+    import polars as pl
+else:
+    from mlops.lazy import numpy as np
+    from mlops.lazy import polars as pl
 
 # Fault injection, for tests only (unset in every profile): seconds to sleep right before a
 # candidate is registered (search, refit and model logging done), so a test can kill or cancel

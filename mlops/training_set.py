@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-
-import polars as pl
+from typing import TYPE_CHECKING
 
 from mlops.features import feature_names
 from mlops.labels import MATURE, entity_column
 from mlops.lake import Lake
 from mlops.spec import Spec
+
+if TYPE_CHECKING:
+    import polars as pl
+else:
+    from mlops.lazy import polars as pl
 
 FEATURE_TIME = "feature_time"
 SPLIT = "split"

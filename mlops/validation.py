@@ -16,25 +16,37 @@ import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import numpy as np
-import pandas as pd
-import pandera.pandas as pa
-import polars as pl
+from typing import TYPE_CHECKING
 
 from mlops.ingest import FILE_COLUMNS, ROW_NUMBER, SOURCE_FILE
 from mlops.spec import ColumnSpec, Spec
 
-QUARANTINE_SCHEMA = {
-    SOURCE_FILE: pl.String,
-    ROW_NUMBER: pl.Int64,
-    "column": pl.String,
-    "check": pl.String,
-    "value": pl.String,
-    "reason": pl.String,
-    "errors": pl.String,  # JSON list of every failure of the row
-    "record": pl.String,  # JSON of the raw row as it arrived
-}
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import pandera.pandas as pa
+    import polars as pl
+else:
+    from mlops.lazy import numpy as np
+    from mlops.lazy import pandas as pd
+    from mlops.lazy import pandera as pa
+    from mlops.lazy import polars as pl
+
+
+def quarantine_schema() -> dict[str, pl.DataType]:
+    """One row per rejected input row; a function so polars loads only when rows are checked."""
+    return {
+        SOURCE_FILE: pl.String,
+        ROW_NUMBER: pl.Int64,
+        "column": pl.String,
+        "check": pl.String,
+        "value": pl.String,
+        "reason": pl.String,
+        "errors": pl.String,  # JSON list of every failure of the row
+        "record": pl.String,  # JSON of the raw row as it arrived
+    }
+
+
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 
@@ -74,14 +86,6 @@ def _pandas_dtype(col: ColumnSpec):
 
 
 _ISO_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
-_POLARS_TYPES = {
-    "float": pl.Float64,
-    "int": pl.Int64,
-    "string": pl.String,
-    "category": pl.String,
-    "bool": pl.Boolean,
-    "timestamp": pl.Datetime("us"),
-}
 
 
 def _parse_expr(col: ColumnSpec, spec: Spec) -> pl.Expr:
@@ -421,7 +425,7 @@ def _quarantine_frame(
 ) -> pl.DataFrame:
     """The quarantine from the failures and the bad rows' raw values (in `bad_idx` order)."""
     if not bad_idx or bad_rows is None:
-        return pl.DataFrame(schema=QUARANTINE_SCHEMA)
+        return pl.DataFrame(schema=quarantine_schema())
     order = {name: i for i, name in enumerate(cols)}
     failures = failures.assign(
         _order=failures["column"].map(lambda c: order.get(c, len(order)))
@@ -462,7 +466,7 @@ def _quarantine_frame(
                 ),
             }
         )
-    return pl.DataFrame(rows, schema=QUARANTINE_SCHEMA)
+    return pl.DataFrame(rows, schema=quarantine_schema())
 
 
 def _valid_order(spec: Spec, typed: pl.DataFrame, bad_idx: list[int]) -> pl.Series:

@@ -6,17 +6,23 @@ folders (files the new-data sensor skips, and why), and asks the retraining rule
 would decide now.
 """
 
+from __future__ import annotations
+
 import datetime as dt
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
-import polars as pl
 
 from mlops import monitoring, promotion, registry, watch
 from mlops.lake import Lake
 from mlops.spec import FileSource, Spec
 from sensors.new_data import last_partition
 from sensors.retrain import ACTIVE, evaluate, retraining_runs
+
+if TYPE_CHECKING:
+    import polars as pl
+else:
+    from mlops.lazy import polars as pl
 
 
 def _when(ts: float | None) -> str | None:

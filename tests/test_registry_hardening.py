@@ -400,7 +400,7 @@ def test_concurrent_history_appends_lose_no_entry(tmp_path, base):
                 "reason": "old",
             }
         ],
-        schema=registry.HISTORY_SCHEMA,
+        schema=registry.history_schema(),
     )
     lake.write("s", registry.HISTORY_ASSET, old)
     n, start = 24, threading.Barrier(24)
