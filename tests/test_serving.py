@@ -222,7 +222,14 @@ def _stop(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def replay(world: World) -> list[dict[str, Any]]:
-    """Day 3's readings served one request each, in time order (as devices send them)."""
+    """Day 3's readings served one request each, in time order (as devices send them).
+
+    The world's online state ends with day 2 (the data job stops at day 3's features), so a
+    reading on 2026-01-04 is more than the staleness limit (1 day) after it and is rejected
+    as stale_state; once this has run, every machine's state ends late on day 3. Every test
+    that posts a 2026-01-04 reading to the shared online store therefore requests this
+    fixture, so it passes alone (`-k`) as in file order, and no later-dated reading lands in
+    the store before day 3's (which would make them out of order)."""
     out = []
     with world.server.client() as c:
         for row in world.day3.iter_rows(named=True):
@@ -259,7 +266,7 @@ def test_served_scores_equal_the_batch_scores(world, replay):
 # Bad input ---------------------------------------------------------------------------------------
 
 
-def test_every_kind_of_bad_input_gets_its_4xx_with_field_and_reason(world):
+def test_every_kind_of_bad_input_gets_its_4xx_with_field_and_reason(world, replay):
     when = dt.datetime(2026, 1, 4, 1)
     good = _reading("M0001", when)
 
@@ -334,7 +341,7 @@ def test_every_kind_of_bad_input_gets_its_4xx_with_field_and_reason(world):
 # Explanations, model info, metrics ---------------------------------------------------------------
 
 
-def test_explanations_are_xgboost_contributions_that_add_up(world):
+def test_explanations_are_xgboost_contributions_that_add_up(world, replay):
     reading = _reading("M0005", dt.datetime(2026, 1, 4, 2))
     with world.server.client() as c:
         by_query = c.post("/predict", params={"explain": "true", "top": "3"}, json=reading).json()
@@ -442,7 +449,7 @@ def _settings(world: World, **kw: Any):
     return ServeSettings(**{**base, **kw})
 
 
-def test_canary_routes_a_fraction_to_the_challenger_behind_a_token(world):
+def test_canary_routes_a_fraction_to_the_challenger_behind_a_token(world, replay):
     settings = _settings(world, mode="canary", canary_fraction=0.5, log="canary")
     with ThreadServer(settings, token="s3cret") as srv:
         open_ = httpx.get(srv.url + "/health/live")
@@ -543,7 +550,7 @@ class Load:
         return {v for res in self.results.values() for _, v, _ in res[-n:]}
 
 
-def test_swap_under_load_fails_no_request_and_names_the_version(world):
+def test_swap_under_load_fails_no_request_and_names_the_version(world, replay):
     server, v1, v2 = world.server, world.versions["xgb"], world.versions["lr"]
     with Load(server, threads=4, hour=4) as load:
         wait(
@@ -602,7 +609,7 @@ def _make_broken_version(world: World, how: str) -> int:
     return int(c.create_model_version(NAME, source=str(bad), run_id=run_id).version)
 
 
-def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(world):
+def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(world, replay):
     server = world.server
     good = registry.alias_version(world.uri, NAME, registry.CHAMPION)
     with Load(server, threads=2, hour=5) as load:
@@ -634,7 +641,7 @@ def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(world):
 # Graceful stop -----------------------------------------------------------------------------------
 
 
-def test_sigterm_under_load_loses_no_acknowledged_request(world):
+def test_sigterm_under_load_loses_no_acknowledged_request(world, replay):
     server = world.server
     with Load(server, threads=4, hour=6) as load:
         wait(lambda: sum(map(len, load.results.values())) > 200, 60, "traffic")
