@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 UV_VERSION := 0.13.8
 export DAGSTER_HOME := $(CURDIR)/.mlops/dagster
 
-.PHONY: demo test ui mlflow lint format lock bench clean prod prod-up prod-demo prod-backfill prod-status prod-down prod-clean
+.PHONY: compile demo test ui mlflow lint format lock bench clean prod prod-up prod-demo prod-backfill prod-status prod-down prod-clean
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,17 +24,27 @@ venv: $(BIN)/.installed
 $(DAGSTER_HOME)/dagster.yaml: orchestration/instance.py | $(BIN)/.installed
 	$(BIN)/python -m orchestration.instance $(DAGSTER_HOME)
 
-demo: $(BIN)/.installed $(DAGSTER_HOME)/dagster.yaml
+# The project's own bytecode, refreshed where a source changed (the same reason as
+# --compile-bytecode above: the daemon, the code server and every run import it afresh).
+compile: $(BIN)/.installed
+	$(BIN)/python -m compileall -q mlops assets resources sensors orchestration serving deploy
+
+demo: compile $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m orchestration.demo
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	DAGSTER_HOME=$$(mktemp -d) $(BIN)/dagster definitions validate -w workspace.yaml
-	$(BIN)/python -m compileall -q mlops assets resources sensors orchestration serving deploy
+	$(MAKE) --no-print-directory compile
 	$(BIN)/pytest -n 2 --dist loadfile --durations=15 tests
 
-ui: $(BIN)/.installed $(DAGSTER_HOME)/dagster.yaml
+# Code-server requests (sensor and schedule ticks, run launches) may take 120 s before the
+# daemon or the UI gives up (Dagster's default, 60 s, was hit on a loaded 2-core machine);
+# set your own in the environment to override.
+ui: compile $(DAGSTER_HOME)/dagster.yaml
+	DAGSTER_GRPC_TIMEOUT_SECONDS=$${DAGSTER_GRPC_TIMEOUT_SECONDS:-120} \
+	DAGSTER_SENSOR_GRPC_TIMEOUT_SECONDS=$${DAGSTER_SENSOR_GRPC_TIMEOUT_SECONDS:-120} \
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 # MLflow UI over the default store: runs, registered versions, aliases, artifacts.

@@ -218,16 +218,13 @@ def status(spec_arg: str, as_json: bool) -> None:
 
     # The loop's state is in the Dagster instance the demo and `make ui` use.
     os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".mlops" / "dagster"))
-    import dagster as dg
-
     from orchestration import status as st
 
     s, lake, uri = _context(spec_arg)
     home = os.environ["DAGSTER_HOME"]
     if not os.path.isdir(home):
         _fail(f"no Dagster instance at DAGSTER_HOME={home}: run `make demo` or `make ui` first")
-    with dg.DagsterInstance.get() as instance:
-        data = st.status(s, instance, lake, uri)
+    data = st.read_status(s, lake, home, uri)
     _print(data, as_json, st.render(data))
 
 
@@ -237,6 +234,7 @@ def history(spec_arg: str) -> None:
     """The deployment history: every alias move and every refused challenger, newest last,
     and a champion alias moved in MLflow directly, outside the platform."""
     from mlops import registry
+    from mlops.registry_reader import open_registry
 
     s, lake, uri = _context(spec_arg)
     h = registry.deployment_history(lake, s.name)
@@ -250,10 +248,15 @@ def history(spec_arg: str) -> None:
         click.echo(
             f"{r['time']:%Y-%m-%d %H:%M:%S}  {r['action']:<13} {what}  {r['actor']}  {r['reason']}"
         )
+    reg = open_registry(uri)
     try:
-        moved = registry.moved_outside(uri, s.registered_model_name, h)
+        moved = registry.moved_outside(
+            reg.alias_version(s.registered_model_name, registry.CHAMPION), h
+        )
     except registry.RegistryError as e:
         _fail(f"history: cannot compare with the registry's aliases: {e}")
+    finally:
+        reg.close()
     if moved is not None:  # MLflow records no time or actor for an alias change
         now = f"v{moved['version']}" if moved["version"] is not None else "(alias removed)"
         click.echo(
@@ -273,10 +276,15 @@ def lineage(spec_arg: str, version: int, as_json: bool) -> None:
     from mlops import registry
 
     s, lake, uri = _context(spec_arg)
+    from mlops.registry_reader import open_registry
+
+    reg = open_registry(uri)
     try:
-        d = lin.lineage(s, lake, uri, version)
+        d = lin.lineage(s, lake, reg, version)
     except registry.RegistryError as e:
         _fail(f"lineage: {e}")
+    finally:
+        reg.close()
     _print(d, as_json, lin.format_lineage(d))
 
 
@@ -287,9 +295,14 @@ def lineage(spec_arg: str, version: int, as_json: bool) -> None:
 def impact(spec_arg: str, partition: str, as_json: bool) -> None:
     """Model versions and prediction partitions that used one data partition."""
     from mlops import lineage as lin
+    from mlops.registry_reader import open_registry
 
     s, lake, uri = _context(spec_arg)
-    d = lin.impact(s, lake, uri, partition)
+    reg = open_registry(uri)
+    try:
+        d = lin.impact(s, lake, reg, partition)
+    finally:
+        reg.close()
     _print(d, as_json, lin.format_impact(d))
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlops import registry
 from mlops.lake import Lake, sha256_bytes
+from mlops.registry_reader import RegistryReader
 from mlops.spec import Spec, load_spec
 
 if TYPE_CHECKING:
@@ -34,16 +35,17 @@ def changed_inputs(spec: Spec, lake: Lake, lin: dict[str, Any]) -> dict[str, str
     return changed
 
 
-def lineage(spec: Spec, lake: Lake, tracking_uri: str, version: int) -> dict[str, Any]:
+def lineage(spec: Spec, lake: Lake, reg: RegistryReader, version: int) -> dict[str, Any]:
     """The chain for one version: data partitions -> training set -> runs -> evaluation."""
     from mlops.promotion import decision_text, load_evaluation
 
     name = spec.registered_model_name
-    tags = registry.version_tags(tracking_uri, name, version)
+    mv = next((v for v in reg.versions(name) if v.version == version), None)
+    if mv is None:
+        raise registry.RegistryError(f"model {name} has no version {version}")
+    tags = mv.tags
     lin = registry.lineage_from_tags(tags)
-    c = registry.client(tracking_uri)
-    mv = c.get_model_version(name, str(version))
-    aliases = sorted(getattr(mv, "aliases", []) or [])
+    aliases = sorted(mv.aliases)
     changed = changed_inputs(spec, lake, lin)
     evaluation = load_evaluation(lake, spec, version)
     run_id = tags.get(f"{registry.TAG}mlflow_run_id", mv.run_id)
@@ -102,21 +104,20 @@ def format_lineage(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def impact(spec: Spec, lake: Lake, tracking_uri: str, partition: str) -> dict[str, Any]:
+def impact(spec: Spec, lake: Lake, reg: RegistryReader, partition: str) -> dict[str, Any]:
     """Model versions trained on a partition's data, and the prediction partitions they (or
     that partition's own features) produced."""
     name = spec.registered_model_name
     versions = []
-    aliases = registry.aliases(tracking_uri, name)
-    for mv in registry.search_versions(tracking_uri, name):
-        lin = registry.lineage_from_tags(dict(mv.tags))
+    for mv in reg.versions(name):
+        lin = registry.lineage_from_tags(mv.tags)
         used = sorted(a for a, parts in lin.get("data_versions", {}).items() if partition in parts)
         if used:
             versions.append(
                 {
-                    "version": int(mv.version),
+                    "version": mv.version,
                     "assets": used,
-                    "aliases": aliases.get(int(mv.version), []),
+                    "aliases": mv.aliases,
                 }
             )
     impacted = {v["version"] for v in versions}

@@ -279,12 +279,11 @@ def recorded_champion(history: pl.DataFrame) -> int | None:
     return int(moves["to_version"][-1]) if moves.height else None
 
 
-def moved_outside(tracking_uri: str, model_name: str, history: pl.DataFrame) -> dict | None:
-    """The registry's `champion` when it differs from the last move the history recorded
-    (someone set or deleted the alias in MLflow directly): {"alias", "version", "recorded"};
-    None when they agree. MLflow keeps no time or actor for an alias change, so none is
-    given. (`challenger` is moved by training without a history entry: not compared.)"""
-    current = alias_version(tracking_uri, model_name, CHAMPION)
+def moved_outside(current: int | None, history: pl.DataFrame) -> dict | None:
+    """The registry's `champion` (`current`) when it differs from the last move the history
+    recorded (someone set or deleted the alias in MLflow directly): {"alias", "version",
+    "recorded"}; None when they agree. MLflow keeps no time or actor for an alias change, so
+    none is given. (`challenger` is moved by training without a history entry: not compared.)"""
     recorded = recorded_champion(history)
     if current == recorded:
         return None

@@ -40,6 +40,20 @@ KEEP = 32  # hex digits of a content hash kept in the cursor (128 bits)
 CORRECTED = "corrected"
 
 
+def last_partition(spec: Spec, today: dt.date, now: float | None = None) -> dt.date | None:
+    """The newest day a run can be requested for: the spec's last daily partition at `now`
+    (unix seconds; the wall clock by default) and never after the clock's day `today` (a
+    replay's simulated today). A day's partition exists once the day has ended, at midnight
+    UTC, as Dagster's DailyPartitionsDefinition has it; a request beyond it fails the whole
+    tick. None: no partition yet. Computed here so `mlops status` answers without Dagster;
+    the sensor passes Dagster's clock, and tests/test_sensors.py checks the two agree."""
+    wall = dt.datetime.now(dt.UTC) if now is None else dt.datetime.fromtimestamp(now, dt.UTC)
+    ended = wall.date() - dt.timedelta(days=1)
+    if ended < spec.source.start_date:
+        return None
+    return min(ended, today)
+
+
 @dataclass(frozen=True)
 class Change:
     partition: str

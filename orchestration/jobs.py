@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from mlops.retraining import training_job_name  # status reads its runs without Dagster
 from mlops.spec import Spec
 from orchestration.partitions import daily_partitions
 
@@ -17,10 +18,6 @@ def data_job_name(spec: Spec) -> str:
 
 def training_set_job_name(spec: Spec) -> str:
     return f"{spec.name}_training_set_job"
-
-
-def training_job_name(spec: Spec) -> str:
-    return f"{spec.name}_training_job"
 
 
 def batch_predictions_job_name(spec: Spec) -> str:

@@ -11,9 +11,10 @@ import datetime as dt
 import dagster as dg
 
 from mlops import monitoring
+from mlops.retraining import is_active, last_any_retrain_partition
 from mlops.spec import Spec
 from resources.lake import LakeResource
-from sensors.retrain import ACTIVE, last_any_retrain_partition, retraining_runs
+from sensors.retrain import retraining_runs
 
 
 def scoring_schedule_name(spec: Spec) -> str:
@@ -63,7 +64,7 @@ def build_schedules(spec: Spec, scoring_job, training_job) -> list[dg.ScheduleDe
             if not days:
                 return dg.SkipReason("no features yet: nothing to train on")
             runs = retraining_runs(context.instance, spec)
-            if any(r.status in ACTIVE for r in runs):
+            if any(is_active(r) for r in runs):
                 return dg.SkipReason("a retraining is already running")
             last = last_any_retrain_partition(runs)
             cooldown = spec.monitoring.retrain_cooldown_partitions

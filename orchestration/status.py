@@ -1,9 +1,14 @@
 """`mlops status`: where a spec's continuous-training loop stands.
 
-Reads the registry (aliases), the lake (monitoring summaries, deployment history), the
-Dagster instance (retraining runs with their trigger tags, failed runs) and the landing
-folders (files the new-data sensor skips, and why), and asks the retraining rules what they
-would decide now.
+Reads the registry (aliases, version tags), the lake (monitoring summaries, deployment
+history), the Dagster instance's runs (retraining runs with their trigger tags, failed runs)
+and the landing folders (files the new-data sensor skips, and why), and asks the retraining
+rules (mlops/retraining.py) what they would decide now.
+
+It imports neither Dagster nor MLflow nor the code location: the default profile's instance
+and registry are SQLite files read directly (orchestration/run_records.py,
+mlops/registry_reader.py), so the verb answers in about a second; other storages go through
+the Dagster and MLflow APIs.
 """
 
 from __future__ import annotations
@@ -11,13 +16,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Any
 
-import dagster as dg
-
-from mlops import monitoring, promotion, registry, watch
+from mlops import monitoring, promotion, registry, retraining, watch
 from mlops.lake import Lake
+from mlops.registry_reader import RegistryReader, open_registry
 from mlops.spec import FileSource, Spec
-from sensors.new_data import last_partition
-from sensors.retrain import ACTIVE, evaluate, retraining_runs
+from orchestration.run_records import RunReader, RunRecord, iso, open_runs
 
 if TYPE_CHECKING:
     import polars as pl
@@ -25,21 +28,16 @@ else:
     from mlops.lazy import polars as pl
 
 
-def _when(ts: float | None) -> str | None:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds") if ts else None
-
-
-def _outcome(tracking_uri: str, model_name: str, run) -> dict[str, Any]:
+def _outcome(versions: list, run: RunRecord) -> dict[str, Any]:
     """The version a training run registered and what the gate made of it: `promote: ...`,
     `refused: <reason>` (champion_model's record, a successful run), or why there is none."""
-    for mv in reversed(registry.search_versions(tracking_uri, model_name)):
-        tags = mv.tags or {}
-        if tags.get(f"{registry.TAG}dagster_run_id") != run.run_id:
+    for mv in reversed(versions):
+        if mv.tags.get(f"{registry.TAG}dagster_run_id") != run.run_id:
             continue
-        decided = promotion.decision_text(tags)
+        decided = promotion.decision_text(mv.tags)
         if decided is None:
-            decided = "not decided yet" if run.status in ACTIVE else "not decided (run ended)"
-        return {"version": int(mv.version), "outcome": decided}
+            decided = "not decided yet" if retraining.is_active(run) else "not decided (run ended)"
+        return {"version": mv.version, "outcome": decided}
     return {"version": None, "outcome": "no version registered"}
 
 
@@ -61,31 +59,33 @@ def landing(spec: Spec, now: float | None = None) -> list[dict[str, Any]]:
         others = tuple(f for f, d, _ in feeds if d == folder and f is not feed)
         if not partitioned and others:
             continue  # the folder is the readings' too: listed once, with them
-        bounds = (spec.source.start_date, last_partition(spec, today)) if partitioned else ()
+        bounds = (spec.source.start_date, watch.last_partition(spec, today)) if partitioned else ()
         seen = watch.scan(feed, folder, now, *bounds, others=others)
         out.append({"feed": "source" if partitioned else "labels.events"} | seen.summary())
     return out
 
 
-def status(
-    spec: Spec, instance: dg.DagsterInstance, lake: Lake, tracking_uri: str
-) -> dict[str, Any]:
+def status(spec: Spec, runs: RunReader, lake: Lake, reg: RegistryReader) -> dict[str, Any]:
     name = spec.registered_model_name
     drift = monitoring.summaries(lake, spec.name, monitoring.DRIFT_REPORT, last=1)
     perf = monitoring.summaries(lake, spec.name, monitoring.MODEL_PERFORMANCE, last=1)
-    runs = retraining_runs(instance, spec)
+    training = runs.runs(
+        job_name=retraining.training_job_name(spec),
+        tags={monitoring.TAG_SPEC: spec.name},
+        limit=100,
+    )
+    versions = reg.versions(name)
     last_retrain = None
-    if runs:
-        r = runs[0]
-        rec = instance.get_run_record_by_id(r.run_id)
+    if training:
+        r = training[0]
         last_retrain = {
             "run_id": r.run_id,
-            "status": r.status.value,
+            "status": r.status,
             "trigger": r.tags.get(monitoring.TAG_TRIGGER),
             "reason": r.tags.get(monitoring.TAG_REASON),
             "partition": r.tags.get(monitoring.TAG_PARTITION),
-            "started": _when(rec.start_time if rec else None),
-            **_outcome(tracking_uri, name, r),
+            "started": iso(r.start_time),
+            **_outcome(versions, r),
         }
     # The last move of the champion alias; refusals are the retraining's outcome above.
     history = registry.deployment_history(lake, spec.name).filter(
@@ -99,33 +99,29 @@ def status(
         }
     pending = {}
     for trigger in (monitoring.DRIFT, monitoring.METRIC_DECLINE):
-        decision, _, busy = evaluate(spec, trigger, instance, lake, None)
+        decision, _, busy = retraining.evaluate(spec, trigger, training, lake, None)
         pending[trigger] = {
             "would_retrain": decision.retrain and not busy,
             "reason": decision.reason + ("; a retraining is running" if busy else ""),
             "partition": decision.partition,
         }
-    failed = instance.get_run_records(
-        dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE], tags={}),
-        limit=200,
-    )
     failures = [
         {
-            "run_id": f.dagster_run.run_id,
-            "job": f.dagster_run.job_name,
-            "partition": f.dagster_run.tags.get("dagster/partition"),
-            "trigger": f.dagster_run.tags.get(monitoring.TAG_TRIGGER),
-            "ended": _when(f.end_time),
+            "run_id": f.run_id,
+            "job": f.job_name,
+            "partition": f.tags.get("dagster/partition"),
+            "trigger": f.tags.get(monitoring.TAG_TRIGGER),
+            "ended": iso(f.end_time),
         }
-        for f in failed
-        if f.dagster_run.job_name.startswith(f"{spec.name}_")
+        for f in runs.runs(statuses=["FAILURE"], limit=200)
+        if f.job_name.startswith(f"{spec.name}_")
     ][:5]
     d, p = (drift[-1] if drift else None), (perf[-1] if perf else None)
     return {
         "spec": spec.name,
         "model": name,
-        "champion": registry.alias_version(tracking_uri, name, registry.CHAMPION),
-        "challenger": registry.alias_version(tracking_uri, name, registry.CHALLENGER),
+        "champion": reg.alias_version(name, registry.CHAMPION),
+        "challenger": reg.alias_version(name, registry.CHALLENGER),
         "last_deployment": last_deploy,
         "last_drift": d
         and {
@@ -146,11 +142,23 @@ def status(
             )
         },
         "last_retraining": last_retrain,
-        "retraining_running": any(r.status in ACTIVE for r in runs),
+        "retraining_running": any(retraining.is_active(r) for r in training),
         "pending_triggers": pending,
         "last_failures": failures,
         "landing": landing(spec),
     }
+
+
+def read_status(spec: Spec, lake: Lake, dagster_home: str, tracking_uri: str) -> dict[str, Any]:
+    """`status` over the instance at `dagster_home` and the registry at `tracking_uri`, each
+    read directly when it is the default profile's SQLite file."""
+    runs, handle = open_runs(dagster_home)
+    reg = open_registry(tracking_uri)
+    try:
+        return status(spec, runs, lake, reg)
+    finally:
+        handle.close()
+        reg.close()
 
 
 def render(s: dict[str, Any]) -> str:

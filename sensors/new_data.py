@@ -23,8 +23,8 @@ from dagster._time import get_current_timestamp
 from mlops import ingest, watch
 from mlops.monitoring import MODEL_PERFORMANCE
 from mlops.spec import FileSource, Spec
+from mlops.watch import last_partition
 from orchestration.jobs import data_job_name, labels_job_name, scoring_job_name
-from orchestration.partitions import daily_partitions
 from resources.clock import ClockResource
 from resources.lake import LakeResource
 
@@ -40,14 +40,6 @@ def new_data_sensor_name(spec: Spec) -> str:
 def _days_after(day: str, n: int) -> list[str]:
     d = dt.date.fromisoformat(day)
     return [(d + dt.timedelta(days=i)).isoformat() for i in range(1, n + 1)]
-
-
-def last_partition(spec: Spec, today: dt.date) -> dt.date | None:
-    """The newest day a run can be requested for: the spec's last partition as Dagster
-    sees it now (days end at midnight UTC; a request beyond it fails the whole tick), and
-    never after the clock's day (a replay's simulated today). None: no partition yet."""
-    key = daily_partitions(spec).get_last_partition_key()
-    return min(dt.date.fromisoformat(key), today) if key else None
 
 
 def build_new_data_sensor(spec: Spec, jobs: list) -> dg.SensorDefinition:
@@ -126,7 +118,7 @@ def build_new_data_sensor(spec: Spec, jobs: list) -> dg.SensorDefinition:
         # Dagster's clock (the one it checks partition keys against; tests can freeze it).
         now, notes = get_current_timestamp(), []
         shared = files_source and events_feed is not None and readings_dir == events_dir
-        first, last = spec.source.start_date, last_partition(spec, clock.date())
+        first, last = spec.source.start_date, last_partition(spec, clock.date(), now)
         if files_source:
             seen = watch.scan(
                 spec.source, readings_dir, now, first, last, (events_feed,) if shared else ()

@@ -12,6 +12,7 @@ import json
 import dagster as dg
 
 from mlops import monitoring
+from mlops.retraining import evaluate
 from mlops.spec import Spec
 from orchestration.jobs import training_job_name
 from resources.lake import LakeResource
@@ -34,44 +35,6 @@ def retraining_runs(instance: dg.DagsterInstance, spec: Spec, limit: int = 100) 
     )
 
 
-def last_retrain_partition(runs: list, cursor_value: str | None = None) -> str | None:
-    """The newest trigger partition of a retraining started by a detected change (drift,
-    metric decline): what the cooldown counts from. Scheduled and manual retrainings never
-    delay the recovery from a change."""
-    parts = [
-        r.tags.get(monitoring.TAG_PARTITION)
-        for r in runs
-        if r.tags.get(monitoring.TAG_TRIGGER) in monitoring.CHANGE_TRIGGERS
-    ]
-    parts = [p for p in (*parts, cursor_value) if p]
-    return max(parts) if parts else None
-
-
-def last_any_retrain_partition(runs: list) -> str | None:
-    """The newest trigger partition of any retraining (the retraining schedule's cooldown)."""
-    parts = [r.tags.get(monitoring.TAG_PARTITION) for r in runs]
-    parts = [p for p in parts if p]
-    return max(parts) if parts else None
-
-
-def episode_attempts(runs: list, cursor_attempts: dict | None = None) -> dict[str, list]:
-    """Episode -> [observed, labelled_through] of each of its retrainings: the newest
-    breached partition it saw and the newest labelled day it had (runs, plus the cursor's
-    record of requests the daemon may not have launched yet)."""
-    out: dict[str, dict[str, str]] = {}
-    for r in runs:
-        ep = r.tags.get(monitoring.TAG_EPISODE)
-        part = r.tags.get(monitoring.TAG_OBSERVED) or r.tags.get(monitoring.TAG_PARTITION)
-        if ep and part:
-            out.setdefault(ep, {})[part] = r.tags.get(monitoring.TAG_LABELLED, "")
-    for ep, entries in (cursor_attempts or {}).items():
-        for e in entries:
-            observed, labelled = (e, "") if isinstance(e, str) else e
-            got = out.setdefault(ep, {})
-            got[observed] = max(got.get(observed, ""), labelled or "")
-    return {ep: sorted([k, v] for k, v in parts.items()) for ep, parts in out.items()}
-
-
 def drift_retrain_sensor_name(spec: Spec) -> str:
     return f"{spec.name}_drift_retrain_sensor"
 
@@ -80,45 +43,11 @@ def metric_decline_sensor_name(spec: Spec) -> str:
     return f"{spec.name}_metric_decline_sensor"
 
 
-def evaluate(
-    spec: Spec, trigger: str, instance: dg.DagsterInstance, lake, cursor: str | None
-) -> tuple[monitoring.Decision, dict, bool]:
-    """The decision for one tick, the cursor state, and whether a retraining is running."""
-    state = json.loads(cursor) if cursor else {}
-    m = spec.monitoring
-    if trigger == monitoring.DRIFT:
-        docs = monitoring.summaries(lake, spec.name, monitoring.DRIFT_REPORT)
-        obs = monitoring.drift_observations(spec, docs)
-        consecutive = m.consecutive_drift_days
-    else:
-        docs = monitoring.summaries(lake, spec.name, monitoring.MODEL_PERFORMANCE)
-        obs = monitoring.performance_observations(spec, docs)
-        consecutive = m.consecutive_decline_days
-    runs = retraining_runs(instance, spec)
-    features = lake.partitions(spec.name, "features")
-    decision = monitoring.decide(
-        trigger,
-        obs,
-        consecutive,
-        m.retrain_cooldown_partitions,
-        last_retrain_partition(runs, state.get("last")),
-        episode_attempts(runs, state.get("attempts")),
-        now=features[-1] if features else None,
-        champion=monitoring.current_champion(lake, spec),
-        labelled=lake.partitions(spec.name, monitoring.MODEL_PERFORMANCE),
-        retry_after=m.retry_after_partitions,
-        max_attempts=m.max_attempts_per_episode,
-    )
-    busy = any(r.status in ACTIVE for r in runs)
-    return decision, state, busy
-
-
 def _build(spec: Spec, trigger: str, name: str, job, description: str) -> dg.SensorDefinition:
     @dg.sensor(name=name, minimum_interval_seconds=60, job=job, description=description)
     def _sensor(context: dg.SensorEvaluationContext, lake: LakeResource):
-        decision, state, busy = evaluate(
-            spec, trigger, context.instance, lake.get(), context.cursor
-        )
+        runs = retraining_runs(context.instance, spec)
+        decision, state, busy = evaluate(spec, trigger, runs, lake.get(), context.cursor)
         if not decision.retrain:
             return dg.SkipReason(decision.reason)
         if busy:

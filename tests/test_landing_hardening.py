@@ -12,10 +12,12 @@ import pytest
 from dagster._core.test_utils import freeze_time
 
 from mlops import ingest, watch
+from mlops.registry_reader import open_registry
 from mlops.spec import FileFeed
 from orchestration import status as st
 from orchestration.jobs import data_job_name
 from orchestration.replay import Feed, Replay, backdate
+from orchestration.run_records import InstanceRuns
 from resources.clock import ClockResource
 from resources.lake import LakeResource
 from sensors.new_data import new_data_sensor_name
@@ -250,7 +252,7 @@ def test_status_renders_the_landing_folders_skipped_files(tmp_path):
     _write(landing, "readings-2026-01-13.csv")
     _write(landing, "readings_2025-12-31.csv")
     _write(landing, f"readings_{_day(1)}.csv", settled=False)
-    s = st.status(p.spec, p.instance, p.lake, p.tracking_uri)
+    s = st.status(p.spec, InstanceRuns(p.instance), p.lake, open_registry(p.tracking_uri))
     text = st.render(s)
     assert f"landing      source: 1 day(s) in {landing}" in text
     assert "1 match no file pattern, not read: readings-2026-01-13.csv" in text

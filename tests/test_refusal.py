@@ -25,9 +25,11 @@ from click.testing import CliRunner
 from mlops import monitoring, promotion, registry
 from mlops.cli import main
 from mlops.lake import Lake
+from mlops.registry_reader import open_registry
 from mlops.spec import load_spec
 from orchestration import status as st
 from orchestration.definitions import build_definitions
+from orchestration.run_records import InstanceRuns
 from resources.alerting import AlertingResource
 from sensors.alerts import run_failure_sensor_name
 from tests.conftest import QUIET, REPO, make_project, materialization_meta, mlflow_db, small_data
@@ -142,7 +144,9 @@ def world(tmp_path_factory) -> World:
     w.alerts["v2"] = w.tick()
     w.seen["history"] = _cli(w, "history", "--spec", NAME)
     w.seen["lineage"] = _cli(w, "lineage", "--spec", NAME, "--version", "2")
-    w.seen["status"] = st.status(w.spec("strict"), w.instance, w.lake, w.uri)
+    w.seen["status"] = st.status(
+        w.spec("strict"), InstanceRuns(w.instance), w.lake, open_registry(w.uri)
+    )
     w.seen["challenger"] = registry.alias_version(w.uri, NAME, registry.CHALLENGER)
 
     # v3: a gate that raises is a failure, not a refusal.

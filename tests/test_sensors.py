@@ -684,3 +684,34 @@ def test_an_unreachable_webhook_fails_loudly():
     with pytest.raises(AlertError, match="alert webhook"):
         AlertingResource(webhook_url="http://127.0.0.1:9/x", timeout_s=0.5).alert("t", "x")
     assert AlertingResource().alert("t", "logged only") is False
+
+
+@pytest.mark.parametrize(
+    "now",
+    [
+        dt.datetime(2026, 1, 1, 0, 0, tzinfo=dt.UTC),  # the start date itself: no partition yet
+        dt.datetime(2026, 1, 1, 23, 59, 59, tzinfo=dt.UTC),
+        dt.datetime(2026, 1, 2, 0, 0, tzinfo=dt.UTC),  # the first day has just ended
+        dt.datetime(2026, 1, 2, 0, 0, 1, tzinfo=dt.UTC),
+        dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC),
+        dt.datetime(2025, 12, 1, tzinfo=dt.UTC),  # before the start
+    ],
+)
+def test_last_partition_agrees_with_dagsters_partitions(tmp_path, now) -> None:
+    """mlops.watch.last_partition (what `mlops status` and the sensor use) is Dagster's last
+    daily partition key at the same instant, bounded by the clock's day."""
+    from dagster._core.test_utils import freeze_time
+
+    from mlops.watch import last_partition
+    from orchestration.partitions import daily_partitions
+
+    spec = make_project(tmp_path).spec
+    assert spec.source.start_date == dt.date(2026, 1, 1)
+    with freeze_time(now):
+        key = daily_partitions(spec).get_last_partition_key()
+    expected = dt.date.fromisoformat(key) if key else None
+    far = dt.date(2100, 1, 1)
+    assert last_partition(spec, far, now.timestamp()) == expected
+    if expected is not None:
+        earlier = expected - dt.timedelta(days=1)
+        assert last_partition(spec, earlier, now.timestamp()) == earlier
