@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING
 import dagster as dg
 
 from assets.metadata import md_table
+from catalog.partitions import daily_partitions, lookback_mapping
+from catalog.pools import online_store_pool
 from mlops import features as feats
-from mlops import ingest, labels, online, sql_source, training_set, validation
-from mlops.lake import sha256_bytes
+from mlops import ingest, labels, online, sources, sql_source, training_set, validation
 from mlops.monitoring import TAG_CHANGE_POINT
 from mlops.spec import ASSET_NAMES, FileSource, Spec
-from orchestration.partitions import daily_partitions, lookback_mapping
-from orchestration.pools import online_store_pool
 from resources.lake import LakeResource
 from resources.online_store import OnlineStoreResource
 
@@ -95,26 +94,10 @@ def build_data_assets(
     )
     def raw_data(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
         """The day's source rows as they arrived (all values kept as text)."""
-        day = _day(context)
-        if isinstance(src, FileSource):
-            batch = ingest.load_day(src, spec.landing_dir, day)
-            if not batch.files:
-                raise dg.Failure(
-                    f"no landing file for {day} in {spec.landing_dir} matching "
-                    f"'{src.file_pattern}'. Land the day's file(s), or pick a day that has "
-                    "them (`mlops generate` writes the demo's)."
-                )
-        else:
-            try:
-                batch = sql_source.load_day(src, day)
-            except sql_source.SqlSourceError as e:
-                raise dg.Failure(str(e)) from None
-            if batch.frame.height == 0:
-                start, end = sql_source.day_bounds(day)
-                raise dg.Failure(
-                    f"source.query returned no rows for {day} ([{start}, {end})) from "
-                    f"{sql_source.describe(src)}. Load the day's rows, or pick a day that has them."
-                )
+        try:
+            batch = sources.load_partition(spec, _day(context))
+        except (sources.NoRowsForDay, sql_source.SqlSourceError) as e:
+            raise dg.Failure(str(e)) from None
         written = lake.get().write(name, "raw_data", batch.frame, context.partition_key)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(batch.content_hash),
@@ -160,7 +143,7 @@ def build_data_assets(
             raise dg.Failure(str(e)) from None
         valid_w = store.write(name, "validated_data", result.valid, context.partition_key)
         quar_w = store.write(name, "quarantine", result.quarantine, context.partition_key)
-        rate = result.rows_quarantined / result.rows_in if result.rows_in else 0.0
+        rate = validation.quarantine_rate(result.rows_valid, result.rows_quarantined)
         yield dg.MaterializeResult(
             asset_key=key["validated_data"],
             data_version=dg.DataVersion(valid_w.content_hash),
@@ -200,26 +183,24 @@ def build_data_assets(
         context: dg.AssetCheckExecutionContext, lake: LakeResource
     ) -> dg.AssetCheckResult:
         """Every raw row is either valid or quarantined, exactly once."""
-        store = lake.get()
-        ident = [ingest.SOURCE_FILE, ingest.ROW_NUMBER]
+        store, part = lake.get(), context.partition_key
         # Only the identity columns: a large day's whole raw partition is 3x its file.
-        raw = store.read(name, "raw_data", context.partition_key, ident)
-        valid = store.read(name, "validated_data", context.partition_key, ident)
-        quar = store.read(name, "quarantine", context.partition_key, ident)
-        both = valid.join(quar, on=ident).height
-        accounted = pl.concat([valid, quar]).unique()
-        lost = raw.join(accounted, on=ident, how="anti").height
-        invented = accounted.join(raw, on=ident, how="anti").height
-        ok = raw.height == valid.height + quar.height and both == lost == invented == 0
+        ident = [ingest.SOURCE_FILE, ingest.ROW_NUMBER]
+        r = validation.reconcile(
+            *(
+                store.read(name, a, part, ident)
+                for a in ("raw_data", "validated_data", "quarantine")
+            )
+        )
         return dg.AssetCheckResult(
-            passed=ok,
+            passed=r.ok,
             metadata={
-                "rows_in": raw.height,
-                "rows_valid": valid.height,
-                "rows_quarantined": quar.height,
-                "in_both": both,
-                "lost": lost,
-                "unknown": invented,
+                "rows_in": r.rows_in,
+                "rows_valid": r.rows_valid,
+                "rows_quarantined": r.rows_quarantined,
+                "in_both": r.in_both,
+                "lost": r.lost,
+                "unknown": r.unknown,
             },
         )
 
@@ -238,7 +219,7 @@ def build_data_assets(
         one = [ingest.ROW_NUMBER]  # a column is enough to count the rows
         n_valid = store.read(name, "validated_data", context.partition_key, one).height
         n_quar = store.read(name, "quarantine", context.partition_key, one).height
-        rate = n_quar / (n_valid + n_quar) if n_valid + n_quar else 0.0
+        rate = validation.quarantine_rate(n_valid, n_quar)
         limit = spec.schema_.max_quarantine_rate
         return dg.AssetCheckResult(
             passed=rate <= limit,
@@ -291,29 +272,16 @@ def build_data_assets(
         context: dg.AssetExecutionContext, lake: LakeResource
     ) -> dg.MaterializeResult:
         """Per-entity rolling-window features for the day, from its lookback window."""
-        store = lake.get()
-        day = _day(context)
-        needed = [d.isoformat() for d in feats.lookback_days(spec, day)]
-        missing = [d for d in needed if not store.exists(name, "validated_data", d)]
-        # A lookback day with no data in the source is a gap: compute without it (when the
-        # day lands late, the new-data sensor re-runs these features). One with data that is
-        # not built yet must be built first.
-        unbuilt = [
-            d
-            for d in missing
-            if d == context.partition_key
-            or ingest.partition_fingerprint(spec, dt.date.fromisoformat(d)) is not None
-        ]
-        if unbuilt:
+        store, day = lake.get(), _day(context)
+        plan = feats.plan_lookback(spec, lambda d: store.exists(name, "validated_data", d), day)
+        if plan.unbuilt:
             raise dg.Failure(
-                f"features for {day} need validated_data for {unbuilt}: materialize "
+                f"features for {day} need validated_data for {plan.unbuilt}: materialize "
                 f"{name}/validated_data for those days first"
             )
-        gaps = [d for d in missing if d not in unbuilt]
-        if gaps:
-            context.log.warning(f"{day}: no data for lookback day(s) {gaps}; computed without")
-        needed = [d for d in needed if d not in gaps]
-        rows = store.read_many(name, "validated_data", needed)
+        if plan.gaps:
+            context.log.warning(f"{day}: no data for lookback day(s) {plan.gaps}; computed without")
+        rows = store.read_many(name, "validated_data", plan.read)
         out = feats.compute_features(spec, rows, *feats.day_bounds(day))
         written = store.write(name, "features", out, context.partition_key)
         return dg.MaterializeResult(
@@ -321,8 +289,8 @@ def build_data_assets(
             metadata={
                 "rows": out.height,
                 "features": len(feats.feature_names(spec)),
-                "lookback_partitions": dg.MetadataValue.json(needed),
-                "lookback_gaps": dg.MetadataValue.json(gaps),
+                "lookback_partitions": dg.MetadataValue.json(plan.read),
+                "lookback_gaps": dg.MetadataValue.json(plan.gaps),
                 "preview": md_table(out, 5, cols=12),
                 "path": dg.MetadataValue.path(written.path),
             },
@@ -348,22 +316,17 @@ def build_data_assets(
         rows = store.read_many(
             name, "validated_data", [p for p in parts if store.exists(name, "validated_data", p)]
         )
-        states = online.states_from_rows(spec, rows)
         target = online_store.get()
         try:
-            current = target.get_states(name, [s.entity for s in states])
-            newer = [
-                s for s in states if s.entity not in current or current[s.entity].as_of <= s.as_of
-            ]
-            written = target.write_states(name, newer)
+            done = online.refresh_states(spec, target, rows)
             stats = target.stats(name)
         finally:
             target.close()
         return dg.MaterializeResult(
             metadata={
-                "entities_written": written,
-                "entities_skipped_newer_in_store": len(states) - len(newer),
-                "rows_written": sum(len(s.rows) for s in newer),
+                "entities_written": done.entities_written,
+                "entities_skipped_newer_in_store": done.entities_skipped,
+                "rows_written": done.rows_written,
                 "store_entities": stats.entities,
                 "store_bytes": stats.bytes,
                 "oldest_as_of": str(stats.oldest_as_of),
@@ -397,13 +360,8 @@ def build_data_assets(
             )
         except training_set.TrainingSetError as e:
             raise dg.Failure(str(e)) from None
-        written = store.write(name, "training_set", df)
-        # Versioned copy: a model can always be traced (and retrained) from its exact set.
-        store.write(name, "training_set", df, partition=written.content_hash[:16])
-        inputs = {
-            a: {d: store.content_hash(name, a, d) for d in parts}
-            for a, parts in (("labels", window.days), ("features", window.feature_partitions))
-        }
+        saved = training_set.save(spec, store, window, df)
+        written = saved.written
         return dg.MaterializeResult(
             data_version=dg.DataVersion(written.content_hash),
             metadata={
@@ -411,14 +369,12 @@ def build_data_assets(
                 "training_set_hash": written.content_hash,
                 "window": dg.MetadataValue.json(window.days),
                 "splits": dg.MetadataValue.json(training_set.summarize(spec, df)),
-                "input_data_versions": dg.MetadataValue.json(inputs),
-                "input_data_version_digest": sha256_bytes(repr(sorted(inputs.items())).encode()),
+                "input_data_versions": dg.MetadataValue.json(saved.input_versions),
+                "input_data_version_digest": saved.input_digest,
                 "skipped_immature_days": dg.MetadataValue.json(window.skipped_immature),
                 "window_policy": dg.MetadataValue.json(window.policy),
                 "path": dg.MetadataValue.path(written.path),
-                "versioned_path": dg.MetadataValue.path(
-                    store.url(name, "training_set", written.content_hash[:16])
-                ),
+                "versioned_path": dg.MetadataValue.path(saved.versioned_url),
             },
         )
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
+from catalog.partitions import daily_partitions
+from catalog.pools import registry_pool
 from mlops import promotion, registry, training
 from mlops.lake import Lake
 from mlops.spec import MODEL_ASSET_NAMES, Spec
-from orchestration.partitions import daily_partitions
-from orchestration.pools import registry_pool
 from resources.lake import LakeResource
 from resources.mlflow import MlflowResource
 

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 import dagster as dg
 
 from assets.metadata import md_table
+from catalog.partitions import daily_partitions
 from mlops.inference_log import compare_routes, inference_log_dir, read_day
 from mlops.spec import Spec
-from orchestration.partitions import daily_partitions
 from resources.lake import LakeResource
 
 if TYPE_CHECKING:

@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import features_day, project, validated_day  # noqa: E402
+from catalog.jobs import training_job_name, training_set_job_name  # noqa: E402
 from mlops import (  # noqa: E402
     evaluation,
     labels,
@@ -62,7 +63,6 @@ from mlops.generate import generate  # noqa: E402
 from mlops.lake import Lake  # noqa: E402
 from mlops.spec import Spec, load_spec  # noqa: E402
 from orchestration.definitions import build_definitions  # noqa: E402
-from orchestration.jobs import training_job_name, training_set_job_name  # noqa: E402
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 MODEL_ASSETS = ("candidate_model", "model_evaluation", "champion_model")

@@ -43,7 +43,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from mlops import registry
 from mlops.features import feature_names
+from mlops.labels import entity_column
+from mlops.lake import Lake, write_json
+from mlops.model_loader import load_model
+from mlops.monitoring import DRIFT_REPORT, scored_rows, scored_version
 from mlops.spec import Spec
 
 NUM = "num"
@@ -586,3 +591,73 @@ def _html(
     at = page.find("<body")
     at = page.find(">", at) + 1 if at >= 0 else 0
     return page[:at] + banner + page[at:]
+
+
+# --- a day's drift report (the drift_report asset's logic) ----------------------------------
+
+
+class NothingToCompare(ValueError):
+    """The day has no scored rows, or the champion that scored it records no training set."""
+
+
+@dataclass
+class DriftDay:
+    result: DriftResult
+    summary: dict[str, Any]  # what the lake's JSON summary (and the retraining rules) read
+    champion_version: int
+    training_set_hash: str
+    source: str  # "served" or "batch"
+
+
+def drift_day(spec: Spec, lake: Lake, tracking_uri: str, day: str) -> DriftDay:
+    """The day's scored inputs against a sample of the training set of the champion that
+    scored them, the prediction column included (the champion scores the sample)."""
+    preds, source = scored_rows(lake, spec, day)
+    if preds.height == 0:
+        raise NothingToCompare(f"{spec.name} {day}: no scored rows ({source}): nothing to compare")
+    model_name = spec.registered_model_name
+    version = scored_version(preds)
+    tags = registry.version_tags(tracking_uri, model_name, version)
+    ts_hash = registry.lineage_from_tags(tags).get("training_set_hash")
+    if not ts_hash:
+        raise NothingToCompare(f"{model_name} v{version} has no training_set_hash tag")
+    reference = lake.read(spec.name, "training_set", ts_hash[:16])
+    model = load_model(tracking_uri, model_name, version=version)
+    sample = reference.sample(
+        min(reference.height, spec.monitoring.drift_sample_rows), seed=0, shuffle=False
+    )
+    sample = sample.with_columns(pl.Series("score", model.score(sample), dtype=pl.Float64))
+    if source == "served":  # what the service actually saw and answered
+        current = preds
+    else:
+        keys = [entity_column(spec), spec.source.timestamp_column]
+        current = lake.read(spec.name, "features", day).join(
+            preds.select(*keys, "score"), on=keys, how="inner"
+        )
+    cols = drift_columns(spec)
+    result = compute_drift(
+        sample,
+        current,
+        numeric=cols["numeric"],
+        categorical=cols["categorical"],
+        prediction_column="score",
+        **drift_config(spec),
+    )
+    summary = {
+        **result.summary(),
+        "partition": day,
+        "champion_version": version,
+        "reference_training_set_hash": ts_hash,
+        "threshold": spec.monitoring.drift_threshold,
+        "source": source,
+    }
+    return DriftDay(result, summary, version, ts_hash, source)
+
+
+def save_drift_day(lake: Lake, spec: Spec, day: str, d: DriftDay) -> tuple[Any, str]:
+    """The column table, the JSON summary and the HTML report, each written atomically (a
+    failed write leaves the previous report whole). Returns (the table's write, HTML path)."""
+    written = lake.write(spec.name, DRIFT_REPORT, d.result.columns, day)
+    write_json(lake, spec.name, DRIFT_REPORT, day, d.summary)
+    html = lake.put_text(f"{spec.name}/{DRIFT_REPORT}/{day}.html", d.result.html)
+    return written, html

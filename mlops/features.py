@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mlops.labels import entity_column, with_entity
+from mlops.sources import partition_fingerprint
 from mlops.spec import Spec, parse_duration
 
 if TYPE_CHECKING:
@@ -199,3 +202,27 @@ def lookback_days(spec: Spec, day: dt.date) -> list[dt.date]:
 def day_bounds(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
     start = dt.datetime.combine(day, dt.time())
     return start, start + dt.timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class LookbackPlan:
+    """The validated_data partitions a day's features read, and those it goes without."""
+
+    read: list[str]  # built days in the window, the day itself included
+    gaps: list[str]  # days with no data in the source at all: computed without them
+    unbuilt: list[str]  # days with data not yet validated: build these first
+
+
+def plan_lookback(spec: Spec, built: Callable[[str], bool], day: dt.date) -> LookbackPlan:
+    """A lookback day with no data in the source is a gap (when it lands late, the new-data
+    sensor re-runs the features); one with data that is not built yet must be built first,
+    and so must the day itself. `built(day)`: whether validated_data holds that partition."""
+    needed = [d.isoformat() for d in lookback_days(spec, day)]
+    missing = [d for d in needed if not built(d)]
+    unbuilt = [
+        d
+        for d in missing
+        if d == day.isoformat() or partition_fingerprint(spec, dt.date.fromisoformat(d)) is not None
+    ]
+    gaps = [d for d in missing if d not in unbuilt]
+    return LookbackPlan([d for d in needed if d not in gaps], gaps, unbuilt)

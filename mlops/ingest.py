@@ -2,8 +2,8 @@
 
 Raw rows are all strings: a wrong type must reach validation as the value that came in, so
 it can be quarantined with that value, not silently turned into a null by a reader.
-`load_partition` and `partition_fingerprint` serve either source kind (files, or a SQL
-query: mlops.sql_source), so assets and sensors need not know which one a spec uses.
+mlops/sources.py serves either source kind (these files, or a SQL query: mlops.sql_source),
+so assets and sensors need not know which one a spec uses.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from mlops.spec import FileFeed, FileSource, Spec
+from mlops.spec import FileFeed
 
 if TYPE_CHECKING:
     import polars as pl
@@ -291,26 +291,3 @@ def load_day(feed: FileFeed, folder: Path, day: dt.date) -> RawBatch:
         content_hash=content_hash(files),
         file_rows={p.name: f.height for p, f in zip(files, frames, strict=True)},
     )
-
-
-def load_partition(spec: Spec, day: dt.date) -> RawBatch:
-    """One daily partition's raw rows from the spec's source, whatever its kind."""
-    if isinstance(spec.source, FileSource):
-        return load_day(spec.source, spec.landing_dir, day)
-    from mlops import sql_source
-
-    return sql_source.load_day(spec.source, day)
-
-
-def partition_fingerprint(spec: Spec, day: dt.date) -> str | None:
-    """The day's raw data version (what raw_data records), or None when it has no rows.
-
-    For files: the content hash of the day's files (None: no file). For SQL: the content
-    hash of the rows the query returns for the day (None: no row); this runs the query.
-    """
-    if isinstance(spec.source, FileSource):
-        files = files_for_day(spec.source, spec.landing_dir, day)
-        return content_hash(files) if files else None
-    from mlops import sql_source
-
-    return sql_source.fingerprint(spec.source, day)

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from mlops import evaluation, modeling
 from mlops.labels import MATURE, entity_column
-from mlops.lake import Lake, read_json
+from mlops.lake import Lake, read_json, write_json
+from mlops.promotion import json_safe, load_evaluation
 from mlops.spec import Spec
 
 if TYPE_CHECKING:
@@ -561,3 +562,69 @@ def performance_observations(spec: Spec, docs: list[dict[str, Any]]) -> list[Obs
             )
         )
     return out
+
+
+# --- a day's scored rows and realized performance (the monitoring assets' logic) ------------
+
+
+def scored_rows(lake: Lake, spec: Spec, day: str) -> tuple[pl.DataFrame, str]:
+    """The day's scored rows and where they came from: what the online service served when it
+    served any (the inference_log asset: "served"), else the batch predictions ("batch")."""
+    if lake.exists(spec.name, "inference_log", day):
+        served = served_rows(spec, lake.read(spec.name, "inference_log", day))
+        if served.height:
+            return served, "served"
+    return lake.read(spec.name, "batch_predictions", day), "batch"
+
+
+def scored_version(predictions: pl.DataFrame) -> int:
+    """The model version that scored most of the day's rows."""
+    counts = predictions.group_by("model_version").len().sort("len", descending=True)
+    return int(counts["model_version"][0])
+
+
+class NoMatureLabels(MonitoringError):
+    """None of the day's scored rows has a mature label yet: the message says when to re-run."""
+
+
+@dataclass
+class PerformanceDay:
+    performance: Performance
+    summary: dict[str, Any]  # what the lake's JSON summary (and the retraining rules) read
+    table: pl.DataFrame  # one row: partition, model_version, rows_labelled, each metric
+    source: str  # "served" or "batch"
+
+
+def performance_day(spec: Spec, lake: Lake, day: str) -> PerformanceDay:
+    """The day's realized metrics against the evaluation of the champion that scored it."""
+    preds, source = scored_rows(lake, spec, day)
+    version = scored_version(preds) if preds.height else None
+    doc = load_evaluation(lake, spec, version) if version else None
+    block = (doc or {}).get("challenger") or {}
+    perf = realized_performance(
+        spec,
+        preds,
+        lake.read(spec.name, "labels", day),
+        lake.read(spec.name, "features", day),
+        baseline=block.get("metrics", {}).get(modeling.primary_metric(spec)),
+        threshold=block.get("threshold"),
+        baseline_rows=(doc or {}).get("test_rows"),
+    )
+    if perf.rows_labelled == 0:
+        raise NoMatureLabels(
+            f"{spec.name} {day}: none of the {perf.rows_scored} scored rows has a mature label "
+            f"yet (labels mature {spec.labels.maturity} after the row). Re-run "
+            f"{spec.name}/labels for {day} once the label feed has arrived, then this asset."
+        )
+    summary = {**perf.summary(), "partition": day, "champion_version": version, "source": source}
+    table = pl.DataFrame(
+        {"partition": [day], "model_version": [version], "rows_labelled": [perf.rows_labelled]}
+    ).with_columns(*[pl.lit(v, dtype=pl.Float64).alias(k) for k, v in perf.metrics.items()])
+    return PerformanceDay(perf, summary, table, source)
+
+
+def save_performance_day(lake: Lake, spec: Spec, day: str, p: PerformanceDay):
+    """The day's table and its JSON summary; returns the table's write."""
+    written = lake.write(spec.name, MODEL_PERFORMANCE, p.table, day)
+    write_json(lake, spec.name, MODEL_PERFORMANCE, day, json_safe(p.summary))
+    return written

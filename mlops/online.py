@@ -219,3 +219,20 @@ def get_online_features(
     if key not in _SERVICES:  # one store connection per process and spec
         _SERVICES[key] = OnlineFeatures(spec, make_store(url))
     return _SERVICES[key].get(entity, reading)
+
+
+@dataclass(frozen=True)
+class StateRefresh:
+    entities_written: int
+    entities_skipped: int  # the store already held a newer state (served readings)
+    rows_written: int
+
+
+def refresh_states(spec: Spec, store: OnlineStore, rows: pl.DataFrame) -> StateRefresh:
+    """Write each entity's state as of the rows' end, never moving a state back in time: a
+    state the service has already advanced past these rows (by serving readings) is kept."""
+    states = states_from_rows(spec, rows)
+    current = store.get_states(spec.name, [s.entity for s in states])
+    newer = [s for s in states if s.entity not in current or current[s.entity].as_of <= s.as_of]
+    written = store.write_states(spec.name, newer)
+    return StateRefresh(written, len(states) - len(newer), sum(len(s.rows) for s in newer))

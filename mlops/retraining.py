@@ -27,11 +27,6 @@ def is_active(run: Any) -> bool:
     return getattr(status, "value", status) in ACTIVE_STATUSES
 
 
-def training_job_name(spec: Spec) -> str:
-    """The spec's training job (orchestration/jobs.py builds it under this name)."""
-    return f"{spec.name}_training_job"
-
-
 def last_retrain_partition(runs: list, cursor_value: str | None = None) -> str | None:
     """The newest trigger partition of a retraining started by a detected change (drift,
     metric decline): what the cooldown counts from. Scheduled and manual retrainings never

@@ -978,7 +978,7 @@ def _automation_lines(spec: Spec) -> list[str]:
 
 def _redacted(url: str) -> str:
     """A URL safe to show: any password replaced by ***."""
-    from mlops.sql_source import redact_url  # imports this module: import it late
+    from mlops.urls import redact_url
 
     return redact_url(url)
 

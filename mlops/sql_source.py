@@ -33,19 +33,12 @@ import decimal
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from mlops.ingest import (
-    FILE_COLUMNS,
-    META_COLUMNS,
-    ROW_NUMBER,
-    SOURCE_FILE,
-    RawBatch,
-    partition_fingerprint,
-)
+from mlops.ingest import FILE_COLUMNS, META_COLUMNS, ROW_NUMBER, SOURCE_FILE, RawBatch
 from mlops.spec import ENV_VAR_RE, SqlSource
+from mlops.urls import redact_url
 
 if TYPE_CHECKING:
     import polars as pl
@@ -60,7 +53,6 @@ __all__ = [
     "expand_url",
     "fingerprint",
     "load_day",
-    "partition_fingerprint",
     "pull",
     "redact_url",
     "render_rows",
@@ -92,20 +84,6 @@ def expand_url(url: str) -> str:
             "where the code location and its runs start (e.g. in deploy/'s env file)"
         )
     return ENV_VAR_RE.sub(lambda m: os.environ[m.group(1)], url)
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password (and any password-like query argument) replaced by ***."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        shown = make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        shown = re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
-    return re.sub(
-        r"((?:password|passwd|pwd|secret|token)=)[^&]*", r"\1***", shown, flags=re.IGNORECASE
-    )
 
 
 def describe(source: SqlSource) -> str:

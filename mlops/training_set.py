@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mlops.features import feature_names
 from mlops.labels import MATURE, entity_column
-from mlops.lake import Lake
+from mlops.lake import Lake, sha256_bytes
 from mlops.spec import Spec
 
 if TYPE_CHECKING:
@@ -245,3 +245,26 @@ def label_maturity(spec: Spec, lake: Lake, days: list[str]) -> dict[str, bool]:
     )
     by_file = dict(lake.query(sql).iter_rows())
     return {d: bool(by_file.get(lake.url(spec.name, "labels", d), False)) for d in days}
+
+
+@dataclass(frozen=True)
+class SavedTrainingSet:
+    written: Any  # the lake's write of the current set (mlops.lake.Written)
+    versioned_url: str  # the copy named by its hash, which models record and retrain from
+    input_versions: dict[str, dict[str, str]]  # asset -> partition -> content hash
+    input_digest: str  # one hash over input_versions
+
+
+def save(spec: Spec, lake: Lake, window: TrainingWindow, df: pl.DataFrame) -> SavedTrainingSet:
+    """The set as `training_set` and as a copy named by its hash: a model can always be traced
+    (and retrained) from its exact set, whatever the current one becomes. Records the content
+    hash of every input partition, for lineage."""
+    written = lake.write(spec.name, "training_set", df)
+    version = written.content_hash[:16]
+    lake.write(spec.name, "training_set", df, partition=version)
+    inputs = {
+        a: {d: lake.content_hash(spec.name, a, d) for d in parts}
+        for a, parts in (("labels", window.days), ("features", window.feature_partitions))
+    }
+    digest = sha256_bytes(repr(sorted(inputs.items())).encode())
+    return SavedTrainingSet(written, lake.url(spec.name, "training_set", version), inputs, digest)

@@ -478,3 +478,43 @@ def _valid_order(spec: Spec, typed: pl.DataFrame, bad_idx: list[int]) -> pl.Seri
     keys += [SOURCE_FILE, ROW_NUMBER]
     order = typed.select(pl.arg_sort_by(keys).alias("_index"))
     return order.filter(~pl.col("_index").is_in(bad_idx))["_index"]
+
+
+# --- reconciliation (the rows_reconcile and quarantine_rate checks' rules) ------------------
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    """Every raw row valid or quarantined, exactly once: the counts that say so (or not)."""
+
+    rows_in: int
+    rows_valid: int
+    rows_quarantined: int
+    in_both: int  # rows both valid and quarantined
+    lost: int  # raw rows in neither
+    unknown: int  # rows in either that the raw data does not hold
+
+    @property
+    def ok(self) -> bool:
+        counted = self.rows_in == self.rows_valid + self.rows_quarantined
+        return counted and self.in_both == self.lost == self.unknown == 0
+
+
+def reconcile(raw: pl.DataFrame, valid: pl.DataFrame, quarantine: pl.DataFrame) -> Reconciliation:
+    """Compare the rows' identities (source file, row number): the frames hold those only."""
+    ident = [SOURCE_FILE, ROW_NUMBER]
+    accounted = pl.concat([valid.select(ident), quarantine.select(ident)]).unique()
+    return Reconciliation(
+        rows_in=raw.height,
+        rows_valid=valid.height,
+        rows_quarantined=quarantine.height,
+        in_both=valid.join(quarantine, on=ident).height,
+        lost=raw.join(accounted, on=ident, how="anti").height,
+        unknown=accounted.join(raw, on=ident, how="anti").height,
+    )
+
+
+def quarantine_rate(rows_valid: int, rows_quarantined: int) -> float:
+    """The quarantined share of a day's rows (0.0 for a day without rows)."""
+    total = rows_valid + rows_quarantined
+    return rows_quarantined / total if total else 0.0

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from mlops import ingest, modeling, monitoring
+from mlops import ingest, modeling, monitoring, sources
 from mlops.config import PROJECT_ROOT, spec_path
 from mlops.lake import put_file
 from mlops.monitoring import DRIFT_REPORT, MODEL_PERFORMANCE
@@ -144,7 +144,7 @@ def history_days(spec: Spec, start: dt.date | None, end: dt.date | None) -> list
                 "(at most ten years of a SQL source are probed, one query per day)"
             )
         span = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
-        days = [d for d in span if ingest.partition_fingerprint(spec, d) is not None]
+        days = [d for d in span if sources.partition_fingerprint(spec, d) is not None]
     days = [d for d in days if d >= spec.source.start_date]
     return [d for d in days if (start is None or d >= start) and (end is None or d <= end)]
 
@@ -161,10 +161,10 @@ def run(
     go to `reports`/alerts.log."""
     import dagster as dg
 
+    from catalog.jobs import data_job_name, labels_job_name, training_job_name
     from mlops.config import lake_url, mlflow_tracking_uri
     from mlops.lake import Lake
     from orchestration.definitions import build_definitions
-    from orchestration.jobs import data_job_name, labels_job_name, training_job_name
     from orchestration.pools import initialize_pools
     from orchestration.replay import Replay
 
@@ -250,7 +250,7 @@ def run(
 
 def _first_champion(replay, spec: Spec, trials: int | None, partition: str, echo) -> bool:
     """Candidate -> evaluation -> gate -> champion, printed as the gate decided it."""
-    from orchestration.jobs import training_job_name
+    from catalog.jobs import training_job_name
 
     cfg = {"ops": {f"{spec.name}__candidate_model": {"config": {"trials": trials}}}}
     first = monitoring.Decision(
@@ -307,7 +307,7 @@ def _training_outcome(spec: Spec, r) -> dict:
 
 def timeline_row(replay, spec: Spec, n: int, day: dt.date, result, events: list[str]) -> dict:
     """What a day did, as printed and plotted (realized: the newest day evaluated today)."""
-    from orchestration.jobs import data_job_name, training_job_name
+    from catalog.jobs import data_job_name, training_job_name
 
     key = day.isoformat()
     data = next(

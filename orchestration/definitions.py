@@ -17,6 +17,7 @@ from assets.data import build_data_assets
 from assets.model import build_model_assets
 from assets.monitoring import build_monitoring_assets
 from assets.serving import build_serving_assets
+from catalog.jobs import data_job_name, labels_job_name, scoring_job_name, training_job_name
 from mlops.config import (
     lake_url,
     mlflow_artifact_root,
@@ -26,13 +27,7 @@ from mlops.config import (
 )
 from mlops.spec import find_specs
 from orchestration.executors import step_executor
-from orchestration.jobs import (
-    build_jobs,
-    data_job_name,
-    labels_job_name,
-    scoring_job_name,
-    training_job_name,
-)
+from orchestration.jobs import build_jobs
 from orchestration.schedules import build_schedules
 from resources.alerting import AlertingResource
 from resources.clock import ClockResource

@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mlops.retraining import training_job_name  # status reads its runs without Dagster
+from catalog.jobs import (
+    TAG_TRAINING,
+    batch_predictions_job_name,
+    data_job_name,
+    labels_job_name,
+    scoring_job_name,
+    training_job_name,
+    training_set_job_name,
+)
+from catalog.partitions import daily_partitions
 from mlops.spec import Spec
-from orchestration.partitions import daily_partitions
 
-TAG_TRAINING = "mlops/training"
 DAILY_ASSETS = ("raw_data", "validated_data", "quarantine", "labels", "features", "online_features")
-
-
-def data_job_name(spec: Spec) -> str:
-    return f"{spec.name}_data_job"
-
-
-def training_set_job_name(spec: Spec) -> str:
-    return f"{spec.name}_training_set_job"
-
-
-def batch_predictions_job_name(spec: Spec) -> str:
-    return f"{spec.name}_batch_predictions_job"
-
-
-def scoring_job_name(spec: Spec) -> str:
-    return f"{spec.name}_scoring_job"
-
-
-def labels_job_name(spec: Spec) -> str:
-    return f"{spec.name}_labels_job"
 
 
 def build_jobs(spec: Spec) -> list[dg.UnresolvedAssetJobDefinition]:

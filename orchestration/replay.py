@@ -30,10 +30,10 @@ from typing import Any
 import dagster as dg
 from dagster._utils.schedules import cron_string_iterator
 
+from catalog.jobs import data_job_name, labels_job_name, scoring_job_name
 from mlops import ingest, monitoring, registry
 from mlops.lake import Lake, read_json
 from mlops.spec import FileFeed, Spec
-from orchestration.jobs import data_job_name, labels_job_name, scoring_job_name
 from orchestration.schedules import retraining_schedule_name, scoring_schedule_name
 from resources.clock import ClockResource
 from sensors.alerts import run_failure_sensor_name

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Any
 
+from catalog.jobs import training_job_name
 from mlops import monitoring, promotion, registry, retraining, watch
 from mlops.lake import Lake
 from mlops.registry_reader import RegistryReader, open_registry
@@ -70,7 +71,7 @@ def status(spec: Spec, runs: RunReader, lake: Lake, reg: RegistryReader) -> dict
     drift = monitoring.summaries(lake, spec.name, monitoring.DRIFT_REPORT, last=1)
     perf = monitoring.summaries(lake, spec.name, monitoring.MODEL_PERFORMANCE, last=1)
     training = runs.runs(
-        job_name=retraining.training_job_name(spec),
+        job_name=training_job_name(spec),
         tags={monitoring.TAG_SPEC: spec.name},
         limit=100,
     )

@@ -15,11 +15,11 @@ schedule stays as a safety net that skips a day already scored.
 
 import dagster as dg
 
+from catalog.jobs import data_job_name, labels_job_name, scoring_job_name
 from mlops import monitoring
 from mlops.monitoring import MODEL_PERFORMANCE
 from mlops.spec import Spec
 from mlops.training_set import label_maturity
-from orchestration.jobs import data_job_name, labels_job_name, scoring_job_name
 from resources.lake import LakeResource
 from sensors.retrain import ACTIVE
 

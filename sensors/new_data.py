@@ -20,11 +20,11 @@ import datetime as dt
 import dagster as dg
 from dagster._time import get_current_timestamp
 
-from mlops import ingest, watch
+from catalog.jobs import data_job_name, labels_job_name, scoring_job_name
+from mlops import sources, watch
 from mlops.monitoring import MODEL_PERFORMANCE
 from mlops.spec import FileSource, Spec
 from mlops.watch import last_partition
-from orchestration.jobs import data_job_name, labels_job_name, scoring_job_name
 from resources.clock import ClockResource
 from resources.lake import LakeResource
 
@@ -131,7 +131,7 @@ def build_new_data_sensor(spec: Spec, jobs: list) -> dg.SensorDefinition:
                 if last
                 else []
             )
-            fps = {d.isoformat(): ingest.partition_fingerprint(spec, d) for d in days}
+            fps = {d.isoformat(): sources.partition_fingerprint(spec, d) for d in days}
             readings, changes = watch.diff_fingerprints(state.get("r", {}), fps)
         events = state.get("e", {})
         if events_feed is not None:

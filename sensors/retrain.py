@@ -11,10 +11,10 @@ import json
 
 import dagster as dg
 
+from catalog.jobs import training_job_name
 from mlops import monitoring
 from mlops.retraining import evaluate
 from mlops.spec import Spec
-from orchestration.jobs import training_job_name
 from resources.lake import LakeResource
 
 ACTIVE = (

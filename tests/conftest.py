@@ -9,11 +9,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from catalog.jobs import data_job_name, training_set_job_name
 from mlops.generate import GenerationReport, generate
 from mlops.lake import Lake
 from mlops.spec import Spec, load_spec
 from orchestration.definitions import build_definitions
-from orchestration.jobs import data_job_name, training_set_job_name
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}

@@ -300,8 +300,8 @@ def test_landed_days_are_built_scored_and_evaluated_by_the_daemon_alone(tmp_path
     both, with no manual step and no wall-clock schedule."""
     import datetime as dt
 
+    from catalog.jobs import training_job_name
     from mlops.monitoring import DRIFT_REPORT, MODEL_PERFORMANCE, Decision
-    from orchestration.jobs import training_job_name
     from orchestration.replay import Replay
     from sensors.monitoring import monitoring_sensor_name
     from sensors.new_data import new_data_sensor_name

@@ -11,11 +11,11 @@ import dagster as dg
 import pytest
 from dagster._core.test_utils import freeze_time
 
+from catalog.jobs import data_job_name
 from mlops import ingest, watch
 from mlops.registry_reader import open_registry
 from mlops.spec import FileFeed
 from orchestration import status as st
-from orchestration.jobs import data_job_name
 from orchestration.replay import Feed, Replay, backdate
 from orchestration.run_records import InstanceRuns
 from resources.clock import ClockResource

@@ -12,9 +12,9 @@ import pytest
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.utils import make_new_run_id
 
+from catalog.jobs import data_job_name, labels_job_name, scoring_job_name, training_job_name
 from mlops import monitoring
 from mlops.lake import write_json
-from orchestration.jobs import data_job_name, labels_job_name, scoring_job_name, training_job_name
 from orchestration.replay import backdate, land_file
 from orchestration.schedules import retraining_schedule_name, scoring_schedule_name
 from resources.clock import ClockResource
@@ -702,8 +702,8 @@ def test_last_partition_agrees_with_dagsters_partitions(tmp_path, now) -> None:
     daily partition key at the same instant, bounded by the clock's day."""
     from dagster._core.test_utils import freeze_time
 
+    from catalog.partitions import daily_partitions
     from mlops.watch import last_partition
-    from orchestration.partitions import daily_partitions
 
     spec = make_project(tmp_path).spec
     assert spec.source.start_date == dt.date(2026, 1, 1)

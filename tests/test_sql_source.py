@@ -19,10 +19,11 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from mlops import ingest, sql_source
+from mlops import ingest, sources, sql_source
 from mlops.ingest import ROW_NUMBER, SOURCE_FILE
 from mlops.spec import SpecError, SqlSource, load_spec
 from mlops.sql_source import SqlSourceError
+from mlops.urls import redact_url
 from tests.conftest import (
     MARIADB_URL,
     POSTGRES_URL,
@@ -224,8 +225,7 @@ def test_mariadb_rows_validate_and_quarantine_like_the_file_source(tmp_path, fil
         )
         day_d = dt.date.fromisoformat(day)
         assert raw_version == sm["raw_data"]["content_hash"]
-        assert raw_version == ingest.partition_fingerprint(p.spec, day_d)
-        assert raw_version == sql_source.partition_fingerprint(p.spec, day_d)
+        assert raw_version == sources.partition_fingerprint(p.spec, day_d)
     # Every kind of bad row the table can hold was exercised.
     checks = set(p.lake.read_many(spec_name, "quarantine", list(DAYS))["check"].to_list())
     assert {"not_null", "type", "category", "duplicate"} <= checks and checks & {"min", "max"}
@@ -421,9 +421,7 @@ def test_credentials_come_from_the_environment_and_never_show(tmp_path, monkeypa
     assert f"cannot connect to the SQL source mysql+pymysql://etl:***@127.0.0.1:{port}/test" in text
     assert "s3cret-Pw" not in text and "Check that the database server is running" in text
     assert sql_source.describe(source) == f"sql:mysql+pymysql://etl:***@127.0.0.1:{port}/test"
-    assert "s3cret" not in sql_source.redact_url(
-        "postgresql://u@h/db?password=s3cret&sslmode=require"
-    )
+    assert "s3cret" not in redact_url("postgresql://u@h/db?password=s3cret&sslmode=require")
 
 
 def test_unreachable_database_fails_the_run_with_what_to_check(tmp_path, monkeypatch):
