@@ -179,7 +179,7 @@ def test_mlops_status_answers_without_dagster_or_mlflow(tmp_path, instance_home)
     home, _ = instance_home
     probe = (
         "import json, sys\n"
-        "from mlops.cli import main\n"
+        "from cli.main import main\n"
         "try:\n"
         "    main(['status', '--spec', 'machine_failure', '--json'])\n"
         "except SystemExit as e:\n"

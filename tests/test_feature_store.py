@@ -12,9 +12,9 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
+from cli.main import main
 from mlops import features as feats
 from mlops import online
-from mlops.cli import main
 from mlops.online_store import RedisOnlineStore, SQLiteOnlineStore, make_store
 from mlops.spec import load_spec
 from mlops.training_set import historical_features

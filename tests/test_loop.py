@@ -15,8 +15,8 @@ import polars as pl
 from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
+from cli.main import main as cli
 from mlops import monitoring
-from mlops.cli import main as cli
 from mlops.config import mlflow_tracking_uri
 from mlops.labels import MATURE, entity_column
 from mlops.model_loader import load_model

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from cli.main import main
 from mlops import lineage, promotion, registry, training
-from mlops.cli import main
 from mlops.lake import Lake
 from mlops.model_loader import load_model
 from mlops.spec import load_spec

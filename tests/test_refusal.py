@@ -22,8 +22,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from cli.main import main
 from mlops import monitoring, promotion, registry
-from mlops.cli import main
 from mlops.lake import Lake
 from mlops.registry_reader import open_registry
 from mlops.spec import load_spec

@@ -27,8 +27,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from cli.main import main
 from mlops import modeling, promotion, registry, training
-from mlops.cli import main
 from mlops.lake import Lake
 from mlops.model_loader import (
     ArtifactsUnavailable,

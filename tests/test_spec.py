@@ -10,7 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mlops.cli import main
+from cli.main import main
 from mlops.spec import SpecError, load_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def test_cli_entry_point_reports_without_traceback(tmp_path):
     data["sourc"] = data.pop("source")
     p = _write(tmp_path, data)
     out = subprocess.run(
-        [sys.executable, "-m", "mlops.cli", "spec", "check", str(p)], capture_output=True, text=True
+        [sys.executable, "-m", "cli.main", "spec", "check", str(p)], capture_output=True, text=True
     )
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
