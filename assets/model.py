@@ -11,8 +11,6 @@ being cancelled, stops before the write instead of finishing for a run that neve
 
 import base64
 import multiprocessing
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dagster as dg
@@ -96,9 +94,26 @@ def run_alive(context) -> training.Alive:
     return alive
 
 
-def _png_md(path: str, title: str) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode()
+def _png_md(png: bytes, title: str) -> str:
+    data = base64.b64encode(png).decode()
     return f"**{title}**\n\n![{title}](data:image/png;base64,{data})\n"
+
+
+def _evaluation_metadata(rec: promotion.RecordedEvaluation) -> dict:
+    """What the evaluation's page shows: metrics beside the champion's, plots, model card."""
+    doc, primary = rec.doc, rec.doc["primary_metric"]
+    return {
+        "model_version": doc["version"],
+        "mlflow_run_id": doc["challenger"]["run_id"],
+        "champion_version": (doc["champion"] or {}).get("version") or 0,
+        f"test_{primary}": doc["challenger"]["metrics"].get(primary) or float("nan"),
+        "metrics": dg.MetadataValue.md(_metrics_table(doc)),
+        "plots": dg.MetadataValue.md("\n".join(_png_md(png, n) for n, png in rec.plots.items())),
+        "model_card": dg.MetadataValue.md(rec.model_card),
+        "evidently_report": doc["artifacts"]["evidently_report"],
+        "evaluation_path": dg.MetadataValue.path(rec.path),
+        "test_rows": doc["test_rows"],
+    }
 
 
 def _metrics_table(doc: dict) -> str:
@@ -145,18 +160,7 @@ def build_model_assets(spec: Spec) -> list:
         ts_hash = ts_meta["training_set_hash"]
         store = lake.get()
         frame = store.read(name, "training_set", ts_hash[:16])
-        lineage = {
-            "dagster_run_id": context.run.run_id,
-            "training_partitions": ts_meta["window"],
-            "training_set_hash": ts_hash,
-            "data_versions": ts_meta["input_data_versions"],
-        }
-        # What started this training (a sensor, a schedule, a person) travels to the version.
-        run_tags = context.run.tags
-        lineage["trigger"] = run_tags.get("mlops/trigger", "manual")
-        lineage["trigger_reason"] = run_tags.get(
-            "mlops/trigger_reason", "started by hand (UI, CLI or API)"
-        )
+        lineage = training.run_lineage(ts_meta, context.run.run_id, context.run.tags)
         try:
             cand = training.train_candidate(
                 spec,
@@ -196,43 +200,9 @@ def build_model_assets(spec: Spec) -> list:
         context: dg.AssetExecutionContext, lake: LakeResource, mlflow: MlflowResource
     ) -> dg.MaterializeResult:
         """Test-split metrics, slices, plots, Evidently report and model card, champion beside."""
-        import mlflow as mlf
-
         version = int(upstream_meta(context, key["candidate_model"])["model_version"])
-        store = lake.get()
-        with tempfile.TemporaryDirectory() as tmp:
-            doc = promotion.evaluate_version(spec, store, mlflow.tracking_uri, version, Path(tmp))
-            run_id = doc["challenger"]["run_id"]
-            registry.client(mlflow.tracking_uri)
-            with mlf.start_run(run_id=run_id):
-                mlf.log_artifacts(tmp, "evaluation")
-                mlf.log_metrics(
-                    {
-                        f"test_{k}": v
-                        for k, v in doc["challenger"]["metrics"].items()
-                        if v is not None
-                    }
-                )
-            arts = doc["artifacts"]
-            plots = "\n".join(_png_md(p, n) for n, p in sorted(arts.items()) if p.endswith(".png"))
-            card = Path(arts["model_card"]).read_text()
-        doc["artifacts"] = {n: f"runs:/{run_id}/evaluation/{Path(p).name}" for n, p in arts.items()}
-        path = promotion.save_evaluation(store, spec, doc)
-        primary = doc["primary_metric"]
-        return dg.MaterializeResult(
-            metadata={
-                "model_version": version,
-                "mlflow_run_id": run_id,
-                "champion_version": (doc["champion"] or {}).get("version") or 0,
-                f"test_{primary}": doc["challenger"]["metrics"].get(primary) or float("nan"),
-                "metrics": dg.MetadataValue.md(_metrics_table(doc)),
-                "plots": dg.MetadataValue.md(plots),
-                "model_card": dg.MetadataValue.md(card),
-                "evidently_report": doc["artifacts"]["evidently_report"],
-                "evaluation_path": dg.MetadataValue.path(path),
-                "test_rows": doc["test_rows"],
-            }
-        )
+        rec = promotion.record_evaluation(spec, lake.get(), mlflow.tracking_uri, version)
+        return dg.MaterializeResult(metadata=_evaluation_metadata(rec))
 
     def _gate_check(gate: str):
         # A failed gate is an outcome, not a failure (DESIGN §6): it reports severity WARN, so
@@ -354,24 +324,14 @@ def build_model_assets(spec: Spec) -> list:
         context: dg.AssetExecutionContext, lake: LakeResource, mlflow: MlflowResource
     ) -> dg.MaterializeResult:
         """The day's feature rows scored by the champion; each row names the model version."""
-        from mlops.model_loader import ArtifactsUnavailable, ModelRefused, load_model
+        from mlops import scoring
 
         store = lake.get()
         try:
-            model = load_model(mlflow.tracking_uri, model_name, alias=registry.CHAMPION)
-        except ModelRefused as e:
-            raise dg.Failure(
-                f"the champion cannot score: {e}. Roll back to a former champion "
-                "(mlops rollback) or promote another version."
-            ) from None
-        except ArtifactsUnavailable as e:
-            raise dg.Failure(f"{e}. Check the artifact store, then re-run the day.") from None
-        except registry.RegistryError as e:
-            raise dg.Failure(
-                f"{e}. Promote a champion first (champion_model or mlops promote)."
-            ) from None
-        feats = store.read(name, "features", context.partition_key)
-        out = score_frame(spec, model, feats)
+            model = scoring.load_champion(spec, mlflow.tracking_uri)
+        except scoring.ChampionUnavailable as e:
+            raise dg.Failure(str(e)) from None
+        out = scoring.score_frame(spec, model, store.read(name, "features", context.partition_key))
         written = store.write(name, "batch_predictions", out, context.partition_key)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(written.content_hash),
@@ -426,19 +386,6 @@ def build_model_assets(spec: Spec) -> list:
 class RollbackConfig(dg.Config):
     to_version: int | None = None
     reason: str = ""
-
-
-def score_frame(spec: Spec, model, feats: "pl.DataFrame") -> "pl.DataFrame":
-    """Keys of the input rows, score, decision and model version: output keys = input keys."""
-    from mlops.labels import entity_column
-
-    keys = [entity_column(spec), spec.source.timestamp_column]
-    scores = model.score(feats) if feats.height else []
-    return feats.select(keys).with_columns(
-        pl.Series("score", scores, dtype=pl.Float64),
-        pl.Series("decision", model.decide(scores) if feats.height else [], dtype=pl.Float64),
-        pl.lit(model.version, dtype=pl.Int64).alias("model_version"),
-    )
 
 
 def _history_md(store: Lake, spec_name: str) -> str:

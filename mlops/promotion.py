@@ -208,6 +208,39 @@ def load_evaluation(lake: Lake, spec: Spec, version: int) -> dict[str, Any] | No
     return read_json(lake, spec.name, EVALUATION_ASSET, f"v{version}")
 
 
+@dataclass
+class RecordedEvaluation:
+    doc: dict[str, Any]  # as saved: artifacts named by their runs:/ URI in MLflow
+    path: str  # the document in the lake
+    plots: dict[str, bytes]  # name -> PNG, for pages that show them inline
+    model_card: str  # markdown
+
+
+def record_evaluation(
+    spec: Spec, lake: Lake, tracking_uri: str, version: int
+) -> RecordedEvaluation:
+    """Evaluate `version` (evaluate_version), log the artifacts and test metrics to the
+    version's MLflow run, and save the document in the lake: the gates and the monitoring
+    read it there."""
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        doc = evaluate_version(spec, lake, tracking_uri, version, Path(tmp))
+        run_id = doc["challenger"]["run_id"]
+        registry.client(tracking_uri)
+        metrics = {f"test_{k}": v for k, v in doc["challenger"]["metrics"].items() if v is not None}
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_artifacts(tmp, "evaluation")
+            mlflow.log_metrics(metrics)
+        arts = doc["artifacts"]
+        plots = {n: Path(a).read_bytes() for n, a in sorted(arts.items()) if a.endswith(".png")}
+        card = Path(arts["model_card"]).read_text()
+    doc["artifacts"] = {n: f"runs:/{run_id}/evaluation/{Path(a).name}" for n, a in arts.items()}
+    return RecordedEvaluation(doc, save_evaluation(lake, spec, doc), plots, card)
+
+
 # Gates ----------------------------------------------------------------------------------------
 
 

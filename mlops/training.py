@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -210,6 +210,23 @@ def fit_best(
     if spec.model.task == "binary_classification":
         threshold = float(choose_threshold(y_va, modeling.predict(spec.model.task, model, X_va)))
     return FitResult(model, best, result, lay, threshold, frames)
+
+
+def run_lineage(
+    training_set: Mapping[str, Any], dagster_run_id: str, run_tags: Mapping[str, str]
+) -> dict[str, Any]:
+    """The lineage a candidate records (DESIGN §5): the training set's metadata (hash, window,
+    input data versions), the run, and what started it (a sensor, a schedule, a person)."""
+    from mlops.monitoring import TAG_REASON, TAG_TRIGGER
+
+    return {
+        "dagster_run_id": dagster_run_id,
+        "training_partitions": training_set["window"],
+        "training_set_hash": training_set["training_set_hash"],
+        "data_versions": training_set["input_data_versions"],
+        "trigger": run_tags.get(TAG_TRIGGER, "manual"),
+        "trigger_reason": run_tags.get(TAG_REASON, "started by hand (UI, CLI or API)"),
+    }
 
 
 def train_candidate(

@@ -34,13 +34,13 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from assets.model import score_frame
 from assets.serving import build_serving_assets
 from deploy.services import free_port
 from mlops import registry, training
 from mlops.inference_log import compare_routes, inference_log_dir, log_files, read_lines
 from mlops.model_loader import load_model
 from mlops.online_store import make_store
+from mlops.scoring import score_frame
 from resources.lake import LakeResource
 from tests.conftest import QUIET, make_project, materialization_meta, small_data
 from tests.serving_support import reading as _reading
