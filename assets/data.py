@@ -12,6 +12,7 @@ import dagster as dg
 from assets.metadata import md_table
 from mlops import features as feats
 from mlops import ingest, labels, online, sql_source, training_set, validation
+from mlops.dates import day_bounds
 from mlops.lake import sha256_bytes
 from mlops.monitoring import TAG_CHANGE_POINT
 from mlops.spec import ASSET_NAMES, FileSource, Spec
@@ -110,7 +111,7 @@ def build_data_assets(
             except sql_source.SqlSourceError as e:
                 raise dg.Failure(str(e)) from None
             if batch.frame.height == 0:
-                start, end = sql_source.day_bounds(day)
+                start, end = day_bounds(day)
                 raise dg.Failure(
                     f"source.query returned no rows for {day} ([{start}, {end})) from "
                     f"{sql_source.describe(src)}. Load the day's rows, or pick a day that has them."
@@ -314,7 +315,7 @@ def build_data_assets(
             context.log.warning(f"{day}: no data for lookback day(s) {gaps}; computed without")
         needed = [d for d in needed if d not in gaps]
         rows = store.read_many(name, "validated_data", needed)
-        out = feats.compute_features(spec, rows, *feats.day_bounds(day))
+        out = feats.compute_features(spec, rows, *day_bounds(day))
         written = store.write(name, "features", out, context.partition_key)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(written.content_hash),

@@ -194,8 +194,3 @@ def lookback_days(spec: Spec, day: dt.date) -> list[dt.date]:
     """The days of valid rows one day's features read, oldest first, clipped at the start."""
     first = max(day - dt.timedelta(days=spec.features.lookback_days), spec.source.start_date)
     return [first + dt.timedelta(days=i) for i in range((day - first).days + 1)]
-
-
-def day_bounds(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
-    start = dt.datetime.combine(day, dt.time())
-    return start, start + dt.timedelta(days=1)

@@ -37,6 +37,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from mlops.dates import day_bounds
 from mlops.ingest import (
     FILE_COLUMNS,
     META_COLUMNS,
@@ -55,7 +56,6 @@ else:
 __all__ = [
     "SqlPull",
     "SqlSourceError",
-    "day_bounds",
     "describe",
     "expand_url",
     "fingerprint",
@@ -136,12 +136,6 @@ def _driver_message(e: BaseException) -> str:
 
 
 # Pulling -------------------------------------------------------------------------------
-def day_bounds(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
-    """The partition's [start, end) as naive datetimes: the values of :start and :end."""
-    start = dt.datetime.combine(day, dt.time())
-    return start, start + dt.timedelta(days=1)
-
-
 def _engine(url: str, shown: str):
     from sqlalchemy import create_engine
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
