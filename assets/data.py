@@ -14,6 +14,7 @@ from catalog.partitions import daily_partitions, lookback_mapping
 from catalog.pools import online_store_pool
 from mlops import features as feats
 from mlops import ingest, labels, online, sources, sql_source, training_set, validation
+from mlops.dates import day_bounds
 from mlops.monitoring import TAG_CHANGE_POINT
 from mlops.spec import ASSET_NAMES, FileSource, Spec
 from resources.lake import LakeResource
@@ -282,7 +283,7 @@ def build_data_assets(
         if plan.gaps:
             context.log.warning(f"{day}: no data for lookback day(s) {plan.gaps}; computed without")
         rows = store.read_many(name, "validated_data", plan.read)
-        out = feats.compute_features(spec, rows, *feats.day_bounds(day))
+        out = feats.compute_features(spec, rows, *day_bounds(day))
         written = store.write(name, "features", out, context.partition_key)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(written.content_hash),

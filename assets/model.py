@@ -232,8 +232,7 @@ def build_model_assets(spec: Spec) -> list:
                 model_name,
                 version,
                 {
-                    f"{registry.TAG}gate.{gate}": ("passed: " if result.passed else "failed: ")
-                    + result.reason,
+                    **promotion.gate_result_tags([result]),
                     # Which evaluation this result judged: champion_model decides on its own.
                     promotion.gate_run_tag(gate): evaluated.run_id,
                 },

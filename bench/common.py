@@ -9,6 +9,7 @@ from pathlib import Path
 import polars as pl
 
 from mlops import features, ingest, validation
+from mlops.dates import day_bounds
 from mlops.lake import Lake
 from mlops.spec import Spec
 
@@ -42,6 +43,6 @@ def features_day(spec: Spec, lake: Lake, day: dt.date) -> pl.DataFrame:
     """One day's features from its lookback of validated rows, written to the lake."""
     parts = [d.isoformat() for d in features.lookback_days(spec, day)]
     rows = lake.read_many(spec.name, "validated_data", parts)
-    out = features.compute_features(spec, rows, *features.day_bounds(day))
+    out = features.compute_features(spec, rows, *day_bounds(day))
     lake.write(spec.name, "features", out, day.isoformat())
     return out

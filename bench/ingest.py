@@ -39,8 +39,8 @@ from mlops.generate import generate  # noqa: E402
 from mlops.lake import Lake  # noqa: E402
 from mlops.spec import Spec, load_spec  # noqa: E402
 from orchestration.definitions import build_definitions  # noqa: E402
+from orchestration.jobs import QUIET  # noqa: E402
 
-QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 ASSETS = ("raw_data", "validated_data", "quarantine", "features")
 MEMORY_ASSETS = ("raw_data", "validated_data", "quarantine")
 MEMORY_GOAL = 4.0  # peak RSS / the day's bytes

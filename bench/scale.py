@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import project  # noqa: E402
-from deploy import services  # noqa: E402
+from deploy import processes, services  # noqa: E402
 from mlops.generate import generate  # noqa: E402
 from mlops.lake import Lake  # noqa: E402
 from mlops.spec import load_spec  # noqa: E402
@@ -58,13 +58,15 @@ def celery_workers(root: Path, env: dict[str, str], n: int):
         for i in range(1, n + 1):
             name = f"bench-w{i}-{uuid.uuid4().hex[:4]}"
             logs[name] = root / f"{name}.log"
-            procs.append(services.start(services.celery_worker_args(config, name), env, logs[name]))
+            procs.append(
+                processes.start(services.celery_worker_args(config, name), logs[name], env)
+            )
         for name, log in logs.items():
-            services.wait_until(lambda log=log: services.worker_ready(log), name, log)
+            processes.wait_until(lambda log=log: services.worker_ready(log), name, log)
         yield list(logs)
     finally:
         for p in procs:
-            services.stop(p, grace=30)
+            processes.stop(p, grace=30)
         services.forget_broker_keys(env["MLOPS_CELERY_BROKER"], prefix)
 
 

@@ -30,8 +30,6 @@ import itertools
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +38,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from deploy import processes, services  # noqa: E402
+
 BIN = Path(sys.executable).parent
 NAME = "machine_failure"
 
@@ -164,43 +165,8 @@ def _pct(lat: list[float]) -> dict[str, float]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer 200 within {timeout} s")
-
-
-def _spawn(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
-    """Start a server in its own process group (so stopping it stops its workers)."""
-    with open(log, "wb") as err:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
-        )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    processes.wait_until(lambda: processes.http_ok(url), url, log, timeout, proc=proc, interval=0.2)
 
 
 def _load(port: int, path: str, bodies: Path, args, rate: float | None = None) -> dict:
@@ -349,14 +315,14 @@ def main() -> int:
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
         # Ours.
-        port = _free_port()
-        proc = _spawn(
+        port = services.free_port()
+        proc = processes.start(
             [str(BIN / "mlops"), "serve", "--spec", str(spec.path), "--port", str(port),
              "--workers", str(args.workers), "--poll-interval", "30"],
-            env, root, root / "ours.log",
+            root / "ours.log", env, root, stdout=False,
         )  # fmt: skip
         try:
-            _wait_http(f"http://127.0.0.1:{port}/health/ready", proc)
+            _wait_http(f"http://127.0.0.1:{port}/health/ready", proc, root / "ours.log")
             # Split the readings: the closed loop takes the first ones, the fixed-rate run
             # the rest (each reading is served once, in time order).
             lines = ours.read_bytes().splitlines()
@@ -370,7 +336,7 @@ def main() -> int:
                 **_load(port, "/predict", rest, args, rate=args.rate),
             }
         finally:
-            _stop(proc)
+            processes.stop(proc, grace=30)
         from mlops.inference_log import log_files, read_lines
 
         lines = read_lines(log_files(root / "inference_log" / NAME))[0]
@@ -382,18 +348,18 @@ def main() -> int:
         result["ours_fixed_rate"]["server_side"] = _pct([x / 1000 for x in last])
 
         # MLflow.
-        port = _free_port()
-        proc = _spawn(
+        port = services.free_port()
+        proc = processes.start(
             [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/{version}",
              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
              "--workers", str(args.workers)],
-            env, root, root / "mlflow.log",
+            root / "mlflow.log", env, root, stdout=False,
         )  # fmt: skip
         try:
-            _wait_http(f"http://127.0.0.1:{port}/health", proc)
+            _wait_http(f"http://127.0.0.1:{port}/health", proc, root / "mlflow.log")
             result["mlflow"] = _load(port, "/invocations", theirs, args)
         finally:
-            _stop(proc)
+            processes.stop(proc, grace=30)
     result["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
     ours_r, ml_r, fixed = result["ours"], result["mlflow"], result["ours_fixed_rate"]
     ratio = ours_r["requests_per_s"] / ml_r["requests_per_s"]

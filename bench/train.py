@@ -63,8 +63,8 @@ from mlops.generate import generate  # noqa: E402
 from mlops.lake import Lake  # noqa: E402
 from mlops.spec import Spec, load_spec  # noqa: E402
 from orchestration.definitions import build_definitions  # noqa: E402
+from orchestration.jobs import QUIET  # noqa: E402
 
-QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 MODEL_ASSETS = ("candidate_model", "model_evaluation", "champion_model")
 IMMATURE_DAYS = 3  # label maturity 72 h: the last three days' labels are not final
 SMOKE_CALLS = 200

@@ -17,19 +17,16 @@ stops exactly the groups whose pids it recorded.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the project's packages, deploy.services
 
-from deploy import services  # noqa: E402
+from deploy import processes, services  # noqa: E402
 
 DEPLOY = ROOT / "deploy"
 STATE = ROOT / ".mlops" / "prod"
@@ -71,9 +68,7 @@ def _pid(name: str) -> int | None:
     if not f.exists():
         return None
     pid = int(f.read_text())
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
+    if not processes.group_alive(pid):
         f.unlink()
         return None
     return pid
@@ -85,10 +80,7 @@ def start(name: str, args: list[str], env: dict[str, str]) -> None:
         return
     LOGS.mkdir(parents=True, exist_ok=True)
     PIDS.mkdir(parents=True, exist_ok=True)
-    log = (LOGS / f"{name}.log").open("ab")
-    proc = subprocess.Popen(
-        args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    proc = processes.start(args, LOGS / f"{name}.log", env)
     (PIDS / f"{name}.pid").write_text(str(proc.pid))
     print(f"  {name}: pid {proc.pid}, log {LOGS / f'{name}.log'}")
 
@@ -97,30 +89,19 @@ def stop(name: str, grace: float = 30) -> None:
     pid = _pid(name)
     if pid is None:
         return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.3)
-    else:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+    processes.stop(pid, grace)  # started by another invocation: a recorded pid, not a child
     (PIDS / f"{name}.pid").unlink(missing_ok=True)
     print(f"  {name}: stopped")
 
 
 def wait_for(name: str, ready, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if _pid(name) is None:
-            sys.exit(f"{name} exited while starting: see {LOGS / f'{name}.log'}")
-        if time.monotonic() > deadline:
-            sys.exit(f"{name} not ready after {timeout:.0f} s: see {LOGS / f'{name}.log'}")
-        time.sleep(1)
+    log, pid = LOGS / f"{name}.log", _pid(name)
+    if pid is None and not ready():
+        sys.exit(f"{name} exited while starting: see {log}")
+    try:
+        processes.wait_until(ready, name, log, timeout, proc=pid, interval=1)
+    except processes.NotReady as e:
+        sys.exit(str(e))
 
 
 # --- databases -------------------------------------------------------------------------------

@@ -1,19 +1,14 @@
 """The production profile's local services, for `deploy/prod.py`, bench/ and the tests:
-scratch PostgreSQL databases, processes in their own process group, dagster-celery workers,
-an MLflow server, and waiting for each to be ready."""
+scratch PostgreSQL databases, dagster-celery workers, an MLflow server, and how to tell each
+is ready (the processes themselves: deploy/processes.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
-import subprocess
 import sys
-import time
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,46 +42,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """A service in its own process group (it spawns children), its output appended to log."""
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            args, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def stop(proc: subprocess.Popen, grace: float = 20) -> None:
-    """SIGTERM to the process group (celery: warm shutdown), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def wait_until(ready: Callable[[], bool], what: str, log: Path, timeout: float = 180) -> None:
-    """Poll `ready` until true; RuntimeError with the log's tail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() > deadline:
-            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-            raise RuntimeError(f"{what} not ready after {timeout:.0f} s; {log}:\n{tail}")
-        time.sleep(0.5)
 
 
 def log_size(log: Path) -> int:

@@ -199,11 +199,6 @@ def lookback_days(spec: Spec, day: dt.date) -> list[dt.date]:
     return [first + dt.timedelta(days=i) for i in range((day - first).days + 1)]
 
 
-def day_bounds(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
-    start = dt.datetime.combine(day, dt.time())
-    return start, start + dt.timedelta(days=1)
-
-
 @dataclass(frozen=True)
 class LookbackPlan:
     """The validated_data partitions a day's features read, and those it goes without."""

@@ -37,7 +37,7 @@ def changed_inputs(spec: Spec, lake: Lake, lin: dict[str, Any]) -> dict[str, str
 
 def lineage(spec: Spec, lake: Lake, reg: RegistryReader, version: int) -> dict[str, Any]:
     """The chain for one version: data partitions -> training set -> runs -> evaluation."""
-    from mlops.promotion import decision_text, load_evaluation
+    from mlops.promotion import GATE_STATUS_TAG, decision_text, load_evaluation
 
     name = spec.registered_model_name
     mv = next((v for v in reg.versions(name) if v.version == version), None)
@@ -67,7 +67,7 @@ def lineage(spec: Spec, lake: Lake, reg: RegistryReader, version: int) -> dict[s
         "data_versions": lin.get("data_versions", {}),
         "data_changed_since": changed,
         "evaluation": (evaluation or {}).get("challenger", {}).get("metrics"),
-        "gate_status": tags.get(f"{registry.TAG}gate_status"),
+        "gate_status": tags.get(GATE_STATUS_TAG),
         "promotion": tags.get(f"{registry.TAG}promotion"),
         # promote: ... | force_promote: ... | refused: <reason> | None (not decided yet)
         "decision": decision_text(tags),

@@ -368,12 +368,33 @@ def gates(spec: Spec, doc: dict[str, Any], tracking_uri: str) -> list[GateResult
     ]
 
 
+# The gate-result tags: written by the gate checks and the decision, read by the decision,
+# `mlops status` and `mlops lineage`. One codec, so writer and readers cannot drift apart.
+GATE_TAG = f"{registry.TAG}gate."
+GATE_STATUS_TAG = f"{registry.TAG}gate_status"
+
+
+def gate_result_tags(results: list[GateResult]) -> dict[str, str]:
+    """`mlops.gate.<name>`: `passed: <reason>` or `failed: <reason>`, one tag per result."""
+    return {GATE_TAG + r.name: ("passed: " if r.passed else "failed: ") + r.reason for r in results}
+
+
+def read_gate_tags(tags: dict[str, str]) -> dict[str, GateResult]:
+    """The gate results recorded in a version's tags, by gate name, in name order."""
+    out = {}
+    for key, value in sorted(tags.items()):
+        if key.startswith(GATE_TAG):
+            status, _, why = value.partition(": ")
+            out[key.removeprefix(GATE_TAG)] = GateResult(
+                key.removeprefix(GATE_TAG), status == "passed", why
+            )
+    return out
+
+
 def gate_tags(results: list[GateResult]) -> dict[str, str]:
-    tags = {
-        f"{registry.TAG}gate.{r.name}": ("passed: " if r.passed else "failed: ") + r.reason
-        for r in results
-    }
-    tags[f"{registry.TAG}gate_status"] = "passed" if all(r.passed for r in results) else "failed"
+    """A decision's tags: every gate's result and the overall `mlops.gate_status`."""
+    tags = gate_result_tags(results)
+    tags[GATE_STATUS_TAG] = "passed" if all(r.passed for r in results) else "failed"
     return tags
 
 
@@ -413,11 +434,11 @@ def recorded_gates(
     `evaluation_run_id`, one recorded for another evaluation of the version, is a failed
     gate that says so: nothing is promoted on a result nobody saw."""
     tags = registry.version_tags(tracking_uri, model_name, version)
+    recorded = read_gate_tags(tags)
     out = []
     for g in GATES:
-        value = tags.get(f"{registry.TAG}gate.{g}")
         judged = tags.get(gate_run_tag(g))
-        if value is None:
+        if g not in recorded:
             out.append(
                 GateResult(g, False, f"no result recorded (its check did not run for v{version})")
             )
@@ -431,8 +452,7 @@ def recorded_gates(
                 )
             )
         else:
-            status, _, why = value.partition(": ")
-            out.append(GateResult(g, status == "passed", why))
+            out.append(recorded[g])
     return out
 
 
@@ -548,11 +568,7 @@ def decision_text(tags: dict[str, str]) -> str | None:
         return promotion
     if any(k.startswith(gate_run_tag("")) for k in tags):
         return None  # checks of this version ran, champion_model did not decide (yet)
-    failed = [
-        f"{k.removeprefix(f'{registry.TAG}gate.')}: {v.removeprefix('failed: ')}"
-        for k, v in sorted(tags.items())
-        if k.startswith(f"{registry.TAG}gate.") and v.startswith("failed")
-    ]
+    failed = [f"{r.name}: {r.reason}" for r in read_gate_tags(tags).values() if not r.passed]
     return f"refused: {'; '.join(failed)}" if failed else None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 
 from mlops import ingest, sql_source
+from mlops.dates import day_bounds
 from mlops.ingest import RawBatch
 from mlops.spec import FileSource, Spec
 
@@ -33,7 +34,7 @@ def load_partition(spec: Spec, day: dt.date) -> RawBatch:
         return batch
     batch = sql_source.load_day(src, day)
     if batch.frame.height == 0:
-        start, end = sql_source.day_bounds(day)
+        start, end = day_bounds(day)
         raise NoRowsForDay(
             f"source.query returned no rows for {day} ([{start}, {end})) from "
             f"{sql_source.describe(src)}. Load the day's rows, or pick a day that has them."

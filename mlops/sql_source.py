@@ -36,6 +36,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from mlops.dates import day_bounds
 from mlops.ingest import FILE_COLUMNS, META_COLUMNS, ROW_NUMBER, SOURCE_FILE, RawBatch
 from mlops.spec import ENV_VAR_RE, SqlSource
 from mlops.urls import redact_url
@@ -48,7 +49,6 @@ else:
 __all__ = [
     "SqlPull",
     "SqlSourceError",
-    "day_bounds",
     "describe",
     "expand_url",
     "fingerprint",
@@ -114,12 +114,6 @@ def _driver_message(e: BaseException) -> str:
 
 
 # Pulling -------------------------------------------------------------------------------
-def day_bounds(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
-    """The partition's [start, end) as naive datetimes: the values of :start and :end."""
-    start = dt.datetime.combine(day, dt.time())
-    return start, start + dt.timedelta(days=1)
-
-
 def _engine(url: str, shown: str):
     from sqlalchemy import create_engine
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError

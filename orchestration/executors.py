@@ -42,11 +42,12 @@ from dataclasses import asdict, dataclass, field
 
 import dagster as dg
 
+from orchestration.jobs import QUIET
+
 EXECUTOR_ENV = "MLOPS_EXECUTOR"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/1"
 DEFAULT_BACKEND = "redis://127.0.0.1:6379/2"
 TAG_BACKFILL = "mlops/backfill"
-QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 # Broker retries as dagster-celery's defaults (a config_source entry replaces the whole dict).
 _TRANSPORT = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 

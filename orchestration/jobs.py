@@ -16,6 +16,14 @@ from catalog.jobs import (
 from catalog.partitions import daily_partitions
 from mlops.spec import Spec
 
+
+def quiet(level: str = "ERROR") -> dict:
+    """Run config that keeps Dagster's console logger to `level` and above: runs started from
+    a terminal (tests, bench, drivers) print their own lines; step logs stay in the UI."""
+    return {"loggers": {"console": {"config": {"log_level": level}}}}
+
+
+QUIET = quiet()
 DAILY_ASSETS = ("raw_data", "validated_data", "quarantine", "labels", "features", "online_features")
 
 

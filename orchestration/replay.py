@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster._utils.schedules import cron_string_iterator
 
 from catalog.jobs import data_job_name, labels_job_name, scoring_job_name
 from mlops import ingest, monitoring, registry
 from mlops.lake import Lake, read_json
 from mlops.spec import FileFeed, Spec
-from orchestration.schedules import retraining_schedule_name, scoring_schedule_name
+from orchestration.jobs import quiet
+from orchestration.schedules import next_fire, retraining_schedule_name, scoring_schedule_name
 from resources.clock import ClockResource
 from sensors.alerts import run_failure_sensor_name
 from sensors.monitoring import monitoring_sensor_name
@@ -42,7 +42,7 @@ from sensors.new_data import new_data_sensor_name
 from sensors.retrain import drift_retrain_sensor_name, metric_decline_sensor_name
 
 # Step logs are in the UI and the timeline is on the console: keep the two apart.
-QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+STEP_LOGS_OFF = quiet("CRITICAL")
 # Data before labels before scoring: the order the daemon's runs would finish in.
 _JOB_ORDER = ("data", "labels", "scoring")
 IN_PROCESS, EXECUTOR = "in-process", "executor"
@@ -50,7 +50,9 @@ RUN_MODES = (IN_PROCESS, EXECUTOR)
 
 
 @dataclass
-class RunOutcome:
+class ReplayedRun:
+    """A run the replay executed: its job, partition, tags, materializations and checks."""
+
     job: str
     partition: str | None
     success: bool
@@ -64,7 +66,7 @@ class RunOutcome:
 @dataclass
 class DayResult:
     day: str
-    runs: list[RunOutcome]
+    runs: list[ReplayedRun]
     events: list[str]
 
 
@@ -143,7 +145,7 @@ class Replay:
 
     def execute(
         self, requests: list[dg.RunRequest], origin: dict[str, str], default_job: str | None
-    ) -> list[RunOutcome]:
+    ) -> list[ReplayedRun]:
         def order(r: dg.RunRequest) -> int:
             job = r.job_name or default_job or ""
             return next((i for i, k in enumerate(_JOB_ORDER) if f"_{k}_job" in job), 9)
@@ -170,9 +172,9 @@ class Replay:
         assets: list[dg.AssetKey] | None = None,
         run_config: dict | None = None,
         tags: dict[str, str] | None = None,
-    ) -> RunOutcome:
+    ) -> ReplayedRun:
         """One run of `job_name`, recorded in the instance, where `self.runs` says."""
-        config = {**QUIET, **(run_config or {})}
+        config = {**STEP_LOGS_OFF, **(run_config or {})}
         tags = dict(tags or {})
         if self.runs == IN_PROCESS:
             result = self.defs.resolve_job_def(job_name).execute_in_process(
@@ -203,26 +205,26 @@ class Replay:
         filt = {k: tags[k] for k in keys if k in tags}
         return bool(self.instance.get_runs(dg.RunsFilter(tags=filt), limit=1))
 
-    def _sensor_round(self, name: str, default_job: str | None = None) -> list[RunOutcome]:
+    def _sensor_round(self, name: str, default_job: str | None = None) -> list[ReplayedRun]:
         requests, _ = self.tick_sensor(name)
         return self.execute(requests, {"dagster/sensor_name": name}, default_job)
 
-    def _schedule_round(self, name: str, at: dt.datetime, default_job: str) -> list[RunOutcome]:
+    def _schedule_round(self, name: str, at: dt.datetime, default_job: str) -> list[ReplayedRun]:
         requests, _ = self.tick_schedule(name, at)
         return self.execute(requests, {"dagster/schedule_name": name}, default_job)
 
     # --- a day --------------------------------------------------------------------------
 
-    def ingest_round(self) -> list[RunOutcome]:
+    def ingest_round(self) -> list[ReplayedRun]:
         """New-data sensor until it has nothing more (labels wait for their day's data run)."""
         return self._until_quiet(new_data_sensor_name(self.spec))
 
-    def monitoring_round(self) -> list[RunOutcome]:
+    def monitoring_round(self) -> list[ReplayedRun]:
         """Monitoring sensor until the lake lacks nothing: score, then evaluate."""
         return self._until_quiet(monitoring_sensor_name(self.spec))
 
-    def _until_quiet(self, name: str, rounds: int = 4) -> list[RunOutcome]:
-        runs: list[RunOutcome] = []
+    def _until_quiet(self, name: str, rounds: int = 4) -> list[ReplayedRun]:
+        runs: list[ReplayedRun] = []
         for _ in range(rounds):
             got = self._sensor_round(name)
             runs += got
@@ -239,13 +241,13 @@ class Replay:
         runs = self.ingest_round()
         runs += self.monitoring_round()
         morning = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
-        score_at = _next_fire(spec.scoring_schedule, morning)
+        score_at = next_fire(spec.scoring_schedule, morning)
         if score_at < morning + dt.timedelta(days=1):
             runs += self._schedule_round(scoring_schedule_name(s), score_at, scoring_job_name(s))
         runs += self._sensor_round(drift_retrain_sensor_name(s), training_job)
         runs += self._sensor_round(metric_decline_sensor_name(s), training_job)
         if spec.retraining_schedule:
-            at = _next_fire(spec.retraining_schedule, morning)
+            at = next_fire(spec.retraining_schedule, morning)
             if at < morning + dt.timedelta(days=1):
                 runs += self._schedule_round(retraining_schedule_name(s), at, training_job)
         self.tick_sensor(run_failure_sensor_name(s))
@@ -286,11 +288,7 @@ def backdate(paths: Iterable[Path], settle_seconds: float) -> None:
         os.utime(p, (settled, settled))
 
 
-def _next_fire(cron: str, after: dt.datetime) -> dt.datetime:
-    return next(cron_string_iterator(after.timestamp(), cron, "UTC"))
-
-
-def _outcome(job: str, partition: str | None, result, tags: dict[str, str]) -> RunOutcome:
+def _outcome(job: str, partition: str | None, result, tags: dict[str, str]) -> ReplayedRun:
     meta: dict[str, dict[str, Any]] = {}
     for ev in result.get_asset_materialization_events():
         mat = ev.step_materialization_data.materialization
@@ -313,7 +311,7 @@ def _outcome(job: str, partition: str | None, result, tags: dict[str, str]) -> R
 
     # A step's error says most; a run that failed before any step ran (an executor that
     # cannot reach its broker) has only the run's.
-    return RunOutcome(
+    return ReplayedRun(
         job,
         partition,
         result.success,
@@ -325,7 +323,7 @@ def _outcome(job: str, partition: str | None, result, tags: dict[str, str]) -> R
     )
 
 
-def trigger_of(run: RunOutcome) -> str | None:
+def trigger_of(run: ReplayedRun) -> str | None:
     return run.tags.get(monitoring.TAG_TRIGGER)
 
 

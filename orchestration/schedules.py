@@ -17,6 +17,16 @@ from resources.lake import LakeResource
 from sensors.retrain import retraining_runs
 
 
+def next_fire(cron: str, after: dt.datetime) -> dt.datetime:
+    """The first tick of `cron` at or after `after`, in UTC (the schedules' timezone): when a
+    replay's simulated clock fires a schedule. Dagster's own cron handling, through its public
+    time-window partitions (a window starts at each tick), so replay and daemon agree."""
+    ticks = dg.TimeWindowPartitionsDefinition(
+        cron_schedule=cron, start=after, fmt="%Y-%m-%dT%H:%M:%S", timezone="UTC"
+    )
+    return ticks.get_next_partition_window(after, respect_bounds=False).start
+
+
 def scoring_schedule_name(spec: Spec) -> str:
     return f"{spec.name}_scoring_schedule"
 

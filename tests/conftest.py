@@ -14,9 +14,9 @@ from mlops.generate import GenerationReport, generate
 from mlops.lake import Lake
 from mlops.spec import Spec, load_spec
 from orchestration.definitions import build_definitions
+from orchestration.jobs import QUIET
 
 REPO = Path(__file__).resolve().parent.parent
-QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 
 
 def _forget_stale_defs_state_storage() -> None:

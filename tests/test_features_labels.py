@@ -11,6 +11,7 @@ import pytest
 
 from mlops import features as feats
 from mlops import labels, training_set
+from mlops.dates import day_bounds
 from mlops.lake import Lake
 from tests.conftest import make_project
 
@@ -208,7 +209,7 @@ def test_feature_kernel_matches_an_independent_polars_implementation(tmp_path):
         batch = ingest.load_day(spec.source, spec.landing_dir, day)
         valid.append(validation.validate(spec, batch.frame, day).valid)
     rows = pl.concat(valid)
-    start, end = feats.day_bounds(dt.date(2026, 1, 3))
+    start, end = day_bounds(dt.date(2026, 1, 3))
     ours, ref = feats.compute_features(spec, rows, start, end), oracle(spec, rows, start, end)
     assert ours.height == ref.height > 0
     assert ours.select("machine_id", "timestamp").equals(ref.select("machine_id", "timestamp"))

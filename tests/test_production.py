@@ -33,19 +33,16 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from deploy.processes import http_ok, start, stop, wait_until
 from deploy.services import (
     PG,
     celery_config,
     celery_worker_args,
     forget_broker_keys,
     free_port,
-    http_ok,
     mlflow_server_args,
     pg_url,
     scratch_database,
-    start,
-    stop,
-    wait_until,
     worker_ready,
 )
 from mlops import watch
@@ -224,11 +221,11 @@ def prod(tmp_path_factory) -> Prod:
         for n in (1, 2):
             name = f"w{n}-{prefix[11:19]}"
             workers[name] = logs / f"{name}.log"
-            procs.append(start(celery_worker_args(celery_cfg, name), env, workers[name]))
+            procs.append(start(celery_worker_args(celery_cfg, name), workers[name], env))
         # The MLflow server starts now (its schema migration takes a while); tests wait.
         artifacts = str(root / "mlflow-artifacts")
         args = mlflow_server_args(pg_url(mlflow_db), artifacts, port)
-        procs.append(start(args, env, logs / "mlflow.log"))
+        procs.append(start(args, logs / "mlflow.log", env))
         instance = stack.enter_context(dg.DagsterInstance.from_config(str(home)))
         prod = Prod(
             root,
@@ -440,11 +437,12 @@ pl.DataFrame.write_parquet = write_parquet
 
 import dagster as dg
 from orchestration.definitions import defs
+from orchestration.jobs import QUIET
 
 with dg.DagsterInstance.get() as instance:
     defs.resolve_job_def(sys.argv[3]).execute_in_process(
         partition_key=day, instance=instance, raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
+        run_config=QUIET,
     )
 print("not killed")
 """

@@ -284,3 +284,21 @@ def test_a_rollback_skips_refusals(tmp_path):
     ]:
         registry.record_deployment(lake, "s", registry.Deployment(action, a, b, "test"))
     assert registry.previous_champion(lake, "s", 3) == 2
+
+
+def test_gate_tags_read_back_as_written():
+    """The one gate-tag codec: what the checks and the decision write, status and lineage
+    read back (reasons with `: ` in them included), and a refusal names the failed gates."""
+    results = [
+        promotion.GateResult("thresholds", True, "roc_auc 0.91 >= 0.7"),
+        promotion.GateResult("improvement", False, "roc_auc: 0.80 < 0.82 + 0.01"),
+    ]
+    tags = promotion.gate_tags(results)
+    assert tags["mlops.gate.improvement"] == "failed: roc_auc: 0.80 < 0.82 + 0.01"
+    assert tags[promotion.GATE_STATUS_TAG] == "failed"
+    read = promotion.read_gate_tags({**tags, promotion.gate_run_tag("slices"): "r"})
+    assert [(r.name, r.passed, r.reason) for r in read.values()] == [
+        ("improvement", False, "roc_auc: 0.80 < 0.82 + 0.01"),
+        ("thresholds", True, "roc_auc 0.91 >= 0.7"),
+    ]
+    assert promotion.decision_text(tags) == "refused: improvement: roc_auc: 0.80 < 0.82 + 0.01"

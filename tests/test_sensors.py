@@ -15,6 +15,7 @@ from dagster._core.utils import make_new_run_id
 from catalog.jobs import data_job_name, labels_job_name, scoring_job_name, training_job_name
 from mlops import monitoring
 from mlops.lake import write_json
+from orchestration.jobs import QUIET
 from orchestration.replay import backdate, land_file
 from orchestration.schedules import retraining_schedule_name, scoring_schedule_name
 from resources.clock import ClockResource
@@ -128,7 +129,7 @@ def test_corrected_file_reruns_its_day_then_its_downstream(staged):
         partition_key=_day(1),
         instance=p.instance,
         tags={"dagster/run_key": fix_key, "mlops/spec": p.spec.name},
-        run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
+        run_config=QUIET,
     )
     reqs, cursor, _ = _tick(p, name, cursor)
     got = sorted(
@@ -161,7 +162,7 @@ def test_a_day_landing_after_the_next_one_rebuilds_what_looked_back_at_it(staged
         partition_key=_day(1),
         instance=p.instance,
         tags={"dagster/run_key": reqs[0].run_key, "mlops/spec": p.spec.name},
-        run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
+        run_config=QUIET,
     )
     reqs, cursor, _ = _tick(p, name, cursor)
     got = sorted(

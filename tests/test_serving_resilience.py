@@ -23,7 +23,6 @@ import contextlib
 import datetime as dt
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import dagster as dg
 import httpx
 import pytest
 
+from deploy import processes
 from deploy.services import free_port, mlflow_server_args, pg_url, scratch_database
 from mlops import registry, training
 from mlops.inference_log import log_files, read_lines
@@ -87,20 +87,12 @@ class Dependency:
     proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.cmd,
-                cwd=self.cwd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.proc = processes.start(self.cmd, self.log, cwd=self.cwd)
 
     def kill(self) -> None:
         """SIGKILL, as a crash or an OOM kill would: no goodbye to the clients."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
+        if self.proc is not None:
+            processes.kill(self.proc, 30)
         self.proc = None
 
     def listening(self) -> bool:
@@ -111,7 +103,7 @@ class Dependency:
             return False
 
     def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+        return processes.tail(self.log)
 
 
 def _redis(root: Path) -> Dependency:
@@ -336,8 +328,7 @@ def _start_service(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, s
     cmd = [str(BIN / "mlops"), "serve", "--spec", str(root / "specs" / f"{NAME}.yaml")]
     cmd += ["--port", str(port), "--workers", "2", "--mode", "champion"]
     cmd += ["--poll-interval", str(POLL), "--log-dir", str(root / "inference_log")]
-    with open(stderr, "wb") as err:
-        proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=err)
+    proc = processes.start(cmd, stderr, env, root, stdout=False)
     return proc, f"http://127.0.0.1:{port}", stderr
 
 
@@ -375,15 +366,7 @@ def world(tmp_path_factory, request) -> World:
     )
     serve, url, stderr = _start_service(root, env)
 
-    def stop_service() -> None:
-        if serve.poll() is None:
-            serve.terminate()
-            try:
-                serve.wait(30)
-            except subprocess.TimeoutExpired:
-                serve.kill()
-
-    request.addfinalizer(stop_service)
+    request.addfinalizer(lambda: processes.stop(serve, grace=30))
 
     small_data(p, days=3, machines=8, seed=3)
     job = p.defs.resolve_job_def(f"{NAME}_data_job")

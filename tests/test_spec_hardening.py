@@ -311,12 +311,21 @@ CRONS = [
 ]
 
 
+def _dagster_takes(cron: str) -> bool:
+    """Does Dagster accept `cron` for a schedule (its public definition API)?"""
+    import dagster as dg
+
+    try:
+        dg.ScheduleDefinition(name="probe", cron_schedule=cron, target=dg.AssetSelection.all())
+    except dg.DagsterInvalidDefinitionError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("cron", CRONS)
 def test_a_schedule_dagster_would_refuse_fails_spec_check(tmp_path, cron):
-    from dagster._utils.schedules import is_valid_cron_string
-
     data = _set(BASE, "monitoring.retraining_schedule", cron)
-    if is_valid_cron_string(cron):
+    if _dagster_takes(cron):
         assert load_spec(_write(tmp_path, data)).monitoring.retraining_schedule == cron
     else:
         assert (
@@ -461,3 +470,26 @@ def test_fuzz_text_edits_of_the_shipped_spec(edits):
     for at, cut, token in edits:
         text = text[:at] + token + text[at + cut :]
     _must_only_raise_spec_error(text)
+
+
+def test_the_replays_schedule_ticks_are_dagsters():
+    """orchestration.schedules.next_fire (public API) fires where Dagster's internal cron
+    iterator, which the replay used before, does: every valid cron above, random instants
+    over two decades, on and off the ticks."""
+    import datetime as dt
+    import random
+
+    legacy = pytest.importorskip("dagster._utils.schedules")
+    from orchestration.schedules import next_fire
+
+    rng = random.Random(15)
+    crons = [c for c in CRONS if legacy.is_valid_cron_string(c)]
+    crons += ["@weekly", "@monthly", "@hourly", "@yearly", "30 6 * * 1", "0 0 29 2 *"]
+    start = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    for cron in crons:
+        for i in range(60):
+            at = start + dt.timedelta(minutes=rng.randrange(20 * 365 * 1440))
+            at = at.replace(minute=0, hour=rng.choice([0, 2, 9])) if i % 3 == 0 else at
+            at = at.replace(second=17) if i % 7 == 0 else at
+            expected = next(legacy.cron_string_iterator(at.timestamp(), cron, "UTC"))
+            assert next_fire(cron, at) == expected, (cron, at)
