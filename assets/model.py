@@ -17,6 +17,7 @@ import dagster as dg
 
 from catalog.partitions import daily_partitions
 from catalog.pools import registry_pool
+from mlops import model_evaluation as evaluation_doc
 from mlops import promotion, registry, training
 from mlops.lake import Lake
 from mlops.spec import MODEL_ASSET_NAMES, Spec
@@ -99,7 +100,7 @@ def _png_md(png: bytes, title: str) -> str:
     return f"**{title}**\n\n![{title}](data:image/png;base64,{data})\n"
 
 
-def _evaluation_metadata(rec: promotion.RecordedEvaluation) -> dict:
+def _evaluation_metadata(rec: evaluation_doc.RecordedEvaluation) -> dict:
     """What the evaluation's page shows: metrics beside the champion's, plots, model card."""
     doc, primary = rec.doc, rec.doc["primary_metric"]
     return {
@@ -201,7 +202,7 @@ def build_model_assets(spec: Spec) -> list:
     ) -> dg.MaterializeResult:
         """Test-split metrics, slices, plots, Evidently report and model card, champion beside."""
         version = int(upstream_meta(context, key["candidate_model"])["model_version"])
-        rec = promotion.record_evaluation(spec, lake.get(), mlflow.tracking_uri, version)
+        rec = evaluation_doc.record_evaluation(spec, lake.get(), mlflow.tracking_uri, version)
         return dg.MaterializeResult(metadata=_evaluation_metadata(rec))
 
     def _gate_check(gate: str):
@@ -216,7 +217,7 @@ def build_model_assets(spec: Spec) -> list:
         ) -> dg.AssetCheckResult:
             version = int(upstream_meta(context, key["model_evaluation"])["model_version"])
             evaluated = context.instance.get_latest_materialization_event(key["model_evaluation"])
-            doc = promotion.load_evaluation(lake.get(), spec, version)
+            doc = evaluation_doc.load_evaluation(lake.get(), spec, version)
             if doc is None:
                 raise dg.Failure(f"no evaluation for {model_name} v{version}")
             result = {
@@ -244,7 +245,7 @@ def build_model_assets(spec: Spec) -> list:
                 metadata={
                     "model_version": version,
                     "reason": result.reason,
-                    "details": dg.MetadataValue.json(promotion.json_safe(result.details)),
+                    "details": dg.MetadataValue.json(evaluation_doc.json_safe(result.details)),
                 },
             )
 
@@ -266,7 +267,7 @@ def build_model_assets(spec: Spec) -> list:
         version = int(upstream_meta(context, key["model_evaluation"])["model_version"])
         evaluated = context.instance.get_latest_materialization_event(key["model_evaluation"])
         store = lake.get()
-        doc = promotion.load_evaluation(store, spec, version)
+        doc = evaluation_doc.load_evaluation(store, spec, version)
         if doc is None:
             raise dg.Failure(f"no evaluation for {model_name} v{version}: run model_evaluation")
         # The gate checks of this evaluation recorded their results on the version; decide on
@@ -279,7 +280,7 @@ def build_model_assets(spec: Spec) -> list:
             alive(f"decide on v{version} (move alias {registry.CHAMPION} of {model_name})")
         except training.RunGone as e:
             raise dg.Failure(f"{name}: {e}") from None
-        decision = promotion.decide(
+        decision = promotion.decide_promotion(
             spec,
             store,
             mlflow.tracking_uri,

@@ -8,7 +8,7 @@ import dagster as dg
 
 from assets.metadata import md_table
 from catalog.partitions import daily_partitions
-from mlops import monitoring, promotion
+from mlops import model_evaluation, monitoring
 from mlops.monitoring import DRIFT_REPORT, MODEL_PERFORMANCE
 from mlops.spec import Spec
 from resources.lake import LakeResource
@@ -102,5 +102,5 @@ def _performance_metadata(p: monitoring.PerformanceDay) -> dict:
         "rows_labelled": perf.rows_labelled,
         "model_versions": dg.MetadataValue.json(perf.model_versions),
         "metrics": dg.MetadataValue.json(perf.metrics),
-        "slices": dg.MetadataValue.json(promotion.json_safe(perf.slices)),
+        "slices": dg.MetadataValue.json(model_evaluation.json_safe(perf.slices)),
     }

@@ -37,7 +37,8 @@ def changed_inputs(spec: Spec, lake: Lake, lin: dict[str, Any]) -> dict[str, str
 
 def lineage(spec: Spec, lake: Lake, reg: RegistryReader, version: int) -> dict[str, Any]:
     """The chain for one version: data partitions -> training set -> runs -> evaluation."""
-    from mlops.promotion import GATE_STATUS_TAG, decision_text, load_evaluation
+    from mlops.model_evaluation import load_evaluation
+    from mlops.promotion import GATE_STATUS_TAG, decision_text
 
     name = spec.registered_model_name
     mv = next((v for v in reg.versions(name) if v.version == version), None)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from mlops import evaluation, modeling
 from mlops.labels import MATURE, entity_column
 from mlops.lake import Lake, read_json, write_json
-from mlops.promotion import json_safe, load_evaluation
+from mlops.model_evaluation import json_safe, load_evaluation
 from mlops.spec import Spec
 
 if TYPE_CHECKING:
@@ -250,7 +250,7 @@ class Observation:
 
 
 @dataclass
-class Decision:
+class RetrainDecision:
     trigger: str
     retrain: bool
     partition: str | None  # the partition the decision was made at
@@ -314,7 +314,7 @@ def current_run(observations: list[Observation]) -> list[Observation]:
     return list(reversed(run))
 
 
-def decide(
+def decide_retraining(
     trigger: str,
     observations: list[Observation],
     consecutive: int,
@@ -327,7 +327,7 @@ def decide(
     retry_after: int = 1,
     max_attempts: int = 4,
     labelled: list[str] | None = None,
-) -> Decision:
+) -> RetrainDecision:
     """Retrain when the newest observations breached `consecutive` times in a row against
     the serving champion.
 
@@ -345,15 +345,15 @@ def decide(
       lag the data by the label maturity (default: the newest observation).
     """
     if not observations:
-        return Decision(trigger, False, now, None, "no observations yet", {})
+        return RetrainDecision(trigger, False, now, None, "no observations yet", {})
     latest = max(o.partition for o in observations)
     now = max(now or latest, latest)
     run = current_run(observations)
     if not run or run[-1].partition != latest:
-        return Decision(trigger, False, now, None, f"{latest}: no breach", {})
+        return RetrainDecision(trigger, False, now, None, f"{latest}: no breach", {})
     breached_v = run[-1].champion_version
     if champion is not None and breached_v is not None and breached_v != champion:
-        return Decision(
+        return RetrainDecision(
             trigger,
             False,
             now,
@@ -379,7 +379,7 @@ def decide(
     }
     if len(run) < consecutive:
         why = f"{len(run)}/{consecutive} consecutive breached partitions"
-        return Decision(trigger, False, now, reason=why, **base)  # type: ignore[arg-type]
+        return RetrainDecision(trigger, False, now, reason=why, **base)  # type: ignore[arg-type]
     prior_entries = sorted(
         ([a, ""] if isinstance(a, str) else list(a)) for a in attempts.get(episode, [])
     )
@@ -397,14 +397,14 @@ def decide(
                 f"attempts (monitoring.max_attempts_per_episode {max_attempts}) until the "
                 "breach ends or a champion is promoted by hand"
             )
-            return Decision(trigger, False, now, reason=why, attempt=len(prior), **base)  # type: ignore[arg-type]
+            return RetrainDecision(trigger, False, now, reason=why, attempt=len(prior), **base)  # type: ignore[arg-type]
         since = sum(1 for o in run if o.partition > prior[-1])
         if since < retry_after:
             why = (
                 f"episode {episode}: retraining {len(prior)} was not promoted; retry after "
                 f"{retry_after} more breached partition(s) ({since} so far)"
             )
-            return Decision(trigger, False, now, reason=why, attempt=len(prior), **base)  # type: ignore[arg-type]
+            return RetrainDecision(trigger, False, now, reason=why, attempt=len(prior), **base)  # type: ignore[arg-type]
         had = max((a[1] or "" for a in prior_entries), default="")
         fresh = [d for d in labelled or [] if d >= run[0].partition and d > had]
         if labelled is not None and not fresh:
@@ -413,9 +413,9 @@ def decide(
                 f"labelled day after the change point {run[0].partition} that it did not "
                 f"have (labels through {had or '-'})"
             )
-            return Decision(trigger, False, now, reason=why, attempt=len(prior), **base)  # type: ignore[arg-type]
+            return RetrainDecision(trigger, False, now, reason=why, attempt=len(prior), **base)  # type: ignore[arg-type]
         reason += f"; retry {len(prior) + 1}: the breach persists after {prior[-1]}"
-        return Decision(trigger, True, now, reason=reason, attempt=len(prior) + 1, **base)  # type: ignore[arg-type]
+        return RetrainDecision(trigger, True, now, reason=reason, attempt=len(prior) + 1, **base)  # type: ignore[arg-type]
     if last_retrain_partition is not None:
         since = partitions_between(last_retrain_partition, now)
         evidence["last_retrain_partition"] = last_retrain_partition
@@ -424,8 +424,8 @@ def decide(
                 f"cooldown: {since}/{cooldown_partitions} partitions since the retraining "
                 f"at {last_retrain_partition}"
             )
-            return Decision(trigger, False, now, reason=why, **base)  # type: ignore[arg-type]
-    return Decision(trigger, True, now, reason=reason, **base)  # type: ignore[arg-type]
+            return RetrainDecision(trigger, False, now, reason=why, **base)  # type: ignore[arg-type]
+    return RetrainDecision(trigger, True, now, reason=reason, **base)  # type: ignore[arg-type]
 
 
 def cooldown_ok(

@@ -67,7 +67,7 @@ def episode_attempts(runs: list, cursor_attempts: dict | None = None) -> dict[st
 
 def evaluate(
     spec: Spec, trigger: str, runs: Sequence[Any], lake: Lake, cursor: str | None
-) -> tuple[monitoring.Decision, dict, bool]:
+) -> tuple[monitoring.RetrainDecision, dict, bool]:
     """The decision for one tick, the cursor state, and whether a retraining is running.
     `runs`: the spec's training runs, newest first."""
     state = json.loads(cursor) if cursor else {}
@@ -81,7 +81,7 @@ def evaluate(
         obs = monitoring.performance_observations(spec, docs)
         consecutive = m.consecutive_decline_days
     features = lake.partitions(spec.name, "features")
-    decision = monitoring.decide(
+    decision = monitoring.decide_retraining(
         trigger,
         obs,
         consecutive,

@@ -253,7 +253,7 @@ def _first_champion(replay, spec: Spec, trials: int | None, partition: str, echo
     from catalog.jobs import training_job_name
 
     cfg = {"ops": {f"{spec.name}__candidate_model": {"config": {"trials": trials}}}}
-    first = monitoring.Decision(
+    first = monitoring.RetrainDecision(
         "initial", True, partition, None, "first champion", {"latest_partition": partition}
     )
     run = replay.run_job(training_job_name(spec), run_config=cfg, tags=first.tags(spec))

@@ -83,7 +83,7 @@ def build_schedules(spec: Spec, scoring_job, training_job) -> list[dg.ScheduleDe
                     f"cooldown: last retraining at {last}, fewer than {cooldown} partitions "
                     f"before {days[-1]}"
                 )
-            decision = monitoring.Decision(
+            decision = monitoring.RetrainDecision(
                 monitoring.SCHEDULE,
                 True,
                 days[-1],

@@ -1,6 +1,6 @@
 """drift_retrain_sensor and metric_decline_sensor: the monitoring summaries -> retraining.
 
-The rules are mlops.monitoring.decide: N consecutive breached partitions against the
+The rules are mlops.monitoring.decide_retraining (run through mlops.retraining): N consecutive breached partitions against the
 serving champion; an episode's first retraining waits for the cooldown (counted in
 partitions from the newest drift- or decline-triggered retraining); a refused one re-arms
 after `retry_after_partitions` more breached partitions, up to `max_attempts_per_episode`. Every request carries the reason and evidence

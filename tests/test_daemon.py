@@ -301,7 +301,7 @@ def test_landed_days_are_built_scored_and_evaluated_by_the_daemon_alone(tmp_path
     import datetime as dt
 
     from catalog.jobs import training_job_name
-    from mlops.monitoring import DRIFT_REPORT, MODEL_PERFORMANCE, Decision
+    from mlops.monitoring import DRIFT_REPORT, MODEL_PERFORMANCE, RetrainDecision
     from orchestration.replay import Replay
     from sensors.monitoring import monitoring_sensor_name
     from sensors.new_data import new_data_sensor_name
@@ -340,7 +340,9 @@ def test_landed_days_are_built_scored_and_evaluated_by_the_daemon_alone(tmp_path
             _land(spec.labels.events, stage_e, events, day)
         replay = Replay(spec, p.defs, d.instance, p.lake, p.tracking_uri, feeds=[])
         assert all(r.success for r in replay.ingest_round())
-        first = Decision("initial", True, first_days[-1].isoformat(), None, "first champion", {})
+        first = RetrainDecision(
+            "initial", True, first_days[-1].isoformat(), None, "first champion", {}
+        )
         trained = replay.run_job(training_job_name(spec), tags=first.tags(spec))
         assert trained.success and replay.champion() is not None, trained.error
         assert not replay.monitoring_round(), "the champion's own training days are not scored"

@@ -20,7 +20,7 @@ import yaml
 from click.testing import CliRunner
 
 from cli.main import main
-from mlops import lineage, promotion, registry, training
+from mlops import lineage, model_evaluation, promotion, registry, training
 from mlops.lake import Lake
 from mlops.model_loader import load_model
 from mlops.spec import load_spec
@@ -134,8 +134,8 @@ def test_worse_challenger_does_not_move_the_alias_and_says_why(life):
     assert tags["mlops.gate.improvement"].startswith("failed: roc_auc")
     assert tags["mlops.promotion"] == f"refused: {m3['reason']}"
     # The same decision through champion_model's own logic (e.g. materialized alone).
-    doc = promotion.load_evaluation(life.lake, life.spec("lr"), 3)
-    d = promotion.decide(life.spec("lr"), life.lake, life.uri, 3, doc)
+    doc = model_evaluation.load_evaluation(life.lake, life.spec("lr"), 3)
+    d = promotion.decide_promotion(life.spec("lr"), life.lake, life.uri, 3, doc)
     assert not d.promoted and "improvement" in d.reason
     assert registry.alias_version(life.uri, NAME, registry.CHAMPION) == 2
     assert registry.version_tags(life.uri, NAME, 3)["mlops.promotion"].startswith("refused:")

@@ -106,12 +106,12 @@ def _obs(values, start=0, champion=1, limit=0.3):
 
 def test_a_monitored_day_below_the_threshold_breaks_the_consecutive_run():
     obs = _obs([0.9, 0.1, 0.9])
-    d = monitoring.decide(monitoring.DRIFT, obs, 2, 7, None, {})
+    d = monitoring.decide_retraining(monitoring.DRIFT, obs, 2, 7, None, {})
     assert not d.retrain and "1/2" in d.reason
 
 
 def test_decision_tags_carry_reason_and_evidence():
-    d = monitoring.decide(monitoring.DRIFT, _obs([0.5, 0.6]), 2, 7, None, {})
+    d = monitoring.decide_retraining(monitoring.DRIFT, _obs([0.5, 0.6]), 2, 7, None, {})
     assert d.retrain and d.episode == "drift:v1:2026-01-01"
     tags = d.tags(SPEC)
     assert tags[monitoring.TAG_TRIGGER] == "drift" and tags[monitoring.TAG_SPEC] == SPEC.name
@@ -191,10 +191,10 @@ def test_column_label_maturity_follows_the_data_clock_not_the_wall_clock():
 def test_a_refusal_rearms_after_more_breached_days_and_a_gap_does_not_split_the_episode():
     obs = _obs([0.9, 0.9]) + _obs([0.9, 0.9, 0.9], start=3)  # day 2 has no observation
     episode = "drift:v1:2026-01-01"
-    first = monitoring.decide(monitoring.DRIFT, obs[:2], 2, 7, None, {})
+    first = monitoring.decide_retraining(monitoring.DRIFT, obs[:2], 2, 7, None, {})
     assert first.retrain and first.episode == episode and first.change_point == "2026-01-01"
     # Refused at day 2 (observed 2026-01-02): one more breached day re-arms it.
-    d = monitoring.decide(
+    d = monitoring.decide_retraining(
         monitoring.DRIFT, obs[:3], 2, 7, "2026-01-02", {episode: [["2026-01-02", ""]]}
     )
     assert d.retrain and d.attempt == 2 and d.run_key == f"{episode}#2"
@@ -204,9 +204,11 @@ def test_a_refusal_rearms_after_more_breached_days_and_a_gap_does_not_split_the_
 def test_the_cooldown_only_delays_a_new_episode_not_a_retry():
     obs = _obs([0.9, 0.9, 0.9])
     ep = "drift:v1:2026-01-01"
-    retry = monitoring.decide(monitoring.DRIFT, obs, 2, 7, "2026-01-02", {ep: ["2026-01-02"]})
+    retry = monitoring.decide_retraining(
+        monitoring.DRIFT, obs, 2, 7, "2026-01-02", {ep: ["2026-01-02"]}
+    )
     assert retry.retrain and retry.attempt == 2
-    fresh = monitoring.decide(monitoring.DRIFT, obs, 2, 7, "2026-01-02", {})
+    fresh = monitoring.decide_retraining(monitoring.DRIFT, obs, 2, 7, "2026-01-02", {})
     assert not fresh.retrain and "cooldown" in fresh.reason
 
 

@@ -28,7 +28,7 @@ import yaml
 from click.testing import CliRunner
 
 from cli.main import main
-from mlops import modeling, promotion, registry, training
+from mlops import model_evaluation, modeling, promotion, registry, training
 from mlops.lake import Lake
 from mlops.model_loader import (
     ArtifactsUnavailable,
@@ -252,7 +252,7 @@ def test_the_promotion_gate_and_batch_scoring_refuse_the_pickle_version(reg):
     assert not gate.passed and "UnsafeModelFormat" not in gate.reason
     assert f"models:/{NAME}/{version}" in gate.reason and "pickle" in gate.reason
     with pytest.raises(UnsafeModelFormat):
-        promotion.evaluate_version(reg.spec, reg.lake, reg.uri, version)
+        model_evaluation.evaluate_version(reg.spec, reg.lake, reg.uri, version)
     before = _champion(reg)
     registry.set_alias(reg.uri, NAME, registry.CHAMPION, version)  # someone, in MLflow
     try:
