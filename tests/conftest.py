@@ -19,47 +19,38 @@ from orchestration.jobs import QUIET
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _forget_stale_defs_state_storage() -> None:
-    """Dagster keeps the definitions-state storage of the last instance that set one in a
-    context variable, as a weak reference; once a test's instance is gone, building any
-    Definitions in a later test fails with "undefined DagsterInstance weakref"."""
+def forget_defs_state_storage(only_dead: bool = True) -> None:
+    """Drop the definitions-state storage Dagster holds for the last instance entered.
+
+    Dagster keeps the storage of the last instance entered (`with instance:`) in a context
+    variable (dagster._core.storage.defs_state.base._current_storage) holding the instance by
+    weak reference; building Definitions reads it (DefinitionsLoadContext at INITIALIZATION
+    calls DefsStateStorage.get().get_latest_defs_state_info()), so once that instance is
+    garbage-collected the next Definitions fails with "Attempted to resolve undefined
+    DagsterInstance weakref". Seen in CI across modules, and inside test_model_lifecycle's
+    module fixture after the previous module on that xdist worker; a platform process keeps
+    its one instance, so only tests need this. No upstream issue found (dagster-io issues
+    searched for the message and the defs-state storage context variable; Dagster 1.13.27).
+    Confined to the tests: the fixtures below forget it before every module and test, and
+    make_project and test_model_lifecycle's Lifecycle.defs drop a dead one (only) before
+    they build Definitions, which is where CI failed inside a module fixture. This replaces
+    a process-wide monkeypatch of DefsStateStorage.get."""
     from dagster._core.storage.defs_state.base import _current_storage
 
-    _current_storage.set(None)
-
-
-def _ignore_dead_defs_state_storage() -> None:
-    """The same, wherever it happens: a storage whose instance is gone reads as no storage.
-
-    The resets below run between modules and tests; an instance dropped inside a module's
-    fixture (seen in CI: test_model_lifecycle, after the previous module on that worker)
-    still broke the next Definitions. Only a test process creates and drops instances by
-    the hundred; a platform process keeps its one instance."""
-    from dagster._core.storage.defs_state import base
-
-    def get(cls):
-        storage = base._current_storage.get()
-        ref = getattr(storage, "_instance_weakref", None)
-        if ref is not None and ref() is None:
-            base._current_storage.set(None)
-            return None
-        return storage
-
-    base.DefsStateStorage.get = classmethod(get)
-
-
-_ignore_dead_defs_state_storage()
+    ref = getattr(_current_storage.get(), "_instance_weakref", None)
+    if not only_dead or (ref is not None and ref() is None):
+        _current_storage.set(None)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _fresh_dagster_context_per_module():
-    _forget_stale_defs_state_storage()
+def _forget_defs_state_storage_per_module():
+    forget_defs_state_storage(only_dead=False)
     yield
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dagster_context():
-    _forget_stale_defs_state_storage()
+def _forget_defs_state_storage():
+    forget_defs_state_storage(only_dead=False)
     yield
 
 
@@ -149,6 +140,7 @@ def make_project(
     spec = load_spec(root / "specs" / name)
     lake_url = str(root / ".mlops" / "lake")
     uri = mlflow_db(root) if with_mlflow else f"sqlite:///{root / '.mlops' / 'unused.db'}"
+    forget_defs_state_storage()
     defs = build_definitions(
         root / "specs",
         lake_url,

@@ -7,7 +7,6 @@ import datetime as dt
 import multiprocessing as mp
 import uuid
 
-import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
@@ -210,6 +209,12 @@ def test_online_features_asset_never_moves_state_back(built):
     store = make_store(f"sqlite:///{built.root / '.mlops' / 'online.db'}")
     before = store.get_state(spec.name, "M0002").as_of
     assert before.date() == dt.date(2026, 1, 3)
+    machines = sorted(built.lake.read(spec.name, "validated_data", "2026-01-03")["machine_id"])
+    states, stats = store.get_states(spec.name, machines), store.stats(spec.name)
+    assert sorted(states) == sorted(set(machines)) and stats.entities == len(states)
+    assert stats.bytes > 0 and stats.newest_as_of.date() == dt.date(2026, 1, 3)
     built.run_day("2026-01-02")  # an older day re-materialized
+    # Nothing rewritten: every entity's rows and as_of, and the stored payload bytes, as before.
+    assert store.get_states(spec.name, machines) == states
+    assert store.stats(spec.name) == stats
     assert store.get_state(spec.name, "M0002").as_of == before
-    assert np.isfinite(store.stats(spec.name).bytes)

@@ -12,6 +12,7 @@ import json
 import dagster as dg
 import numpy as np
 import polars as pl
+import pytest
 from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
@@ -19,6 +20,7 @@ from cli.main import main as cli
 from mlops import monitoring
 from mlops.config import mlflow_tracking_uri
 from mlops.labels import MATURE, entity_column
+from mlops.lake import read_json
 from mlops.model_loader import load_model
 from orchestration import demo
 from tests.conftest import embedded_spec_text, make_project
@@ -62,8 +64,32 @@ def test_closed_loop_story(tmp_path, monkeypatch, capsys):
     assert parts, "no retraining at all"
     assert parts[0] >= drift_day, f"retrained before the drift: {parts}"
     assert (parts[0] - drift_day).days <= spec.monitoring.consecutive_drift_days
+    # The stream's covariate drift shows in the drift share the day it lands; its concept
+    # drift only once labels mature. So the first retraining is the drift sensor's, against
+    # the first champion, on drift reports the lake holds.
+    chrono = runs[::-1]  # get_runs lists the newest first
+    first = chrono[0]
+    assert first.tags[monitoring.TAG_TRIGGER] == monitoring.DRIFT, [r.tags for r in chrono]
+    ev = json.loads(first.tags[monitoring.TAG_EVIDENCE])
+    assert ev["champion_version"] == 1 and ev["threshold"] == spec.monitoring.drift_threshold
+    run = ev["partitions"]
+    assert ev["change_point"] == run[0] >= drift_day.isoformat()
+    assert len(run) >= spec.monitoring.consecutive_drift_days
+    shares = [read_json(p.lake, spec.name, monitoring.DRIFT_REPORT, d)["drift_share"] for d in run]
+    assert ev["values"] == pytest.approx(shares) and min(shares) > ev["threshold"]
+    assert first.tags[monitoring.TAG_REASON].startswith(
+        f"drift share breached {ev['threshold']:.3f} for {len(run)} consecutive partition(s) "
+        f"{run[0]}..{run[-1]} (champion v1)"
+    )
+    # Every later retraining names a change trigger and what it saw (no schedule is set).
+    what = {monitoring.DRIFT: "drift share", monitoring.METRIC_DECLINE: "realized metric"}
     for r in runs:
-        assert r.tags[monitoring.TAG_REASON] and json.loads(r.tags[monitoring.TAG_EVIDENCE])
+        trigger = r.tags[monitoring.TAG_TRIGGER]
+        assert trigger in what, r.tags
+        assert r.tags[monitoring.TAG_REASON].startswith(f"{what[trigger]} breached "), r.tags
+        evidence = json.loads(r.tags[monitoring.TAG_EVIDENCE])
+        assert evidence["change_point"] >= drift_day.isoformat(), r.tags
+        assert r.tags[monitoring.TAG_EPISODE].startswith(f"{trigger}:v"), r.tags
     # Cooldown: an episode's first retraining comes at least `cooldown` partitions after
     # any earlier one; its retries (a refusal re-arms) need only new breached days.
     cooldown = spec.monitoring.retrain_cooldown_partitions
@@ -95,11 +121,11 @@ def test_closed_loop_story(tmp_path, monkeypatch, capsys):
     assert res.exit_code == 0, res.output
     st = json.loads(res.output)
     assert st["champion"] == final and st["last_drift"]["partition"] == timeline[-1]["day"]
-    assert st["last_retraining"]["trigger"] in (
-        monitoring.DRIFT,
-        monitoring.METRIC_DECLINE,
-        "schedule",
-    )
+    last = runs[0]  # the newest retraining
+    assert st["last_retraining"]["run_id"] == last.run_id
+    assert st["last_retraining"]["trigger"] == last.tags[monitoring.TAG_TRIGGER]
+    assert st["last_retraining"]["reason"] == last.tags[monitoring.TAG_REASON]
+    assert st["last_retraining"]["partition"] == last.tags[monitoring.TAG_PARTITION]
 
 
 def test_a_second_demo_rebuilds_what_the_first_built(tmp_path, monkeypatch):

@@ -25,7 +25,15 @@ from mlops.lake import Lake
 from mlops.model_loader import load_model
 from mlops.spec import load_spec
 from orchestration.definitions import build_definitions
-from tests.conftest import QUIET, REPO, make_project, materialization_meta, mlflow_db, small_data
+from tests.conftest import (
+    QUIET,
+    REPO,
+    forget_defs_state_storage,
+    make_project,
+    materialization_meta,
+    mlflow_db,
+    small_data,
+)
 
 NAME = "machine_failure"
 DAYS = 14
@@ -40,6 +48,7 @@ class Lifecycle:
     results: dict[str, dg.ExecuteInProcessResult]
 
     def defs(self, variant: str) -> dg.Definitions:
+        forget_defs_state_storage()  # the CI failure this guards was in this module
         return build_definitions(
             self.root / f"specs_{variant}",
             str(self.lake.base_url),
@@ -222,15 +231,61 @@ def test_reproduce_is_exact_and_lineage_cli(life, monkeypatch):
     data = json.loads(out.output)
     assert data["version"] == 2 and "champion" in data["aliases"]
     assert data["data_versions"]["features"] and not data["data_changed_since"]
-    imp = runner.invoke(main, ["impact", "--spec", NAME, "--partition", "2026-01-03", "--json"])
-    found = json.loads(imp.output)
-    assert {v["version"] for v in found["model_versions"]} >= {1, 2, 3}
-    assert (
-        runner.invoke(
-            main, ["impact", "--spec", NAME, "--partition", "2026-01-13", "--json"]
-        ).exit_code
-        == 0
+
+
+def _expected_impact(life: Lifecycle, partition: str) -> tuple[dict, list]:
+    """What used a partition, from the versions' lineage tags and the prediction files
+    themselves: (version -> (assets, aliases), [(prediction day, versions that scored it)])."""
+    c = registry.client(life.uri)
+    versions = {}
+    for mv in c.search_model_versions(f"name = '{NAME}'"):
+        lin = registry.lineage_from_tags(mv.tags)
+        if partition in lin.get("training_partitions", []):
+            # search_model_versions leaves the aliases out; get_model_version has them.
+            aliases = c.get_model_version(NAME, mv.version).aliases
+            versions[int(mv.version)] = (sorted(lin["data_versions"]), sorted(aliases))
+    predictions = []
+    for day in sorted(life.lake.partitions(NAME, "batch_predictions")):
+        used = sorted(life.lake.read(NAME, "batch_predictions", day)["model_version"].unique())
+        if set(used) & set(versions) or day == partition:
+            predictions.append((day, used))
+    return versions, predictions
+
+
+def test_impact_names_the_versions_and_predictions_that_used_a_partition(life, monkeypatch):
+    monkeypatch.setenv("MLOPS_SPECS_DIR", str(life.root / "specs_xgb"))
+    monkeypatch.setenv("MLOPS_LAKE_URL", str(life.lake.base_url))
+    monkeypatch.setenv("MLOPS_MLFLOW_TRACKING_URI", life.uri)
+    # Predictions for one day, scored by the champion (v2): idempotent, so this test does not
+    # depend on test_batch_predictions_use_the_champion_and_keep_keys having run.
+    life.defs("xgb").resolve_job_def(f"{NAME}_batch_predictions_job").execute_in_process(
+        partition_key="2026-01-12", instance=life.instance, run_config=QUIET
     )
+    window = registry.lineage_from_tags(registry.version_tags(life.uri, NAME, 2))[
+        "training_partitions"
+    ]
+    assert "2026-01-03" in window and "2026-01-12" not in window
+    runner = CliRunner()
+    for partition in ("2026-01-03", "2026-01-12", "2026-01-14"):
+        imp = runner.invoke(main, ["impact", "--spec", NAME, "--partition", partition, "--json"])
+        assert imp.exit_code == 0, imp.output
+        found = json.loads(imp.output)
+        versions, predictions = _expected_impact(life, partition)
+        assert found["partition"] == partition
+        got = {v["version"]: (v["assets"], sorted(v["aliases"])) for v in found["model_versions"]}
+        assert got == versions, partition
+        assert [
+            (p["partition"], p["model_versions"]) for p in found["prediction_partitions"]
+        ] == predictions, partition
+        why = {p["partition"]: p["why"] for p in found["prediction_partitions"]}
+        if partition in window:  # v1-v3 trained on the same training set
+            assert set(versions) == {1, 2, 3} and versions[2][1] == ["champion"]
+            assert predictions == [("2026-01-12", [2])] and why == {"2026-01-12": "scored by v2"}
+        elif partition == "2026-01-12":  # after the window: only its own predictions
+            assert versions == {} and predictions == [("2026-01-12", [2])]
+            assert why == {"2026-01-12": "features of this partition"}
+        else:
+            assert versions == {} and predictions == []
 
 
 def test_rollback_force_promote_and_a_changed_input(life, monkeypatch):

@@ -533,7 +533,16 @@ def test_a_failed_run_alerts_through_the_webhook(project, webhook):
     assert alert["fields"]["run_id"] == result.run_id
     assert alert["fields"]["attempt"] == 1
     assert alert["fields"]["attempts_allowed"] == 1  # this instance has no run retries
-    assert "no landing file" in alert["text"] or "failed" in alert["text"]
+    assert alert["fields"]["spec"] == p.spec.name
+    assert alert["fields"]["first_run_id"] == result.run_id
+    assert alert["fields"]["retry"].startswith("not retried")
+    # The title names the spec and job; the body is the run-failure event's message,
+    # which names the step that failed (raw_data, for the missing landing file).
+    job = data_job_name(p.spec)
+    assert alert["title"] == f"[{p.spec.name}] {job} failed"
+    title, body = alert["text"].split("\n", 1)
+    assert title == alert["title"]
+    assert f'"{job}"' in body and f"Steps failed: ['{p.spec.name}__raw_data']" in body, body
     tick(cursor)
     assert len(got) == 1, "one alert per failed run"
 

@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -682,7 +683,18 @@ def test_inference_log_asset_ingests_what_the_server_wrote(world, replay, tmp_pa
     routes = {(r["route"], r["model_version"]): r for r in meta["routes"]}
     shadow = routes[("shadow", world.versions["lr"])]
     assert shadow["count"] == shadow["paired"] == len(replay)
-    assert 0.0 <= shadow["agreement"] <= 1.0 and shadow["mean_abs_score_diff"] > 0
+    # The comparison recomputed from the logged rows: pair each shadow answer with the
+    # champion's answer to the same record.
+    answers: dict[str, dict] = {"champion": {}, "shadow": {}}
+    for r in log.iter_rows(named=True):
+        answers[r["route"]][(r["request_id"], r["record"])] = r
+    assert answers["shadow"].keys() == answers["champion"].keys()
+    pairs = [(answers["shadow"][k], answers["champion"][k]) for k in answers["shadow"]]
+    same = [s["decision"] == c["decision"] for s, c in pairs]
+    diffs = [abs(s["score"] - c["score"]) for s, c in pairs]
+    assert shadow["agreement"] == pytest.approx(sum(same) / len(same))
+    assert shadow["mean_abs_score_diff"] == pytest.approx(sum(diffs) / len(diffs))
+    assert shadow["max_abs_score_diff"] == pytest.approx(max(diffs)) and max(diffs) > 0
     assert routes[("champion", world.versions["xgb"])]["latency_p50_ms"] > 0
     assert meta["rows"] == 2 * len(replay)
 
@@ -717,7 +729,21 @@ def test_drift_report_uses_the_served_traffic(world, replay, tmp_path):
     assert summary["current_rows"] == len(replay)  # every served reading, nothing else
     meta = materialization_meta(result, dg.AssetKey([NAME, "drift_report"]))
     assert meta["scored_rows_source"] == "served"
-    assert Path(meta["report"]).read_text().lstrip().lower().startswith("<")
+    # Evidently's page: our banner with the rows compared, the dataset verdict, a drift widget
+    # per tested column (and none other), and the prediction's ValueDrift.
+    html = Path(meta["report"]).read_text()
+    assert html.lstrip().lower().startswith("<!doctype html>")
+    ref, cur = summary["reference_rows"], summary["current_rows"]
+    assert (
+        f"Drift scores in the run&#x27;s metadata: {ref:,} reference vs {cur:,} current rows."
+        in html
+    )
+    verdict = "Dataset Drift is " + ("detected" if summary["dataset_drift"] else "NOT detected")
+    assert f"{verdict}. Dataset drift detection threshold is {summary['share_threshold']}" in html
+    tested = {c["column"] for c in summary["columns"]}
+    assert tested >= {"temperature", "vibration_max_24h", "power_proxy", "machine_type"}
+    assert set(re.findall(r'"column_name": "([^"]+)"', html)) == tested
+    assert "Drift in column 'score'" in html
 
 
 # The log's pure functions ------------------------------------------------------------------------
