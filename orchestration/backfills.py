@@ -150,7 +150,9 @@ def report(instance: dg.DagsterInstance, backfill_id: str) -> list[str]:
     ran its steps (none for other executors)."""
     runs = instance.get_runs(dg.RunsFilter(tags={TAG_BACKFILL: backfill_id}))
     lines = []
-    for r in sorted(runs, key=lambda r: (r.tags.get("dagster/partition", ""), r.create_timestamp)):
+    for r in sorted(
+        runs, key=lambda r: (r.tags.get("dagster/partition", ""), len(r.asset_selection or ()))
+    ):
         workers = set()
         for rec in instance.all_logs(r.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
             data = rec.dagster_event.engine_event_data if rec.dagster_event else None
