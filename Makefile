@@ -62,6 +62,8 @@ prod-up: $(BIN)/.installed
 prod-demo: $(BIN)/.installed
 	$(BIN)/python deploy/prod.py demo -- $(DEMO_ARGS)
 
+# An asset backfill of the job's assets over FROM..TO, launched through the webserver and run by
+# the daemon (orchestration/backfills.py); it shows in the UI under Overview > Backfills.
 JOB ?= machine_failure_data_job
 prod-backfill: $(BIN)/.installed
 	$(BIN)/python deploy/prod.py backfill -- --job $(JOB) --from $(FROM) --to $(TO)

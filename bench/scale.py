@@ -1,7 +1,9 @@
 """Scale benchmark: backfill throughput of the data job, default profile versus production.
 
-One run, the same generated days and the same backfill driver for both sides
-(`python -m orchestration.executors backfill`: dependency waves, N runs in flight):
+One run, the same generated days and the same daemon-free backfill for both sides
+(`python -m orchestration.direct_backfill`: dependency waves, N runs in flight; no daemon, so
+the figures are the executors' and the instances', not the daemon's launch overhead or its 30 s
+backfill ticks; production backfills go through the daemon, orchestration/backfills.py):
 
 - default: the default profile's in-process executor (every step inside its run's process),
   the instance on SQLite (a fresh DAGSTER_HOME); `--start-method spawn|forkserver` runs it
@@ -71,7 +73,7 @@ def celery_workers(root: Path, env: dict[str, str], n: int):
 
 
 def backfill(env: dict[str, str], first: str, last: str, concurrency: int, out: Path) -> dict:
-    args = [sys.executable, "-m", "orchestration.executors", "backfill", "--job", JOB]
+    args = [sys.executable, "-m", "orchestration.direct_backfill", "--job", JOB]
     args += ["--from", first, "--to", last, f"--concurrency={concurrency}", "--out", str(out)]
     proc = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True)
     print(proc.stdout.strip())

@@ -2,9 +2,9 @@
 
     .venv/bin/python deploy/prod.py up        # databases, MLflow server, celery workers,
                                               # dagster-daemon, dagster-webserver
-    .venv/bin/python deploy/prod.py demo [-- demo args]   # the closed loop on them, then a
-                                              # backfill of the data job on the workers
-    .venv/bin/python deploy/prod.py backfill --from D --to D [--concurrency N]
+    .venv/bin/python deploy/prod.py demo [-- demo args]   # the closed loop on them, then an
+                                              # asset backfill through the daemon
+    .venv/bin/python deploy/prod.py backfill -- --job J --from D --to D   # the same, any days
     .venv/bin/python deploy/prod.py status
     .venv/bin/python deploy/prod.py down      # stop everything `up` started
     .venv/bin/python deploy/prod.py clean     # down, drop the local databases, rm .mlops/prod
@@ -277,17 +277,24 @@ def require_up(env: dict[str, str]) -> None:
         sys.exit("the production services are not all running: `make prod-up` first")
 
 
+def ui_url(env: dict[str, str]) -> str:
+    return f"http://{env['MLOPS_DAGSTER_UI_HOST']}:{env['MLOPS_DAGSTER_UI_PORT']}"
+
+
 def backfill(env: dict[str, str], args: list[str]) -> int:
+    """A Dagster asset backfill (orchestration/backfills.py): launched through the webserver,
+    run by the daemon, shown in the UI; waits for it and prints where each run's steps ran."""
     require_up(env)
-    cmd = [sys.executable, "-m", "orchestration.executors", "backfill", *args]
+    cmd = [sys.executable, "-m", "orchestration.backfills", "--url", ui_url(env), *args]
     return subprocess.run(cmd, env=env, cwd=ROOT).returncode
 
 
 def demo(env: dict[str, str], args: list[str]) -> int:
     """The closed loop (orchestration/demo.py) with the instance in PostgreSQL, MLflow over
     HTTP and Optuna in PostgreSQL (the demo executes its runs in its own process); then the
-    last days again as a Dagster backfill through the daemon: queued runs, launched within
-    deploy/dagster.yaml's limits, each sending its steps to the celery workers."""
+    last days again as a Dagster asset backfill through the daemon: runs requested as their
+    days' inputs exist, queued, launched within deploy/dagster.yaml's limits, each sending its
+    steps to the celery workers."""
     import datetime as dt
 
     import yaml
@@ -301,58 +308,10 @@ def demo(env: dict[str, str], args: list[str]) -> int:
     parser.add_argument("--days", type=int, default=60)
     days = parser.parse_known_args(args)[0].days
     last = dt.date.fromisoformat(str(spec["source"]["start_date"])) + dt.timedelta(days=days - 1)
-    parts = [(last - dt.timedelta(days=i)).isoformat() for i in (2, 1, 0)]
-    return daemon_backfill(env, f"{spec['name']}_data_job", parts)
-
-
-def daemon_backfill(env: dict[str, str], job: str, partitions: list[str]) -> int:
-    """`dagster job backfill`, then wait for the daemon to run it; prints where steps ran."""
-    import uuid
-
-    tag = uuid.uuid4().hex[:8]
-    print(f"\nbackfill of {job} for {', '.join(partitions)} through the daemon:")
-    subprocess.run(
-        [
-            str(BIN / "dagster"),
-            "job",
-            "backfill",
-            "-w",
-            "workspace.yaml",
-            "-j",
-            job,
-            "--partitions",
-            ",".join(partitions),
-            "--tags",
-            f'{{"mlops/demo": "{tag}"}}',
-            "--noprompt",
-        ],
-        env=env,
-        cwd=ROOT,
-        check=True,
-    )
-    script = f"""
-import time, dagster as dg
-with dg.DagsterInstance.get() as instance:
-    deadline = time.monotonic() + 900
-    while True:
-        runs = instance.get_runs(dg.RunsFilter(tags={{"mlops/demo": "{tag}"}}))
-        if len(runs) == {len(partitions)} and all(r.is_finished for r in runs):
-            break
-        if time.monotonic() > deadline:
-            raise SystemExit("the backfill did not finish in 15 minutes: see the Dagster UI")
-        time.sleep(2)
-    ok = True
-    for r in sorted(runs, key=lambda r: r.tags["dagster/partition"]):
-        workers = set()
-        for rec in instance.all_logs(r.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
-            data = rec.dagster_event.engine_event_data
-            if data and "Celery worker" in data.metadata:
-                workers.add(data.metadata["Celery worker"].value)
-        ok = ok and r.is_success
-        print(f"  {{r.tags['dagster/partition']}}: {{r.status.value}}, steps on {{sorted(workers)}}")
-    raise SystemExit(0 if ok else 1)
-"""
-    return subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT).returncode
+    first = last - dt.timedelta(days=2)
+    print(f"\nasset backfill of {spec['name']}_data_job, {first} to {last}, through the daemon:")
+    job = ["--job", f"{spec['name']}_data_job", "--from", str(first), "--to", str(last)]
+    return backfill(env, [*job, "--timeout", "900"])
 
 
 def clean(env: dict[str, str]) -> None:

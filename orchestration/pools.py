@@ -12,7 +12,7 @@ def initialize_pools(instance, specs: list[Spec]) -> list[str]:
 
     Dagster creates a pool's row the first time a step claims it; on PostgreSQL two runs
     doing that at once make one fail (UniqueViolation, then InFailedSqlTransaction:
-    dagster-io/dagster#33552). `make prod-up`, the backfill driver and the demo call this
+    dagster-io/dagster#33552). `make prod-up`, the daemon-free backfill and the demo call this
     before they start runs; after adding a spec, run `python -m orchestration.pools`.
     Returns the pools it created.
     """

@@ -7,12 +7,14 @@ Skipped locally without PostgreSQL (127.0.0.1:5432) or Redis (127.0.0.1:6379); i
 (CI=true) a missing service is a failure. Every test module run gets its own databases (dropped
 afterwards) and its own broker key prefix, so parallel runs on one Redis never share a queue.
 
-Runs through the workers are driven by `python -m orchestration.executors backfill`, the
-command `make prod-backfill` uses: a process that imports the code location with the
-profile's MLOPS_* settings, orchestrates each run and sends each step to the broker, as a run
-worker launched by the daemon would. The default profile's result for the same days (the data
-job executed in process against an ephemeral instance and a local lake) is the reference every
-lake file is compared with, byte for byte.
+The 50-day backfill goes the way `make prod-backfill` sends it: `python -m
+orchestration.backfills` launches a Dagster asset backfill through a real dagster-webserver, a
+real `dagster-daemon run` requests, queues and launches its runs, and each run sends its steps
+to the broker. The race of two runs on one day goes straight to the executor through the
+daemon-free `python -m orchestration.direct_backfill` (the run queue would hold the second run
+back). The default profile's result for the same days (the data job executed in process
+against an ephemeral instance and a local lake) is the reference every lake file is compared
+with, byte for byte.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +97,10 @@ class Prod:
     logs: Path
     reference_days: set[str] = field(default_factory=set)
 
+    @property
+    def daemon_log(self) -> Path:
+        return self.logs / "dagster-daemon.log"
+
     def reference(self, days: list[str]) -> None:
         """The default profile's result for these days (built once, in date order)."""
         for d in sorted(set(days) - self.reference_days):
@@ -101,13 +108,13 @@ class Prod:
             self.reference_days.add(d)
 
     def drive(self, *args: str, timeout: int = 600) -> dict:
-        """`python -m orchestration.executors backfill ...` with the profile's settings."""
+        """`python -m orchestration.direct_backfill ...` with the profile's settings."""
         return self.drive_start(*args)(timeout)
 
     def drive_start(self, *args: str):
         """Start the driver; returns `wait(timeout) -> summary` (the caller works meanwhile)."""
         out = self.logs / f"drive-{uuid.uuid4().hex[:6]}.json"
-        cmd = [sys.executable, "-m", "orchestration.executors", "backfill", "--job", JOB]
+        cmd = [sys.executable, "-m", "orchestration.direct_backfill", "--job", JOB]
         proc = subprocess.Popen(
             [*cmd, *args, "--out", str(out)],
             env=self.env,
@@ -249,7 +256,7 @@ def prod(tmp_path_factory) -> Prod:
 
 
 def test_executor_and_backfill_waves_come_from_the_environment(tmp_path, monkeypatch):
-    from orchestration.executors import dependency_waves
+    from orchestration.direct_backfill import dependency_waves
 
     make_project(tmp_path)
 
@@ -372,40 +379,101 @@ def test_demo_loop_runs_on_celery_workers_postgres_and_the_mlflow_server(prod: P
     assert optuna.load_study(study_name=study, storage=prod.env["MLOPS_OPTUNA_STORAGE"]).trials
 
 
-# --- (b) a 50-partition backfill on two workers -------------------------------------------
+# --- (b) a 50-partition asset backfill through the daemon, on two workers ------------------
 
 
-def test_backfill_of_50_partitions_on_two_workers_matches_the_default_profile(prod: Prod):
+@contextlib.contextmanager
+def daemon_and_webserver(prod: Prod) -> Iterator[str]:
+    """`dagster-daemon run` and `dagster-webserver` on the profile's instance and the shipped
+    workspace.yaml, as `make prod-up` starts them; yields the webserver's URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    web = ["-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
+    procs = [
+        start(
+            [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], prod.env, prod.daemon_log
+        ),
+        start([str(BIN / "dagster-webserver"), *web], prod.env, prod.logs / "webserver.log"),
+    ]
+    try:
+        wait_until(lambda: http_ok(f"{url}/server_info"), "webserver", prod.logs / "webserver.log")
+        yield url
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+def test_asset_backfill_of_50_days_through_the_daemon_matches_the_default_profile(prod: Prod):
+    from mlops.spec import find_specs
+    from orchestration.pools import initialize_pools
+
     days = [_day(n) for n in range(1, 51)]
+    initialize_pools(prod.instance, find_specs(prod.root / "specs"))  # as `make prod-up` does
     t0 = time.time()
-    # 6 runs in flight: a run spends most of its time waiting for step results (the celery
-    # executor polls every second), so the two workers stay busy.
-    wait = prod.drive_start(f"--from={days[0]}", f"--to={days[-1]}", "--concurrency=6")
-    prod.reference(days)  # the default profile's result, built meanwhile
-    summary = wait(900)
-    assert summary["failed"] == 0, summary["stdout"] + summary["stderr"][-3000:]
-    # Two dependency waves: same-day assets, then features (they read the day before).
-    assert summary["partitions"] == 50 and summary["runs"] == 100
+    with daemon_and_webserver(prod) as url:
+        span = [f"--from={days[0]}", f"--to={days[-1]}", "--timeout=1500"]
+        launch = subprocess.Popen(
+            [sys.executable, "-m", "orchestration.backfills", "--url", url, "--job", JOB, *span],
+            env=prod.env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        prod.reference(days)  # the default profile's result, built meanwhile
+        stdout, stderr = launch.communicate(timeout=1600)
+    out = stdout[-3000:] + stderr[-3000:] + prod.daemon_log.read_text()[-3000:]
+    assert launch.returncode == 0, out
+    print(f"50-day asset backfill through the daemon on 2 celery workers: {time.time() - t0:.0f} s")
+
+    # A Backfill in the instance (the UI's Backfills page lists these), an asset backfill.
+    backfill_id = re.search(r"asset backfill (\w+):", stdout)[1]
+    backfill = prod.instance.get_backfill(backfill_id)
+    assert backfill_id in [b.backfill_id for b in prod.instance.get_backfills()]
+    assert backfill.is_asset_backfill and backfill.status.value == "COMPLETED_SUCCESS", out
+    runs = prod.instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+    assert runs and all(r.is_success for r in runs), [r.status for r in runs]
+    run_ids = {r.run_id for r in runs}
+
+    # Every partition of every asset, materialized by the backfill's runs, in dependency
+    # order: a day's features after the validated rows of every day their lookback reads.
+    first: dict[str, dict[str, float]] = {}
+    for asset in (*LAKE_ASSETS, "online_features"):
+        records = prod.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey([NAME, asset])), limit=1000
+        ).records
+        when: dict[str, float] = {}
+        for r in records:
+            if r.run_id in run_ids:
+                when[r.partition_key] = min(when.get(r.partition_key, r.timestamp), r.timestamp)
+        assert sorted(when) == days, (asset, sorted(set(days) - set(when))[:5])
+        first[asset] = when
+    lookback = prod.project.spec.features.lookback_days
+    late = [
+        (d, days[m])
+        for n, d in enumerate(days)
+        for m in range(max(0, n - lookback), n + 1)
+        if first["features"][d] <= first["validated_data"][days[m]]
+    ]
+    assert not late, f"features before the validated days they read: {late[:5]}"
+    assert all(first["online_features"][d] >= first["features"][d] for d in days)
+
     prod.assert_same_as_reference(days)
     assert not prod.temp_files(prod.lake)
-
-    key = dg.AssetKey([NAME, "features"])
-    assert set(days) <= prod.instance.get_materialized_partitions(key)
     used = set()
     errors = []
-    for o in summary["outcomes"]:
-        used |= set(prod.worker_of_steps(o["run_id"]).values())
+    for run_id in run_ids:
+        used |= set(prod.worker_of_steps(run_id).values())
         errors += [
             r.message
-            for r in prod.instance.all_logs(o["run_id"])
+            for r in prod.instance.all_logs(run_id)
             if r.dagster_event and r.dagster_event.is_failure
         ]
     assert used == set(prod.workers)
     assert not errors, errors[:5]
     logs = [log.read_text() for log in prod.workers.values()]
-    text = "\n".join([*logs, summary["stdout"], summary["stderr"]])
+    text = "\n".join([*logs, stdout, stderr, prod.daemon_log.read_text()])
     assert not LOCK_ERRORS.findall(text), LOCK_ERRORS.findall(text)[:5]
-    print(f"50-partition backfill on 2 celery workers: {time.time() - t0:.0f} s")
 
 
 # --- (c) SIGKILL in the middle of a write --------------------------------------------------
