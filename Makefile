@@ -27,10 +27,10 @@ $(DAGSTER_HOME)/dagster.yaml: orchestration/instance.py | $(BIN)/.installed
 # The project's own bytecode, refreshed where a source changed (the same reason as
 # --compile-bytecode above: the daemon, the code server and every run import it afresh).
 compile: $(BIN)/.installed
-	$(BIN)/python -m compileall -q mlops cli catalog assets resources sensors orchestration serving deploy
+	$(BIN)/python -m compileall -q mlops cli catalog demo assets resources sensors orchestration serving deploy
 
 demo: compile $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/python -m orchestration.demo
+	$(BIN)/python -m demo
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -142,36 +142,9 @@ def build_data_assets(
             result = validation.validate(spec, raw, _day(context))
         except validation.SchemaMismatchError as e:
             raise dg.Failure(str(e)) from None
-        valid_w = store.write(name, "validated_data", result.valid, context.partition_key)
-        quar_w = store.write(name, "quarantine", result.quarantine, context.partition_key)
-        rate = validation.quarantine_rate(result.rows_valid, result.rows_quarantined)
-        yield dg.MaterializeResult(
-            asset_key=key["validated_data"],
-            data_version=dg.DataVersion(valid_w.content_hash),
-            metadata={
-                "rows_in": result.rows_in,
-                "rows_valid": result.rows_valid,
-                "rows_quarantined": result.rows_quarantined,
-                "dagster/row_count": result.rows_valid,
-                "path": dg.MetadataValue.path(valid_w.path),
-            },
-        )
-        yield dg.MaterializeResult(
-            asset_key=key["quarantine"],
-            data_version=dg.DataVersion(quar_w.content_hash),
-            metadata={
-                "rows_quarantined": result.rows_quarantined,
-                "quarantine_rate": rate,
-                "reasons": dg.MetadataValue.json(result.reasons()),
-                "preview": md_table(
-                    result.quarantine.select(
-                        ingest.SOURCE_FILE, ingest.ROW_NUMBER, "column", "check", "value"
-                    ),
-                    5,
-                ),
-                "path": dg.MetadataValue.path(quar_w.path),
-            },
-        )
+        valid_w = store.write(name, "validated_data", result.valid, part)
+        quar_w = store.write(name, "quarantine", result.quarantine, part)
+        yield from _validation_results(key, result, valid_w, quar_w)
 
     @dg.asset_check(
         asset=key["validated_data"],
@@ -362,21 +335,9 @@ def build_data_assets(
         except training_set.TrainingSetError as e:
             raise dg.Failure(str(e)) from None
         saved = training_set.save(spec, store, window, df)
-        written = saved.written
         return dg.MaterializeResult(
-            data_version=dg.DataVersion(written.content_hash),
-            metadata={
-                "rows": df.height,
-                "training_set_hash": written.content_hash,
-                "window": dg.MetadataValue.json(window.days),
-                "splits": dg.MetadataValue.json(training_set.summarize(spec, df)),
-                "input_data_versions": dg.MetadataValue.json(saved.input_versions),
-                "input_data_version_digest": saved.input_digest,
-                "skipped_immature_days": dg.MetadataValue.json(window.skipped_immature),
-                "window_policy": dg.MetadataValue.json(window.policy),
-                "path": dg.MetadataValue.path(written.path),
-                "versioned_path": dg.MetadataValue.path(saved.versioned_url),
-            },
+            data_version=dg.DataVersion(saved.written.content_hash),
+            metadata=_training_set_metadata(spec, df, window, saved),
         )
 
     return [
@@ -390,3 +351,50 @@ def build_data_assets(
         online_features,
         training_set_asset,
     ]
+
+
+def _validation_results(key: dict, result, valid_w, quar_w):
+    """validate's two materializations (result: mlops.validation.ValidationResult)."""
+    yield dg.MaterializeResult(
+        asset_key=key["validated_data"],
+        data_version=dg.DataVersion(valid_w.content_hash),
+        metadata={
+            "rows_in": result.rows_in,
+            "rows_valid": result.rows_valid,
+            "rows_quarantined": result.rows_quarantined,
+            "dagster/row_count": result.rows_valid,
+            "path": dg.MetadataValue.path(valid_w.path),
+        },
+    )
+    preview = result.quarantine.select(
+        ingest.SOURCE_FILE, ingest.ROW_NUMBER, "column", "check", "value"
+    )
+    yield dg.MaterializeResult(
+        asset_key=key["quarantine"],
+        data_version=dg.DataVersion(quar_w.content_hash),
+        metadata={
+            "rows_quarantined": result.rows_quarantined,
+            "quarantine_rate": validation.quarantine_rate(
+                result.rows_valid, result.rows_quarantined
+            ),
+            "reasons": dg.MetadataValue.json(result.reasons()),
+            "preview": md_table(preview, 5),
+            "path": dg.MetadataValue.path(quar_w.path),
+        },
+    )
+
+
+def _training_set_metadata(spec: Spec, df, window, saved) -> dict:
+    """training_set's page: size, window and splits, and what a model will record of it."""
+    return {
+        "rows": df.height,
+        "training_set_hash": saved.written.content_hash,
+        "window": dg.MetadataValue.json(window.days),
+        "splits": dg.MetadataValue.json(training_set.summarize(spec, df)),
+        "input_data_versions": dg.MetadataValue.json(saved.input_versions),
+        "input_data_version_digest": saved.input_digest,
+        "skipped_immature_days": dg.MetadataValue.json(window.skipped_immature),
+        "window_policy": dg.MetadataValue.json(window.policy),
+        "path": dg.MetadataValue.path(saved.written.path),
+        "versioned_path": dg.MetadataValue.path(saved.versioned_url),
+    }

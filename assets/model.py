@@ -100,6 +100,23 @@ def _png_md(png: bytes, title: str) -> str:
     return f"**{title}**\n\n![{title}](data:image/png;base64,{data})\n"
 
 
+def _candidate_metadata(spec: Spec, cand, ts_hash: str) -> dict:
+    """candidate_model's page: the registered version, its search, the set it trained on."""
+    model_name = spec.registered_model_name
+    return {
+        "model_name": model_name,
+        "model_version": cand.version,
+        "mlflow_run_id": cand.run_id,
+        "model_uri": f"models:/{model_name}/{cand.version}",
+        "estimator": cand.estimator,
+        "params": dg.MetadataValue.json(cand.params),
+        f"valid_{cand.metric}": cand.valid_score,
+        "decision_threshold": cand.threshold if cand.threshold is not None else float("nan"),
+        "trials": cand.trials,
+        "training_set_hash": ts_hash,
+    }
+
+
 def _evaluation_metadata(rec: evaluation_doc.RecordedEvaluation) -> dict:
     """What the evaluation's page shows: metrics beside the champion's, plots, model card."""
     doc, primary = rec.doc, rec.doc["primary_metric"]
@@ -173,26 +190,9 @@ def build_model_assets(spec: Spec) -> list:
                 training_set_path=store.url(name, "training_set", ts_hash[:16]),
                 alive=alive,
             )
-        except training.RunGone as e:
+        except (training.RunGone, ValueError) as e:  # ValueError: data that cannot train
             raise dg.Failure(f"{name}: {e}") from None
-        except ValueError as e:  # data that cannot train a model: say why, no traceback
-            raise dg.Failure(f"{name}: {e}") from None
-        return dg.MaterializeResult(
-            metadata={
-                "model_name": model_name,
-                "model_version": cand.version,
-                "mlflow_run_id": cand.run_id,
-                "model_uri": f"models:/{model_name}/{cand.version}",
-                "estimator": cand.estimator,
-                "params": dg.MetadataValue.json(cand.params),
-                f"valid_{cand.metric}": cand.valid_score,
-                "decision_threshold": cand.threshold
-                if cand.threshold is not None
-                else float("nan"),
-                "trials": cand.trials,
-                "training_set_hash": ts_hash,
-            }
-        )
+        return dg.MaterializeResult(metadata=_candidate_metadata(spec, cand, ts_hash))
 
     @dg.asset(
         key=key["model_evaluation"], deps=[key["candidate_model"]], kinds={"mlflow"}, **common
@@ -217,27 +217,12 @@ def build_model_assets(spec: Spec) -> list:
         ) -> dg.AssetCheckResult:
             version = int(upstream_meta(context, key["model_evaluation"])["model_version"])
             evaluated = context.instance.get_latest_materialization_event(key["model_evaluation"])
-            doc = evaluation_doc.load_evaluation(lake.get(), spec, version)
-            if doc is None:
-                raise dg.Failure(f"no evaluation for {model_name} v{version}")
-            result = {
-                "thresholds": lambda: promotion.threshold_gate(spec, doc),
-                "improvement": lambda: promotion.improvement_gate(spec, doc),
-                "slices": lambda: promotion.slice_gate(spec, doc),
-                "serving_smoke": lambda: promotion.serving_smoke_gate(
-                    spec, mlflow.tracking_uri, version
-                ),
-            }[gate]()
-            registry.tag_version(
-                mlflow.tracking_uri,
-                model_name,
-                version,
-                {
-                    **promotion.gate_result_tags([result]),
-                    # Which evaluation this result judged: champion_model decides on its own.
-                    promotion.gate_run_tag(gate): evaluated.run_id,
-                },
-            )
+            try:
+                result = promotion.judge_gate(
+                    gate, spec, lake.get(), mlflow.tracking_uri, version, evaluated.run_id
+                )
+            except promotion.PromotionError as e:
+                raise dg.Failure(str(e)) from None
             return dg.AssetCheckResult(
                 passed=result.passed,
                 severity=dg.AssetCheckSeverity.WARN,
@@ -266,52 +251,18 @@ def build_model_assets(spec: Spec) -> list:
         alive = run_alive(context)
         version = int(upstream_meta(context, key["model_evaluation"])["model_version"])
         evaluated = context.instance.get_latest_materialization_event(key["model_evaluation"])
-        store = lake.get()
-        doc = evaluation_doc.load_evaluation(store, spec, version)
-        if doc is None:
-            raise dg.Failure(f"no evaluation for {model_name} v{version}: run model_evaluation")
-        # The gate checks of this evaluation recorded their results on the version; decide on
-        # those (a second latency measurement could disagree with the first on a busy host).
-        # A gate without a result for this evaluation counts as failed: refused, saying which.
-        recorded = promotion.recorded_gates(
-            mlflow.tracking_uri, model_name, version, evaluation_run_id=evaluated.run_id
-        )
         try:
-            alive(f"decide on v{version} (move alias {registry.CHAMPION} of {model_name})")
-        except training.RunGone as e:
+            out = promotion.decide_on_evaluation(
+                spec, lake.get(), mlflow.tracking_uri, version, evaluated.run_id,
+                context.run.run_id, before_move=alive,
+            )  # fmt: skip
+        except (promotion.PromotionError, training.RunGone) as e:
             raise dg.Failure(f"{name}: {e}") from None
-        decision = promotion.decide_promotion(
-            spec,
-            store,
-            mlflow.tracking_uri,
-            version,
-            doc,
-            dagster_run_id=context.run.run_id,
-            results=recorded,
-        )
-        champion = registry.alias_version(mlflow.tracking_uri, model_name, registry.CHAMPION)
-        challenger = registry.alias_version(mlflow.tracking_uri, model_name, registry.CHALLENGER)
-        if not decision.promoted:
+        if not out.decision.promoted:
             context.log.info(
-                f"v{version} not promoted, v{champion or '-'} keeps serving: {decision.reason}"
+                f"v{version} not promoted, v{out.champion or '-'} keeps serving: {out.decision.reason}"
             )
-        return dg.MaterializeResult(
-            metadata={
-                "champion_version": champion or 0,
-                "challenger_version": challenger or 0,
-                "evaluated_version": version,
-                "promoted": decision.promoted,
-                "reason": decision.reason,
-                "gates": dg.MetadataValue.json(
-                    [
-                        g["name"] + ": " + ("passed" if g["passed"] else "failed - " + g["reason"])
-                        for g in decision.as_dict()["gates"]
-                    ]
-                ),
-                "deployment_history": dg.MetadataValue.md(_history_md(store, name)),
-                "model_uri": f"models:/{model_name}@{registry.CHAMPION}",
-            },
-        )
+        return dg.MaterializeResult(metadata=_champion_metadata(spec, lake.get(), version, out))
 
     @dg.asset(
         key=key["batch_predictions"],
@@ -386,6 +337,26 @@ def build_model_assets(spec: Spec) -> list:
 class RollbackConfig(dg.Config):
     to_version: int | None = None
     reason: str = ""
+
+
+def _champion_metadata(spec: Spec, store: Lake, version: int, out) -> dict:
+    """champion_model's page: the aliases after the decision, each gate, the history."""
+    d = out.decision
+    return {
+        "champion_version": out.champion or 0,
+        "challenger_version": out.challenger or 0,
+        "evaluated_version": version,
+        "promoted": d.promoted,
+        "reason": d.reason,
+        "gates": dg.MetadataValue.json(
+            [
+                g["name"] + ": " + ("passed" if g["passed"] else "failed - " + g["reason"])
+                for g in d.as_dict()["gates"]
+            ]
+        ),
+        "deployment_history": dg.MetadataValue.md(_history_md(store, spec.name)),
+        "model_uri": f"models:/{spec.registered_model_name}@{registry.CHAMPION}",
+    }
 
 
 def _history_md(store: Lake, spec_name: str) -> str:

@@ -29,12 +29,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import features_day, project, validated_day  # noqa: E402
+from demo.generate import generate  # noqa: E402
 from mlops import online  # noqa: E402
-from mlops.generate import generate  # noqa: E402
+from mlops.features import historical_features  # noqa: E402
 from mlops.lake import Lake  # noqa: E402
 from mlops.online_store import RedisOnlineStore, SQLiteOnlineStore  # noqa: E402
 from mlops.spec import load_spec  # noqa: E402
-from mlops.training_set import historical_features  # noqa: E402
 
 
 def _pct(xs: list[float]) -> dict[str, float]:

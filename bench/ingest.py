@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import features_day, project, validated_day  # noqa: E402
-from mlops.generate import generate  # noqa: E402
+from demo.generate import generate  # noqa: E402
 from mlops.lake import Lake  # noqa: E402
 from mlops.spec import Spec, load_spec  # noqa: E402
 from orchestration.definitions import build_definitions  # noqa: E402

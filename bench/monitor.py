@@ -248,7 +248,7 @@ def bench_loop() -> dict:
     (root / ".mlops").mkdir(exist_ok=True)
     t = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "orchestration.demo", "--spec", str(spec_path)],
+        [sys.executable, "-m", "demo", "--spec", str(spec_path)],
         env=env,
         cwd=REPO,
         check=True,

@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import project  # noqa: E402
+from demo.generate import generate  # noqa: E402
 from deploy import processes, services  # noqa: E402
-from mlops.generate import generate  # noqa: E402
 from mlops.lake import Lake  # noqa: E402
 from mlops.spec import load_spec  # noqa: E402
 

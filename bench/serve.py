@@ -205,8 +205,8 @@ def _build(root: Path, machines: int):
     import yaml
 
     from bench.common import features_day, project, validated_day
+    from demo.generate import generate
     from mlops import online, registry, training
-    from mlops.generate import generate
     from mlops.lake import Lake
     from mlops.model_loader import load_model
     from mlops.online_store import SQLiteOnlineStore

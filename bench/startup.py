@@ -628,7 +628,7 @@ def _daemon_errors(log: Path) -> list[str]:
 
 
 def figure_b(args: argparse.Namespace, tmp: Path) -> dict:
-    from mlops.generate import generate
+    from demo.generate import generate
     from mlops.spec import load_spec
     from orchestration.instance import write_default_instance
 
@@ -784,7 +784,7 @@ def figure_d(args: argparse.Namespace, tmp: Path) -> dict:
 def figure_e(args: argparse.Namespace, tmp: Path) -> dict:
     import dagster as dg
 
-    from mlops.generate import generate
+    from demo.generate import generate
     from mlops.spec import load_spec
     from orchestration.definitions import build_definitions
     from resources.clock import ClockResource

@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import features_day, project, validated_day  # noqa: E402
 from catalog.jobs import training_job_name, training_set_job_name  # noqa: E402
+from demo.generate import generate  # noqa: E402
 from mlops import (  # noqa: E402
     evaluation,
     labels,
@@ -59,7 +60,6 @@ from mlops import (  # noqa: E402
     promotion,
     training,
 )
-from mlops.generate import generate  # noqa: E402
 from mlops.lake import Lake  # noqa: E402
 from mlops.spec import Spec, load_spec  # noqa: E402
 from orchestration.definitions import build_definitions  # noqa: E402

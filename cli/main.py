@@ -103,7 +103,7 @@ def generate(
     clean: bool,
 ) -> None:
     """Write generated IoT readings and a late failure-event feed, one file per day."""
-    from mlops import generate as gen
+    from demo import generate as gen
 
     s = _load(spec_path)
     if clean:
@@ -358,7 +358,7 @@ def features_historical(spec_arg: str, entities_path: str, out_path: str | None)
     """Each row's features as of its timestamp (point in time), from the lake."""
     import polars as pl
 
-    from mlops.training_set import historical_features
+    from mlops.features import historical_features
 
     s, lake, _ = _context(spec_arg)
     src = Path(entities_path)

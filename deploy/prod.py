@@ -290,7 +290,7 @@ def backfill(env: dict[str, str], args: list[str]) -> int:
 
 
 def demo(env: dict[str, str], args: list[str]) -> int:
-    """The closed loop (orchestration/demo.py) with the instance in PostgreSQL, MLflow over
+    """The closed loop (demo/run.py) with the instance in PostgreSQL, MLflow over
     HTTP and Optuna in PostgreSQL (the demo executes its runs in its own process); then the
     last days again as a Dagster asset backfill through the daemon: runs requested as their
     days' inputs exist, queued, launched within deploy/dagster.yaml's limits, each sending its
@@ -300,7 +300,7 @@ def demo(env: dict[str, str], args: list[str]) -> int:
     import yaml
 
     require_up(env)
-    code = subprocess.run([sys.executable, "-m", "orchestration.demo", *args], env=env, cwd=ROOT)
+    code = subprocess.run([sys.executable, "-m", "demo", *args], env=env, cwd=ROOT)
     if code.returncode:
         return code.returncode
     spec = yaml.safe_load((ROOT / "specs" / "machine_failure.yaml").read_text())

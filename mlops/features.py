@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mlops.labels import entity_column, with_entity
+from mlops.lake import Lake
 from mlops.sources import partition_fingerprint
 from mlops.spec import Spec, parse_duration
 
@@ -221,3 +222,60 @@ def plan_lookback(spec: Spec, built: Callable[[str], bool], day: dt.date) -> Loo
     ]
     gaps = [d for d in missing if d not in unbuilt]
     return LookbackPlan([d for d in needed if d not in gaps], gaps, unbuilt)
+
+
+# --- point-in-time retrieval (the offline store: training sets, notebooks, the CLI) -----------
+
+FEATURE_TIME = "feature_time"  # which feature row answered a point
+
+
+def historical_features(
+    spec: Spec, lake: Lake, points: pl.DataFrame, feature_partitions: list[str] | None = None
+) -> pl.DataFrame:
+    """Each (entity, timestamp) row of `points`, in order, with its features as of then.
+
+    Point-in-time correct: an ASOF join takes the entity's latest feature row at or before
+    the timestamp, never a later one. Other columns of `points` are carried through;
+    `feature_time` says which feature row answered (null: none at or before it).
+    """
+    ent, ts = entity_column(spec), spec.source.timestamp_column
+    missing = [c for c in (ent, ts) if c not in points.columns]
+    if missing:
+        raise ValueError(f"entity rows need column(s) {missing} (have {points.columns})")
+    points = points.with_columns(pl.col(ts).cast(pl.Datetime("us"))).with_row_index("_point")
+    if feature_partitions is None:
+        feature_partitions = _partitions_for(spec, lake, points[ts])
+    names = feature_names(spec)
+    if not feature_partitions or points.height == 0:
+        empty = points.with_columns(
+            [pl.lit(None, dtype=pl.Float64).alias(n) for n in names]
+            + [pl.lit(None, dtype=pl.Datetime("us")).alias(FEATURE_TIME)]
+        )
+        return empty.select(ent, ts, *names, FEATURE_TIME, *_carried(points, ent, ts))
+    feats = lake.read_many(spec.name, "features", feature_partitions).select(ent, ts, *names)
+    feats = feats.with_columns(pl.col(ts).cast(pl.Datetime("us")).alias(FEATURE_TIME)).sort(ts)
+    # polars' sorted-merge ASOF join: 60x faster here than DuckDB's ASOF for 200k points
+    # (bench/features.py); same rule: the latest feature row at or before the point.
+    joined = points.sort(ts).join_asof(
+        feats.drop(ts).with_columns(pl.col(FEATURE_TIME).alias("_key")),
+        left_on=ts,
+        right_on="_key",
+        by=ent,
+        strategy="backward",
+        check_sortedness=False,
+    )
+    return joined.sort("_point").select(ent, ts, *names, FEATURE_TIME, *_carried(points, ent, ts))
+
+
+def _carried(points: pl.DataFrame, ent: str, ts: str) -> list[str]:
+    return [c for c in points.columns if c not in (ent, ts, "_point")]
+
+
+def _partitions_for(spec: Spec, lake: Lake, stamps: pl.Series) -> list[str]:
+    """Feature partitions an ASOF for these timestamps can reach (the days, and the day
+    before the first, for points that precede a day's first reading)."""
+    if stamps.len() == 0:
+        return []
+    first = (stamps.min().date() - dt.timedelta(days=1)).isoformat()  # type: ignore[union-attr]
+    last = stamps.max().date().isoformat()  # type: ignore[union-attr]
+    return [d for d in lake.partitions(spec.name, "features") if first <= d <= last]

@@ -9,6 +9,7 @@ One implementation for the Dagster checks, the champion_model asset and the `mlo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from mlops.model_evaluation import (
     EvaluationError,
     evaluate_version,
     json_safe,
+    load_evaluation,
     save_evaluation,
 )
 from mlops.model_loader import ModelRefused, load_model, verify_servable
@@ -366,6 +368,63 @@ def _record_refusal(
         ),
     )
     registry.reassign_challenger(tracking_uri, name, version)
+
+
+def judge_gate(
+    gate: str, spec: Spec, lake: Lake, tracking_uri: str, version: int, evaluation_run_id: str
+) -> GateResult:
+    """One gate on the version's saved evaluation (a gate check's logic). The result is
+    recorded on the version with the evaluation it judged: champion_model decides on those."""
+    name = spec.registered_model_name
+    doc = load_evaluation(lake, spec, version)
+    if doc is None:
+        raise PromotionError(f"no evaluation for {name} v{version}: run model_evaluation")
+    judges = {
+        "thresholds": lambda: threshold_gate(spec, doc),
+        "improvement": lambda: improvement_gate(spec, doc),
+        "slices": lambda: slice_gate(spec, doc),
+        "serving_smoke": lambda: serving_smoke_gate(spec, tracking_uri, version),
+    }
+    result = judges[gate]()
+    tags = {**gate_result_tags([result]), gate_run_tag(gate): evaluation_run_id}
+    registry.tag_version(tracking_uri, name, version, tags)
+    return result
+
+
+@dataclass
+class ChampionOutcome:
+    decision: PromotionDecision
+    champion: int | None  # the aliases after the decision
+    challenger: int | None
+
+
+def decide_on_evaluation(
+    spec: Spec,
+    lake: Lake,
+    tracking_uri: str,
+    version: int,
+    evaluation_run_id: str,
+    dagster_run_id: str,
+    before_move: Callable[[str], None],
+) -> ChampionOutcome:
+    """champion_model's logic: decide on the gate results the checks recorded for this
+    evaluation (a second latency measurement could disagree with the first on a busy host;
+    a gate without a result for it counts as failed), then move the alias or record the
+    refusal. `before_move(action)` raises to stop first (the run is gone)."""
+    name = spec.registered_model_name
+    doc = load_evaluation(lake, spec, version)
+    if doc is None:
+        raise PromotionError(f"no evaluation for {name} v{version}: run model_evaluation")
+    recorded = recorded_gates(tracking_uri, name, version, evaluation_run_id=evaluation_run_id)
+    before_move(f"decide on v{version} (move alias {registry.CHAMPION} of {name})")
+    decision = decide_promotion(
+        spec, lake, tracking_uri, version, doc, dagster_run_id=dagster_run_id, results=recorded
+    )
+    return ChampionOutcome(
+        decision,
+        registry.alias_version(tracking_uri, name, registry.CHAMPION),
+        registry.alias_version(tracking_uri, name, registry.CHALLENGER),
+    )
 
 
 def decision_text(tags: dict[str, str]) -> str | None:

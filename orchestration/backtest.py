@@ -16,7 +16,7 @@ It prints one line per day and writes a JSON summary and a timeline PNG. A backt
 its own state folder (`--state`, default `.mlops/backtest/<spec>`): its own Dagster
 instance, lake, MLflow registry and online store, and a copy of the spec whose landing
 folders are in the state folder. The live registry, instance, lake and store are never
-touched. `make demo` is the same engine over the generated example (orchestration/demo.py).
+touched. `make demo` is the same engine over the generated example (demo/run.py).
 """
 
 from __future__ import annotations

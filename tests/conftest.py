@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 
 from catalog.jobs import data_job_name, training_set_job_name
-from mlops.generate import GenerationReport, generate
+from demo.generate import GenerationReport, generate
 from mlops.lake import Lake
 from mlops.spec import Spec, load_spec
 from orchestration.definitions import build_definitions

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlops.generate import generate
+from demo.generate import generate
 from orchestration import backtest
 from tests.conftest import embedded_spec_text, make_project
 

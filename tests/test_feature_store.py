@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from cli.main import main
 from mlops import features as feats
 from mlops import online
+from mlops.features import historical_features
 from mlops.online_store import RedisOnlineStore, SQLiteOnlineStore, make_store
 from mlops.spec import load_spec
-from mlops.training_set import historical_features
 from tests.conftest import make_project, require_redis, small_data
 
 REDIS = "redis://127.0.0.1:6379/0"

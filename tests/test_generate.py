@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from mlops.generate import BAD_ROW_KINDS, SENSORS, GenerationReport, generate
+from demo.generate import BAD_ROW_KINDS, SENSORS, GenerationReport, generate
 from mlops.spec import LabelSpec, Spec, load_spec
 
 SPEC_FILE = Path(__file__).resolve().parents[1] / "specs" / "machine_failure.yaml"

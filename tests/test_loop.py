@@ -17,12 +17,12 @@ from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
 from cli.main import main as cli
+from demo import run as demo
 from mlops import monitoring
 from mlops.config import mlflow_tracking_uri
 from mlops.labels import MATURE, entity_column
 from mlops.lake import read_json
 from mlops.model_loader import load_model
-from orchestration import demo
 from tests.conftest import embedded_spec_text, make_project
 from tests.test_definitions import _env
 
@@ -132,8 +132,8 @@ def test_a_second_demo_rebuilds_what_the_first_built(tmp_path, monkeypatch):
     """The demo regenerates the same files, so their run keys repeat: a second `make demo`
     on the same instance must forget the first one's runs, or the sensor's requests would
     all count as already run and nothing would be built."""
+    from demo.generate import generate
     from mlops.config import lake_url, mlflow_tracking_uri
-    from mlops.generate import generate
     from mlops.lake import Lake
     from orchestration.replay import Feed, Replay
 

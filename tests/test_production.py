@@ -310,7 +310,7 @@ LOOP_DAYS, LOOP_BUILD, LOOP_DRIFT = 15, 8, 11
 
 
 def test_demo_loop_runs_on_celery_workers_postgres_and_the_mlflow_server(prod: Prod):
-    """`make prod-demo`'s loop (orchestration.demo with MLOPS_EXECUTOR=celery) at small
+    """`make prod-demo`'s loop (python -m demo with MLOPS_EXECUTOR=celery) at small
     scale: every run in the Postgres instance, every step on a celery worker, every model in
     the MLflow server, every Optuna trial in Postgres; the drift is caught and retrained on."""
     from mlflow import MlflowClient
@@ -322,7 +322,7 @@ def test_demo_loop_runs_on_celery_workers_postgres_and_the_mlflow_server(prod: P
     args += ["--drift-from", str(LOOP_DRIFT), "--machines", "20", "--trials", "2"]
     t0 = time.monotonic()
     demo = subprocess.run(
-        [sys.executable, "-m", "orchestration.demo", *args],
+        [sys.executable, "-m", "demo", *args],
         env=prod.env,
         cwd=REPO,
         capture_output=True,

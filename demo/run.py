@@ -22,6 +22,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from demo.generate import generate
 from mlops.config import (
     PROJECT_ROOT,
     lake_url,
@@ -30,7 +31,6 @@ from mlops.config import (
     online_store_url,
     specs_dir,
 )
-from mlops.generate import generate
 from mlops.lake import Lake, put_file
 from mlops.online_store import make_store
 from mlops.spec import FileSource, Spec, load_spec
