@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import dagster as dg
 import yaml
 from dagster._core.errors import DagsterUserCodeUnreachableError
-from dagster._core.launcher import DefaultRunLauncher
 
 if TYPE_CHECKING:
     from tests.conftest import Project
@@ -39,7 +38,7 @@ T = TypeVar("T")
 _FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
-class FlakyRunLauncher(DefaultRunLauncher):
+class FlakyRunLauncher(dg.DefaultRunLauncher):
     """Dagster's run launcher, except that the first `fail_launches` launches of the first
     attempt of a run on one of `fail_partitions` raise as a code server that did not answer in
     time (what 3 of 15 sensor-launched runs hit on a loaded 2-core machine). Retries (runs
@@ -206,7 +205,6 @@ def test_a_run_that_failed_to_launch_is_retried_and_alerts_no_one(tmp_path):
     """A sensor-launched run whose launches time out on the code server is put back into the
     queue, then failed once those attempts are spent; the daemon retries it as a new run that
     builds the day. Its run key means the sensor never asks again: only the retry saves it."""
-    from dagster._core.events import DagsterEventType
 
     from orchestration.replay import backdate
     from resources.alerting import AlertingResource
@@ -253,7 +251,7 @@ def test_a_run_that_failed_to_launch_is_retried_and_alerts_no_one(tmp_path):
     assert first.tags["dagster/run_key"].startswith(f"data:{day}:")
     requeued = [
         e
-        for e in d.instance.all_logs(first.run_id, of_type=DagsterEventType.ENGINE_EVENT)
+        for e in d.instance.all_logs(first.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
         if "re-submitting the run into the queue" in (e.message or "")
     ]
     assert len(requeued) == 3, "the default re-queues an unreachable code server 3 times"
@@ -265,7 +263,7 @@ def test_a_run_that_failed_to_launch_is_retried_and_alerts_no_one(tmp_path):
     # The run-failure sensor on the real failure event: Dagster will retry (and did), so no alert.
     name = run_failure_sensor_name(p.spec)
     (record,) = d.instance.get_records_for_run(
-        first.run_id, of_type=DagsterEventType.RUN_FAILURE
+        first.run_id, of_type=dg.DagsterEventType.RUN_FAILURE
     ).records
     posted: list[tuple] = []
 

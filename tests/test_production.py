@@ -574,7 +574,7 @@ import logging, os, signal, sys, time
 
 import dagster as dg
 from dagster._core.remote_origin import InProcessCodeLocationOrigin
-from dagster._core.run_coordinator.queued_run_coordinator import QueuedRunCoordinator
+from dagster import QueuedRunCoordinator
 from dagster._core.scheduler.instigation import TickStatus
 from dagster._core.test_utils import create_test_daemon_workspace_context
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin

@@ -9,7 +9,6 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
-from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.utils import make_new_run_id
 
 from catalog.jobs import data_job_name, labels_job_name, scoring_job_name, training_job_name
@@ -259,7 +258,7 @@ def _perf_day(p: Project, i: int, realized: float, baseline: float = 0.85, champ
 def _launch(p: Project, req: dg.RunRequest) -> None:
     """What the daemon does with a request: a run with its tags exists from then on."""
     p.instance.add_run(
-        DagsterRun(
+        dg.DagsterRun(
             job_name=training_job_name(p.spec),
             run_id=make_new_run_id(),
             tags={**req.tags, "dagster/run_key": req.run_key},
@@ -564,7 +563,7 @@ def _retrying(root: Path, max_retries: int = 1) -> Project:
     return p
 
 
-def _failure_alerts(p: Project, url: str, run: DagsterRun, event: dg.DagsterEvent) -> None:
+def _failure_alerts(p: Project, url: str, run: dg.DagsterRun, event: dg.DagsterEvent) -> None:
     """The run-failure sensor on one failure, as the daemon would call it."""
     from resources.alerting import AlertingResource
     from sensors.alerts import run_failure_sensor_name
@@ -583,7 +582,7 @@ def _failure_alerts(p: Project, url: str, run: DagsterRun, event: dg.DagsterEven
 
 def _failed_run(
     p: Project, reason: str = "START_TIMEOUT", by_daemon: bool = True, **parent
-) -> tuple[DagsterRun, dg.DagsterEvent]:
+) -> tuple[dg.DagsterRun, dg.DagsterEvent]:
     """A run of the data job failed the way run monitoring fails a run stuck STARTING
     (or with another Dagster failure reason); Dagster itself decides whether it will be
     retried. `by_daemon`: launched from the code location, as the daemon launches runs."""
