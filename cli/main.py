@@ -216,7 +216,8 @@ def status(spec_arg: str, as_json: bool) -> None:
 
     from mlops.config import PROJECT_ROOT
 
-    # The loop's state is in the Dagster instance the demo and `make ui` use.
+    # The loop's state is in the Dagster instance the demo and `make ui` use. DAGSTER_HOME is
+    # Dagster's own variable, not a platform setting (mlops/settings.py).
     os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".mlops" / "dagster"))
     from orchestration import status as st
 

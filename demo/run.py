@@ -33,6 +33,7 @@ from mlops.config import (
 )
 from mlops.lake import Lake, put_file
 from mlops.online_store import make_store
+from mlops.settings import settings
 from mlops.spec import FileSource, Spec, load_spec
 from orchestration.backtest import BacktestError, write_plot
 from orchestration.definitions import build_definitions
@@ -41,6 +42,7 @@ from orchestration.replay import EXECUTOR, IN_PROCESS, RUN_MODES
 
 
 def _instance() -> dg.DagsterInstance:
+    # DAGSTER_HOME: Dagster's own variable, not a platform setting (mlops/settings.py).
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".mlops" / "dagster")))
     write_default_instance(home)  # the default profile's settings, unless edited
     return dg.DagsterInstance.get()
@@ -81,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--runs",
         choices=RUN_MODES,
-        default=IN_PROCESS
-        if (os.environ.get("MLOPS_EXECUTOR") or "multiprocess").strip().lower() == "multiprocess"
-        else EXECUTOR,
+        default=EXECUTOR if settings().executor == "celery" else IN_PROCESS,
         help="execute runs in this process, or send their steps to the code location's "
         "executor (celery workers when MLOPS_EXECUTOR=celery, the default then)",
     )
@@ -104,13 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     if timeline is None:
         return 1
     out = write_timeline(spec, timeline, drift_from=args.drift_from)
-    ui = os.environ.get("MLOPS_DAGSTER_UI_PORT")
+    s = settings()
     dagster_ui = (
-        f"http://{os.environ.get('MLOPS_DAGSTER_UI_HOST', '127.0.0.1')}:{ui}"
-        if ui
+        f"http://{s.dagster_ui_host}:{s.dagster_ui_port}"
+        if s.dagster_ui_port
         else "`make ui`, http://127.0.0.1:3000"
     )
-    mlflow_ui = os.environ.get("MLOPS_MLFLOW_UI_URL") or "`make mlflow`, http://127.0.0.1:5000"
+    mlflow_ui = (
+        s.mlflow_ui_url
+        if "mlflow_ui_url" in s.model_fields_set
+        else f"`make mlflow`, {s.mlflow_ui_url}"
+    )
     print(
         f"\ndone in {time.perf_counter() - t0:.0f} s. Timeline: {out}.png\n"
         f"See it all: Dagster ({dagster_ui}; Assets > {spec.name}; Runs show each trigger's "

@@ -9,7 +9,9 @@
     .venv/bin/python deploy/prod.py down      # stop everything `up` started
     .venv/bin/python deploy/prod.py clean     # down, drop the local databases, rm .mlops/prod
 
-Settings come from deploy/prod.env when it exists, else deploy/prod.env.example. Logs and pid
+Settings come from deploy/prod.env when it exists, else deploy/prod.env.example, checked by the
+platform's settings model (mlops/settings.py: a wrong or unknown MLOPS_* line stops here, named).
+Logs and pid
 files live under .mlops/prod/{logs,pids}; each service runs in its own process group and `down`
 stops exactly the groups whose pids it recorded.
 """
@@ -27,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the project's packages, deploy.services
 
 from deploy import processes, services  # noqa: E402
+from mlops.settings import Settings, SettingsError, settings, unknown, variable  # noqa: E402
 
 DEPLOY = ROOT / "deploy"
 STATE = ROOT / ".mlops" / "prod"
@@ -34,30 +37,55 @@ LOGS, PIDS = STATE / "logs", STATE / "pids"
 BIN = Path(sys.executable).parent
 PATH_SETTINGS = ("DAGSTER_HOME", "MLOPS_LAKE_URL", "MLOPS_MLFLOW_ARTIFACTS_DESTINATION")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# What the profile cannot do without (the model's defaults are the default profile's).
+REQUIRED = (
+    "pg_host",
+    "pg_port",
+    "pg_user",
+    "pg_db",
+    "mlflow_backend_uri",
+    "mlflow_artifacts_destination",
+    "mlflow_host",
+    "mlflow_port",
+    "dagster_ui_port",
+)
 
 
-def load_env() -> tuple[dict[str, str], Path]:
-    """os.environ plus the profile's file (KEY=VALUE lines), the file winning: every process
-    gets the same values whatever the calling shell (or make, which exports DAGSTER_HOME)
-    has set."""
+def env_file() -> Path:
     path = DEPLOY / "prod.env"
-    if not path.exists():
-        path = DEPLOY / "prod.env.example"
-    values: dict[str, str] = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "=" not in line:
-            sys.exit(f"{path}:{n}: expected KEY=VALUE, got {line!r}")
-        key, value = line.split("=", 1)
-        values[key.strip()] = value.strip()
-    env = dict(values)
-    for key in PATH_SETTINGS:  # relative paths are relative to the project root
-        v = env.get(key, "")
-        if v and "://" not in v and not Path(v).is_absolute():
-            env[key] = str(ROOT / v)
-    return {**os.environ, **env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}, path
+    return path if path.exists() else DEPLOY / "prod.env.example"
+
+
+def under_root(value: str) -> str:
+    """A relative path is relative to the project root; URLs and absolute paths stay."""
+    if value and "://" not in value and not Path(value).is_absolute():
+        return str(ROOT / value)
+    return value
+
+
+def load_env(path: Path | None = None) -> tuple[dict[str, str], Settings, Path]:
+    """os.environ plus the profile's file (KEY=VALUE lines, dotenv syntax), the file winning:
+    every process gets the same values whatever the calling shell (or make, which exports
+    DAGSTER_HOME) has set. Also the settings model over the same file (which wins there too)."""
+    from dotenv import dotenv_values  # the env-file parser pydantic-settings uses
+
+    path = path or env_file()
+    values = dotenv_values(path)
+    if bad := [k for k, v in values.items() if v is None]:
+        sys.exit(f"{path}: expected KEY=VALUE, got {', '.join(map(repr, bad))}")
+    if typos := unknown(values):
+        sys.exit(f"{path}: {', '.join(typos)}: not a setting of the platform (mlops/settings.py)")
+    try:
+        s = settings(env_file=path)
+    except SettingsError as e:
+        sys.exit(str(e))
+    if missing := [variable(f) for f in REQUIRED if getattr(s, f) is None]:
+        sys.exit(f"{path}: set {', '.join(missing)} (see deploy/prod.env.example)")
+    env = {k: v or "" for k, v in values.items()}
+    for key in PATH_SETTINGS:
+        if key in env:
+            env[key] = under_root(env[key])
+    return {**os.environ, **env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}, s, path
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -107,20 +135,20 @@ def wait_for(name: str, ready, timeout: float = 180) -> None:
 # --- databases -------------------------------------------------------------------------------
 
 
-def _databases(env: dict[str, str]) -> list:
+def _databases(s: Settings) -> list:
     """The profile's databases as SQLAlchemy URLs: Dagster's, MLflow's, Optuna's."""
     from sqlalchemy.engine import make_url
 
     dagster = make_url("postgresql+psycopg2://").set(
-        host=env["MLOPS_PG_HOST"],
-        port=int(env["MLOPS_PG_PORT"]),
-        username=env["MLOPS_PG_USER"],
-        password=env.get("MLOPS_PG_PASSWORD") or None,
-        database=env["MLOPS_PG_DB"],
+        host=s.pg_host,
+        port=s.pg_port,
+        username=s.pg_user,
+        password=s.pg_password.get_secret_value() if s.pg_password else None,
+        database=s.pg_db,
     )
-    urls = [dagster, make_url(env["MLOPS_MLFLOW_BACKEND_URI"])]
-    if env.get("MLOPS_OPTUNA_STORAGE"):
-        urls.append(make_url(env["MLOPS_OPTUNA_STORAGE"]))
+    urls = [dagster, make_url(s.mlflow_backend_uri)]
+    if s.optuna_storage:
+        urls.append(make_url(s.optuna_storage))
     return urls
 
 
@@ -139,10 +167,10 @@ def _admin(url):
     return conn
 
 
-def create_databases(env: dict[str, str]) -> None:
+def create_databases(s: Settings) -> None:
     import psycopg2
 
-    for url in _databases(env):
+    for url in _databases(s):
         where = f"{url.host}:{url.port or 5432}/{url.database}"
         try:
             conn = _admin(url)
@@ -166,8 +194,8 @@ def create_databases(env: dict[str, str]) -> None:
             conn.close()
 
 
-def drop_databases(env: dict[str, str]) -> None:
-    for url in _databases(env):
+def drop_databases(s: Settings) -> None:
+    for url in _databases(s):
         if url.host not in LOCAL_HOSTS:
             print(f"  database {url.host}/{url.database}: not local, left alone")
             continue
@@ -180,11 +208,11 @@ def drop_databases(env: dict[str, str]) -> None:
         print(f"  database {url.host}/{url.database}: dropped")
 
 
-def forget_online_states(env: dict[str, str]) -> None:
+def forget_online_states(s: Settings) -> None:
     """The specs' entity states in a local online store (the demo writes them)."""
     from urllib.parse import urlsplit
 
-    url = env.get("MLOPS_ONLINE_STORE_URL", "")
+    url = s.online_store_url
     if not url.startswith("redis") or urlsplit(url).hostname not in LOCAL_HOSTS:
         return
     from mlops.online_store import make_store
@@ -202,16 +230,16 @@ def forget_online_states(env: dict[str, str]) -> None:
 # --- commands --------------------------------------------------------------------------------
 
 
-def workers(env: dict[str, str]) -> list[str]:
-    return [f"celery-worker-{i}" for i in range(1, int(env.get("MLOPS_CELERY_WORKERS", "2")) + 1)]
+def workers(s: Settings) -> list[str]:
+    return [f"celery-worker-{i}" for i in range(1, s.celery_workers + 1)]
 
 
-def up(env: dict[str, str]) -> None:
+def up(env: dict[str, str], s: Settings) -> None:
     home = Path(env["DAGSTER_HOME"])
     home.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(DEPLOY / "dagster.yaml", home / "dagster.yaml")
     print("databases:")
-    create_databases(env)
+    create_databases(s)
     # Create Dagster's tables and the concurrency pools once, before several processes would
     # race to (orchestration/pools.py).
     subprocess.run(
@@ -221,75 +249,70 @@ def up(env: dict[str, str]) -> None:
         check=True,
     )
     print("services:")
-    dest = env["MLOPS_MLFLOW_ARTIFACTS_DESTINATION"]
+    dest = under_root(s.mlflow_artifacts_destination)
     if "://" not in dest:
         Path(dest).mkdir(parents=True, exist_ok=True)
-    mlflow = services.mlflow_server_args(
-        env["MLOPS_MLFLOW_BACKEND_URI"],
-        dest,
-        int(env["MLOPS_MLFLOW_PORT"]),
-        env["MLOPS_MLFLOW_HOST"],
-    )
+    mlflow = services.mlflow_server_args(s.mlflow_backend_uri, dest, s.mlflow_port, s.mlflow_host)
     start("mlflow", mlflow, env)
     since = {}
-    for name in workers(env):
+    for name in workers(s):
         # A worker started now must say " ready." below what the log holds; one that is
         # already running said it before.
         since[name] = 0 if _pid(name) else services.log_size(LOGS / f"{name}.log")
         start(name, services.celery_worker_args(DEPLOY / "celery.yaml", name), env)
     start("dagster-daemon", [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], env)
-    ui = [env["MLOPS_DAGSTER_UI_HOST"], env["MLOPS_DAGSTER_UI_PORT"]]
+    ui = [s.dagster_ui_host, str(s.dagster_ui_port)]
     start(
         "dagster-webserver",
         [str(BIN / "dagster-webserver"), "-w", "workspace.yaml", "-h", ui[0], "-p", ui[1]],
         env,
     )
-    mlflow_url = env["MLOPS_MLFLOW_TRACKING_URI"]
+    mlflow_url = s.mlflow_tracking_uri
     wait_for("mlflow", lambda: services.http_ok(f"{mlflow_url}/health"))
-    for name in workers(env):
+    for name in workers(s):
         log = LOGS / f"{name}.log"
         wait_for(name, lambda log=log, n=since[name]: services.worker_ready(log, n))
     wait_for("dagster-webserver", lambda: services.http_ok(f"http://{ui[0]}:{ui[1]}/server_info"))
     print(
-        f"\nup. Dagster UI http://{ui[0]}:{ui[1]}  MLflow {env['MLOPS_MLFLOW_UI_URL']}\n"
+        f"\nup. Dagster UI http://{ui[0]}:{ui[1]}  MLflow {s.mlflow_ui_url}\n"
         f"logs {LOGS}; `make prod-demo` runs the loop on these services, `make prod-down` "
         "stops them."
     )
 
 
-def down(env: dict[str, str]) -> None:
-    for name in ["dagster-webserver", "dagster-daemon", *workers(env), "mlflow"]:
+def down(s: Settings) -> None:
+    for name in ["dagster-webserver", "dagster-daemon", *workers(s), "mlflow"]:
         stop(name)
     for f in PIDS.glob("*.pid") if PIDS.exists() else []:  # workers from a larger setting
         stop(f.stem)
 
 
-def status(env: dict[str, str]) -> int:
-    names = ["mlflow", *workers(env), "dagster-daemon", "dagster-webserver"]
+def status(s: Settings) -> int:
+    names = ["mlflow", *workers(s), "dagster-daemon", "dagster-webserver"]
     running = {n: _pid(n) for n in names}
     for n, pid in running.items():
         print(f"  {n:<20} {'pid ' + str(pid) if pid else 'not running'}")
     return 0 if all(running.values()) else 1
 
 
-def require_up(env: dict[str, str]) -> None:
-    if status(env) != 0:
+def require_up(s: Settings) -> None:
+    if status(s) != 0:
         sys.exit("the production services are not all running: `make prod-up` first")
 
 
-def ui_url(env: dict[str, str]) -> str:
-    return f"http://{env['MLOPS_DAGSTER_UI_HOST']}:{env['MLOPS_DAGSTER_UI_PORT']}"
+def ui_url(s: Settings) -> str:
+    return f"http://{s.dagster_ui_host}:{s.dagster_ui_port}"
 
 
-def backfill(env: dict[str, str], args: list[str]) -> int:
+def backfill(env: dict[str, str], s: Settings, args: list[str]) -> int:
     """A Dagster asset backfill (orchestration/backfills.py): launched through the webserver,
     run by the daemon, shown in the UI; waits for it and prints where each run's steps ran."""
-    require_up(env)
-    cmd = [sys.executable, "-m", "orchestration.backfills", "--url", ui_url(env), *args]
+    require_up(s)
+    cmd = [sys.executable, "-m", "orchestration.backfills", "--url", ui_url(s), *args]
     return subprocess.run(cmd, env=env, cwd=ROOT).returncode
 
 
-def demo(env: dict[str, str], args: list[str]) -> int:
+def demo(env: dict[str, str], s: Settings, args: list[str]) -> int:
     """The closed loop (demo/run.py) with the instance in PostgreSQL, MLflow over
     HTTP and Optuna in PostgreSQL (the demo executes its runs in its own process); then the
     last days again as a Dagster asset backfill through the daemon: runs requested as their
@@ -299,7 +322,7 @@ def demo(env: dict[str, str], args: list[str]) -> int:
 
     import yaml
 
-    require_up(env)
+    require_up(s)
     code = subprocess.run([sys.executable, "-m", "demo", *args], env=env, cwd=ROOT)
     if code.returncode:
         return code.returncode
@@ -311,13 +334,13 @@ def demo(env: dict[str, str], args: list[str]) -> int:
     first = last - dt.timedelta(days=2)
     print(f"\nasset backfill of {spec['name']}_data_job, {first} to {last}, through the daemon:")
     job = ["--job", f"{spec['name']}_data_job", "--from", str(first), "--to", str(last)]
-    return backfill(env, [*job, "--timeout", "900"])
+    return backfill(env, s, [*job, "--timeout", "900"])
 
 
-def clean(env: dict[str, str]) -> None:
-    down(env)
-    drop_databases(env)
-    forget_online_states(env)
+def clean(s: Settings) -> None:
+    down(s)
+    drop_databases(s)
+    forget_online_states(s)
     shutil.rmtree(STATE, ignore_errors=True)
     print(f"  removed {STATE}")
 
@@ -327,20 +350,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("command", choices=["up", "down", "status", "demo", "backfill", "clean"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="demo / backfill arguments")
     args = p.parse_args(argv)
-    env, source = load_env()
+    env, s, source = load_env()
     print(f"settings: {source.relative_to(ROOT)}")
     if args.command == "up":
-        up(env)
+        up(env, s)
     elif args.command == "down":
-        down(env)
+        down(s)
     elif args.command == "status":
-        return status(env)
+        return status(s)
     elif args.command == "demo":
-        return demo(env, [a for a in args.rest if a != "--"])
+        return demo(env, s, [a for a in args.rest if a != "--"])
     elif args.command == "backfill":
-        return backfill(env, [a for a in args.rest if a != "--"])
+        return backfill(env, s, [a for a in args.rest if a != "--"])
     elif args.command == "clean":
-        clean(env)
+        clean(s)
     return 0
 
 

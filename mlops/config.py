@@ -1,34 +1,41 @@
 """Where the project keeps things, shared by the CLI, Dagster and the service.
 
-Defaults put everything under .mlops/ in the project root; environment variables move each
-piece (the production profile points them at real services).
+Defaults put everything under .mlops/ in the project root; MLOPS_* variables move each piece
+(the production profile points them at real services). The values come from the one settings
+model (mlops/settings.py), read at each call.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from mlops.settings import PROJECT_ROOT, settings
+
+__all__ = [
+    "PROJECT_ROOT",
+    "lake_url",
+    "mlflow_artifact_root",
+    "mlflow_tracking_uri",
+    "online_store_url",
+    "spec_path",
+    "specs_dir",
+]
 
 
 def specs_dir() -> Path:
-    return Path(os.environ.get("MLOPS_SPECS_DIR", PROJECT_ROOT / "specs"))
+    return settings().specs_dir
 
 
 def lake_url() -> str:
-    return os.environ.get("MLOPS_LAKE_URL", str(PROJECT_ROOT / ".mlops" / "lake"))
+    return settings().lake_url
 
 
 def mlflow_tracking_uri() -> str:
-    default = f"sqlite:///{PROJECT_ROOT / '.mlops' / 'mlflow.db'}"
-    return os.environ.get("MLOPS_MLFLOW_TRACKING_URI", default)
+    return settings().mlflow_tracking_uri
 
 
 def mlflow_artifact_root() -> str:
-    return os.environ.get(
-        "MLOPS_MLFLOW_ARTIFACT_ROOT", str(PROJECT_ROOT / ".mlops" / "mlartifacts")
-    )
+    return settings().mlflow_artifact_root
 
 
 def spec_path(name_or_path: str) -> Path:
@@ -40,5 +47,4 @@ def spec_path(name_or_path: str) -> Path:
 
 
 def online_store_url() -> str:
-    default = f"sqlite:///{PROJECT_ROOT / '.mlops' / 'online.db'}"
-    return os.environ.get("MLOPS_ONLINE_STORE_URL", default)
+    return settings().online_store_url

@@ -47,7 +47,6 @@ else:
     from mlops.lazy import polars as pl
 
 
-LOG_DIR_ENV = "MLOPS_INFERENCE_LOG_DIR"
 DEFAULT_MAX_BYTES = 128 * 1024 * 1024
 FILE_RE = re.compile(r"^inference-(\d{4}-\d{2}-\d{2})-(\d+)-(\d+)\.jsonl$")
 # Readings are logged when they are served, never before they happen: a day's records are
@@ -82,10 +81,9 @@ def log_schema() -> dict[str, pl.DataType]:
 def inference_log_dir(spec_name: str) -> Path:
     """Where the service writes, and the asset reads, one spec's log:
     `$MLOPS_INFERENCE_LOG_DIR/<spec>` (default `.mlops/inference_log/<spec>`)."""
-    from mlops.config import PROJECT_ROOT
+    from mlops.settings import settings
 
-    base = os.environ.get(LOG_DIR_ENV) or str(PROJECT_ROOT / ".mlops" / "inference_log")
-    return Path(base) / spec_name
+    return settings().inference_log_dir / spec_name
 
 
 # Writing ---------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 # OpenMP threads that spin while they wait make xgboost 5x slower whenever another process
 # holds a core (parallel test workers, a Dagster run beside the webserver). Must be set
-# before xgboost's OpenMP runtime starts, i.e. before the first fit in this process.
+# before xgboost's OpenMP runtime starts, i.e. before the first fit in this process. OpenMP's
+# own variable, not a platform setting: set for the libraries, not read (mlops/settings.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from mlops.features import feature_names
@@ -309,7 +310,9 @@ def search(
 
 def optuna_storage() -> str | None:
     """The shared Optuna storage URL (MLOPS_OPTUNA_STORAGE), or None: trials in memory."""
-    return os.environ.get("MLOPS_OPTUNA_STORAGE") or None
+    from mlops.settings import settings
+
+    return settings().optuna_storage
 
 
 def primary_metric(spec: Spec) -> str:

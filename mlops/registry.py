@@ -67,6 +67,7 @@ def history_schema() -> dict[str, pl.DataType]:
 def client(tracking_uri: str):
     import os
 
+    # MLflow's own variable, set for it (not a platform setting: mlops/settings.py).
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
     from mlflow import MlflowClient

@@ -75,7 +75,8 @@ class SqlPull:
 
 # URLs and messages ---------------------------------------------------------------------
 def expand_url(url: str) -> str:
-    """Replace each ${VAR} in the URL with the environment variable's value."""
+    """Replace each ${VAR} in the URL with the environment variable's value. Read here, not
+    through mlops/settings.py: the names are the user's (a password, a host), not ours."""
     missing = sorted({m for m in ENV_VAR_RE.findall(url) if m not in os.environ})
     if missing:
         names = ", ".join(f"${{{m}}}" for m in missing)

@@ -42,7 +42,8 @@ else:
 # Fault injection, for tests only (unset in every profile): seconds to sleep right before a
 # candidate is registered (search, refit and model logging done), so a test can kill or cancel
 # the run there. When MLOPS_FAULT_PAUSE_MARKER names a file, the pid of the training process
-# is written to it as the pause begins.
+# is written to it as the pause begins. Read here, not through mlops/settings.py: test hooks,
+# not settings of the platform.
 FAULT_PAUSE_ENV = "MLOPS_FAULT_PAUSE_BEFORE_REGISTER"
 FAULT_MARKER_ENV = "MLOPS_FAULT_PAUSE_MARKER"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -40,6 +40,7 @@ from mlops import ingest, modeling, monitoring, sources
 from mlops.config import PROJECT_ROOT, spec_path
 from mlops.lake import put_file
 from mlops.monitoring import DRIFT_REPORT, MODEL_PERFORMANCE
+from mlops.settings import settings
 from mlops.spec import FileSource, Spec, SpecError, _Loader, load_spec
 
 IN_PROCESS, EXECUTOR = "in-process", "executor"
@@ -507,11 +508,13 @@ def main(argv: list[str] | None = None) -> int:
                 + ": land files matching source.file_pattern first"
             )
         shutil.rmtree(state, ignore_errors=True)
+        # Written, not read: this process and the runs it starts see the isolated state (the
+        # settings model reads it at each call).
         os.environ.update(isolated_env(state))
         os.environ.pop("MLOPS_OPTUNA_STORAGE", None)  # trials stay in this process
         from orchestration.instance import write_default_instance
 
-        home = Path(os.environ["DAGSTER_HOME"])
+        home = Path(os.environ["DAGSTER_HOME"])  # Dagster's own variable, just set
         write_default_instance(home)
         landed = staged_spec(spec, state, days[0])
         print(
@@ -533,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\ndone in {time.perf_counter() - t0:.0f} s. Summary: {json_path}; timeline: {plot}\n"
         f"Look around: DAGSTER_HOME={home} dagster dev -w workspace.yaml (with "
         f"MLOPS_SPECS_DIR={state / 'specs'} MLOPS_LAKE_URL={state / 'lake'}); "
-        f"mlflow ui --backend-store-uri {os.environ['MLOPS_MLFLOW_TRACKING_URI']}"
+        f"mlflow ui --backend-store-uri {settings().mlflow_tracking_uri}"
     )
     return 0
 

@@ -7,7 +7,6 @@ runs every step on dagster-celery workers (orchestration/executors.py, deploy/).
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -18,13 +17,7 @@ from assets.model import build_model_assets
 from assets.monitoring import build_monitoring_assets
 from assets.serving import build_serving_assets
 from catalog.jobs import data_job_name, labels_job_name, scoring_job_name, training_job_name
-from mlops.config import (
-    lake_url,
-    mlflow_artifact_root,
-    mlflow_tracking_uri,
-    online_store_url,
-    specs_dir,
-)
+from mlops.settings import settings
 from mlops.spec import find_specs
 from orchestration.executors import step_executor
 from orchestration.jobs import build_jobs
@@ -47,7 +40,8 @@ def build_definitions(
     artifact_root: str | None = None,
     online_url: str | None = None,
 ) -> dg.Definitions:
-    specs = find_specs(specs_path or specs_dir())
+    s = settings()  # the MLOPS_* variables of this process, validated
+    specs = find_specs(specs_path or s.specs_dir)
     assets, checks, jobs, sensors, schedules = [], [], [], [], []
     for spec in specs:
         with warnings.catch_warnings():
@@ -95,13 +89,13 @@ def build_definitions(
         executor=step_executor(),  # MLOPS_EXECUTOR=celery in the production profile
         resources={
             "clock": ClockResource(),
-            "alerting": AlertingResource(webhook_url=os.environ.get("MLOPS_ALERT_WEBHOOK_URL", "")),
-            "lake": LakeResource(base_url=lake_base_url or lake_url()),
-            "online_store": OnlineStoreResource(url=online_url or online_store_url()),
+            "alerting": AlertingResource(webhook_url=s.alert_webhook_url),
+            "lake": LakeResource(base_url=lake_base_url or s.lake_url),
+            "online_store": OnlineStoreResource(url=online_url or s.online_store_url),
             "mlflow": MlflowResource(
-                tracking_uri=tracking_uri or mlflow_tracking_uri(),
-                artifact_root=artifact_root or mlflow_artifact_root(),
-                ui_url=os.environ.get("MLOPS_MLFLOW_UI_URL", "http://127.0.0.1:5000"),
+                tracking_uri=tracking_uri or s.mlflow_tracking_uri,
+                artifact_root=artifact_root or s.mlflow_artifact_root,
+                ui_url=s.mlflow_ui_url,
             ),
         },
     )

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import uuid
@@ -27,8 +26,9 @@ from dataclasses import asdict, dataclass, field
 
 import dagster as dg
 
+from mlops.settings import settings
 from orchestration.backfills import days
-from orchestration.executors import EXECUTOR_ENV, recon_job
+from orchestration.executors import recon_job
 from orchestration.jobs import QUIET
 
 TAG_BACKFILL = "mlops/backfill"
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [o for o in outcomes if not o.success]
     summary = {
         "job": args.job,
-        "executor": os.environ.get(EXECUTOR_ENV) or "in_process",
+        "executor": settings().executor,
         "partitions": len(parts),
         "runs": len(outcomes),
         "failed": len(failed),

@@ -18,18 +18,18 @@ MLOPS_EXECUTOR picks the step executor of every job in the code location:
   namespaces every broker key, so several deployments (or test runs) can share one Redis;
   workers must be started with the same prefix (deploy/celery.yaml, `config_source`).
   MLOPS_CELERY_POLL_SECONDS (default 0.2) is how often a run checks its steps' results.
+The values come from the settings model (mlops/settings.py), which rejects a wrong one with the
+variable's name.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import dagster as dg
 
-EXECUTOR_ENV = "MLOPS_EXECUTOR"
-DEFAULT_BROKER = "redis://127.0.0.1:6379/1"
-DEFAULT_BACKEND = "redis://127.0.0.1:6379/2"
+from mlops.settings import settings
+
 # Broker retries as dagster-celery's defaults (a config_source entry replaces the whole dict).
 _TRANSPORT = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
@@ -37,13 +37,13 @@ _TRANSPORT = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "inte
 def celery_settings() -> dict:
     """The celery executor's config from the environment (the workers read the same values
     through deploy/celery.yaml)."""
+    s = settings()
     transport = dict(_TRANSPORT)
-    prefix = os.environ.get("MLOPS_CELERY_KEY_PREFIX", "")
-    if prefix:
-        transport["global_keyprefix"] = prefix
+    if s.celery_key_prefix:
+        transport["global_keyprefix"] = s.celery_key_prefix
     return {
-        "broker": os.environ.get("MLOPS_CELERY_BROKER", DEFAULT_BROKER),
-        "backend": os.environ.get("MLOPS_CELERY_BACKEND", DEFAULT_BACKEND),
+        "broker": s.celery_broker,
+        "backend": s.celery_backend,
         "config_source": {"broker_transport_options": transport},
     }
 
@@ -56,39 +56,27 @@ def step_executor() -> dg.ExecutorDefinition | None:
       forkserver variant when MLOPS_MULTIPROCESS_START_METHOD=forkserver;
     - `celery`: dagster-celery.
     """
-    kind = os.environ.get(EXECUTOR_ENV, "").strip().lower()
-    start = os.environ.get("MLOPS_MULTIPROCESS_START_METHOD", "").strip().lower()
-    if kind in ("", "in_process"):
+    s = settings()  # a wrong MLOPS_EXECUTOR or start method fails here, naming it
+    if s.executor == "in_process":
         return dg.in_process_executor
-    if kind == "multiprocess" and start in ("", "spawn"):
+    if s.executor == "multiprocess" and s.multiprocess_start_method == "spawn":
         return None
-    if kind == "multiprocess":
-        if start != "forkserver":
-            raise ValueError(
-                f"MLOPS_MULTIPROCESS_START_METHOD={start!r}: use `spawn` (the default) or "
-                "`forkserver` (steps fork from a process that imported the code once per run)"
-            )
+    if s.executor == "multiprocess":
         # Preload the code location itself: Dagster preloads only its own executor module
         # for a job reconstructed from a repository.
         preload = {"preload_modules": ["orchestration.definitions"]}
         return dg.multiprocess_executor.configured(
             {"start_method": {"forkserver": preload}}, name="multiprocess"
         )
-    if kind == "celery":
-        from dagster_celery import celery_executor
+    from dagster_celery import celery_executor
 
-        _poll_faster()
-        # dagster-celery re-declares its task for every step; celery 5.7 warns each time.
-        warnings.filterwarnings("ignore", message=r"Task name '\w+' is already registered")
-        return celery_executor.configured(celery_settings(), name="celery")
-    raise ValueError(
-        f"{EXECUTOR_ENV}={kind!r} is not an executor this platform knows: use `multiprocess` "
-        "(the default), `in_process` (every step in the run's own process) or `celery` (with "
-        "MLOPS_CELERY_BROKER pointing at the broker)"
-    )
+    _poll_faster(s.celery_poll_seconds)
+    # dagster-celery re-declares its task for every step; celery 5.7 warns each time.
+    warnings.filterwarnings("ignore", message=r"Task name '\w+' is already registered")
+    return celery_executor.configured(celery_settings(), name="celery")
 
 
-def _poll_faster() -> None:
+def _poll_faster(seconds: float) -> None:
     """The run process checks its steps' results every MLOPS_CELERY_POLL_SECONDS (default
     0.2) instead of dagster-celery's fixed second: a daily run is a chain of 5 short steps,
     and waiting a whole second after each one made runs 3x longer than their steps. A poll
@@ -103,13 +91,6 @@ def _poll_faster() -> None:
     """
     import dagster_celery.core_execution_loop as loop
 
-    raw = os.environ.get("MLOPS_CELERY_POLL_SECONDS", "0.2")
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds <= 10:
-        raise ValueError(f"MLOPS_CELERY_POLL_SECONDS={raw!r}: give seconds, between 0 and 10")
     loop.TICK_SECONDS = seconds
 
 

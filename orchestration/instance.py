@@ -103,7 +103,7 @@ def write_default_instance(home: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    home = args[0] if args else os.environ.get("DAGSTER_HOME", "")
+    home = args[0] if args else os.environ.get("DAGSTER_HOME", "")  # Dagster's, not ours
     if not home:
         print("usage: python -m orchestration.instance DAGSTER_HOME", file=sys.stderr)
         return 2

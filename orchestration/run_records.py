@@ -185,7 +185,7 @@ def default_storage_file(dagster_home: str | Path) -> Path | None:
             return None  # postgres, mysql, a custom class
         sqlite_conf = storage["sqlite"] or {}
         base_dir = sqlite_conf.get("base_dir") if isinstance(sqlite_conf, dict) else None
-        if isinstance(base_dir, dict):  # {env: VAR}
+        if isinstance(base_dir, dict):  # {env: VAR}: the user's dagster.yaml names it
             base_dir = os.environ.get(str(base_dir.get("env", "")))
         if base_dir is not None and not isinstance(base_dir, str):
             return None

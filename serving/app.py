@@ -35,6 +35,7 @@ from mlops.inference_log import InferenceLogWriter, now_iso
 from mlops.online import OUT_OF_ORDER, FeatureRejected, OnlineFeatures, OnlineResult
 from mlops.online_store import StoreUnavailable, make_store
 from mlops.registry import CHALLENGER, CHAMPION
+from mlops.settings import settings as platform_settings
 from mlops.spec import load_spec
 from serving.metrics import ServingMetrics
 from serving.models import ModelManager, ServedModel, Snapshot, bound_registry_requests
@@ -78,7 +79,8 @@ class Service:
             on_retry=lambda alias, v, why: self.metrics.load_retries.labels(alias).inc(),
         )
         self.log = InferenceLogWriter(settings.log_dir, settings.log_max_bytes)
-        self.token = os.environ.get(TOKEN_ENV) or None
+        token = platform_settings().serve_token  # MLOPS_SERVE_TOKEN
+        self.token = token.get_secret_value() if token else None
         self.pid = os.getpid()
         self.ts_col = spec.source.timestamp_column
         self.classify = spec.model.task == "binary_classification"

@@ -35,6 +35,7 @@ ENDPOINTS = frozenset(
 
 
 def multiprocess_mode() -> bool:
+    # prometheus_client's variable, set by serving/server.py for its workers: not a setting.
     return bool(os.environ.get(MULTIPROC_ENV))
 
 

@@ -76,7 +76,7 @@ def bound_registry_requests() -> None:
     """Set REGISTRY_HTTP_DEFAULTS in this (worker) process where they are not set."""
     import os
 
-    for key, value in REGISTRY_HTTP_DEFAULTS.items():
+    for key, value in REGISTRY_HTTP_DEFAULTS.items():  # MLflow's variables, not settings
         os.environ.setdefault(key, value)
 
 

@@ -24,7 +24,7 @@ APP = "serving.app:app_from_env"
 def _metrics_dir(workers: int) -> tuple[str | None, bool]:
     """(folder for prometheus multiprocess mode, whether we made it). The folder must be
     set before a worker imports prometheus_client and must start empty."""
-    given = os.environ.get(MULTIPROC_ENV)
+    given = os.environ.get(MULTIPROC_ENV)  # prometheus_client's own variable, not a setting
     if given:
         Path(given).mkdir(parents=True, exist_ok=True)
         for stale in Path(given).glob("*.db"):  # samples of a previous run
@@ -44,7 +44,7 @@ def run(
 ) -> None:
     import uvicorn
 
-    os.environ[SETTINGS_ENV] = settings.to_env()
+    os.environ[SETTINGS_ENV] = settings.to_env()  # the hand-over to the worker processes
     folder, made = _metrics_dir(workers)
     if folder:
         os.environ[MULTIPROC_ENV] = folder

@@ -1,61 +1,69 @@
-"""What one server needs to know, passed to every worker process through one env variable."""
+"""What one server needs to know, passed to every worker process through one env variable.
+
+`mlops serve` builds a ServeSettings (validated by pydantic: a wrong value fails with the field,
+the value and what it must be) and hands it to uvicorn's worker processes as JSON in
+MLOPS_SERVE_SETTINGS. That variable is a hand-over between the server and its own workers, not
+a setting anyone sets, so it is read here and not through mlops/settings.py.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass
 from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 SETTINGS_ENV = "MLOPS_SERVE_SETTINGS"
-TOKEN_ENV = "MLOPS_SERVE_TOKEN"
+TOKEN_ENV = "MLOPS_SERVE_TOKEN"  # read through mlops.settings (serve_token); named in 401s
 Mode = Literal["champion", "shadow", "canary"]
 MODES = ("champion", "shadow", "canary")
 
 
-@dataclass(frozen=True)
-class ServeSettings:
+class ServeSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     spec_path: str
     tracking_uri: str
     store_url: str
-    log_dir: str  # this spec's folder: <base>/<spec>
-    mode: Mode = "champion"
-    canary_fraction: float = 0.1
-    poll_interval_s: float = 10.0
-    max_body_bytes: int = 1_000_000
-    max_batch: int = 1000
-    log_max_bytes: int = 128 * 1024 * 1024
-    explain_top: int = 5
+    log_dir: str = Field(description="this spec's folder: <base>/<spec>")
+    mode: Mode = Field("champion", description="champion, shadow or canary")
+    canary_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    poll_interval_s: float = Field(10.0, gt=0)
+    max_body_bytes: int = Field(1_000_000, ge=1)
+    max_batch: int = Field(1000, ge=1)
+    log_max_bytes: int = Field(128 * 1024 * 1024, ge=1)
+    explain_top: int = Field(5, ge=0)
     # A reading more than this far ahead of the server's clock is refused (None: no limit).
-    max_future_s: float | None = 86_400.0
+    max_future_s: float | None = Field(86_400.0, ge=0)
     # A version that could not be loaded for a transient cause (registry or artifact store
     # unreachable, artifacts missing) is tried again after load_retry_s, doubling up to
     # load_retry_max_s; a version refused for its content is never retried.
-    load_retry_s: float = 1.0
-    load_retry_max_s: float = 60.0
+    load_retry_s: float = Field(1.0, gt=0)
+    load_retry_max_s: float = Field(60.0, gt=0)
 
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode {self.mode!r}: use one of {', '.join(MODES)}")
-        if not 0.0 <= self.canary_fraction <= 1.0:
-            raise ValueError(f"canary_fraction {self.canary_fraction}: must be in [0, 1]")
-        if self.poll_interval_s <= 0:
-            raise ValueError("poll_interval_s must be positive")
-        if self.max_body_bytes < 1 or self.max_batch < 1:
-            raise ValueError("max_body_bytes and max_batch must be at least 1")
-        if self.max_future_s is not None and self.max_future_s < 0:
-            raise ValueError("max_future_s must be at least 0 (or None for no limit)")
-        if not 0 < self.load_retry_s <= self.load_retry_max_s:
-            raise ValueError("load_retry_s must be positive and at most load_retry_max_s")
+    @model_validator(mode="after")
+    def _retry_order(self) -> ServeSettings:
+        if self.load_retry_s > self.load_retry_max_s:
+            raise ValueError(
+                f"load_retry_s {self.load_retry_s} is more than load_retry_max_s "
+                f"{self.load_retry_max_s}: make the first delay at most the longest one"
+            )
+        return self
 
     def to_env(self) -> str:
-        return json.dumps(asdict(self))
+        return self.model_dump_json()
 
     @classmethod
     def from_env(cls) -> ServeSettings:
-        text = os.environ.get(SETTINGS_ENV)
+        text = os.environ.get(SETTINGS_ENV)  # the server's hand-over (module docstring)
         if not text:
             raise RuntimeError(
                 f"{SETTINGS_ENV} is not set: start the service with `mlops serve --spec ...`"
             )
-        return cls(**json.loads(text))
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as e:
+            raise RuntimeError(
+                f"{SETTINGS_ENV} does not hold a server's settings ({e}): start the service "
+                "with `mlops serve --spec ...`"
+            ) from None
