@@ -512,6 +512,43 @@ def serve(
     run(settings, host=host, port=port, workers=workers)
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind")
+@click.option("--port", type=click.IntRange(0, 65535), default=9108, show_default=True)
+@click.option(
+    "--spec",
+    "spec_args",
+    multiple=True,
+    help="spec name or path (repeatable; default: every spec in the specs folder)",
+)
+def exporter(host: str, port: int, spec_args: tuple[str, ...]) -> None:
+    """Serve the pipeline's state as Prometheus metrics on /metrics: per spec champion, drift,
+    realized metric, freshness, quarantine, retrainings and failed runs."""
+    import os
+
+    from mlops import config
+    from mlops.spec import find_specs
+
+    os.environ.setdefault("DAGSTER_HOME", str(config.PROJECT_ROOT / ".mlops" / "dagster"))
+    from orchestration import exporter as ex
+
+    if spec_args:
+        specs = [_load(str(config.spec_path(a))) for a in spec_args]
+    else:
+        try:
+            specs = find_specs(config.specs_dir())
+        except SpecError as e:
+            _fail(f"spec check failed: {e}")
+    if not specs:
+        _fail(f"no spec in {config.specs_dir()}: give --spec or set MLOPS_SPECS_DIR")
+    collector = ex.PipelineCollector(
+        specs, config.lake_url(), config.mlflow_tracking_uri(), os.environ["DAGSTER_HOME"]
+    )
+    names = ", ".join(s.name for s in specs)
+    click.echo(f"exporting {names} on http://{host}:{port}/metrics", err=True)
+    ex.serve(collector, host, port)
+
+
 def _landing_dirs(s) -> list[Path]:
     dirs = [s.landing_dir]
     if s.labels.events is not None:

@@ -17,9 +17,11 @@ def _tool(folder: Path, name: str, body: str) -> None:
 
 
 def test_ci_entry_point_exports_ci_true_to_make_test(tmp_path):
-    # Stand-ins for chromium (so nothing is installed) and make (records what it was given).
+    # Stand-ins for chromium and prometheus (so nothing is installed) and make (records what
+    # it was given).
     seen = tmp_path / "seen"
-    _tool(tmp_path, "chromium", "exit 0")
+    for tool in ("chromium", "promtool", "prometheus"):
+        _tool(tmp_path, tool, "exit 0")
     _tool(tmp_path, "make", f'echo "CI=${{CI:-unset}} args=$*" > {seen}')
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     env["PATH"] = f"{tmp_path}:{env['PATH']}"
