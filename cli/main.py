@@ -249,15 +249,12 @@ def history(spec_arg: str) -> None:
         click.echo(
             f"{r['time']:%Y-%m-%d %H:%M:%S}  {r['action']:<13} {what}  {r['actor']}  {r['reason']}"
         )
-    reg = open_registry(uri)
     try:
-        moved = registry.moved_outside(
-            reg.alias_version(s.registered_model_name, registry.CHAMPION), h
-        )
+        with open_registry(uri) as reg:
+            current = reg.alias_version(s.registered_model_name, registry.CHAMPION)
     except registry.RegistryError as e:
         _fail(f"history: cannot compare with the registry's aliases: {e}")
-    finally:
-        reg.close()
+    moved = registry.moved_outside(current, h)
     if moved is not None:  # MLflow records no time or actor for an alias change
         now = f"v{moved['version']}" if moved["version"] is not None else "(alias removed)"
         click.echo(
@@ -275,17 +272,14 @@ def lineage(spec_arg: str, version: int, as_json: bool) -> None:
     """What made a model version: partitions, data versions, runs, code, spec, metrics."""
     from mlops import lineage as lin
     from mlops import registry
-
-    s, lake, uri = _context(spec_arg)
     from mlops.registry_reader import open_registry
 
-    reg = open_registry(uri)
+    s, lake, uri = _context(spec_arg)
     try:
-        d = lin.lineage(s, lake, reg, version)
+        with open_registry(uri) as reg:
+            d = lin.lineage(s, lake, reg, version)
     except registry.RegistryError as e:
         _fail(f"lineage: {e}")
-    finally:
-        reg.close()
     _print(d, as_json, lin.format_lineage(d))
 
 
@@ -299,11 +293,8 @@ def impact(spec_arg: str, partition: str, as_json: bool) -> None:
     from mlops.registry_reader import open_registry
 
     s, lake, uri = _context(spec_arg)
-    reg = open_registry(uri)
-    try:
+    with open_registry(uri) as reg:
         d = lin.impact(s, lake, reg, partition)
-    finally:
-        reg.close()
     _print(d, as_json, lin.format_impact(d))
 
 

@@ -43,11 +43,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from mlops import registry
+from mlops import model_loader, registry
 from mlops.features import feature_names
 from mlops.labels import entity_column
 from mlops.lake import Lake, write_json
-from mlops.model_loader import load_model
 from mlops.monitoring import DRIFT_REPORT, scored_rows, scored_version
 from mlops.spec import Spec
 
@@ -622,7 +621,7 @@ def drift_day(spec: Spec, lake: Lake, tracking_uri: str, day: str) -> DriftDay:
     if not ts_hash:
         raise NothingToCompare(f"{model_name} v{version} has no training_set_hash tag")
     reference = lake.read(spec.name, "training_set", ts_hash[:16])
-    model = load_model(tracking_uri, model_name, version=version)
+    model = model_loader.load_model(tracking_uri, model_name, version=version)
     sample = reference.sample(
         min(reference.height, spec.monitoring.drift_sample_rows), seed=0, shuffle=False
     )

@@ -44,7 +44,18 @@ class RegistryReader(Protocol):
     def alias_version(self, model_name: str, alias: str) -> int | None: ...
 
 
-class SqliteRegistry:
+class _Closing:
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SqliteRegistry(_Closing):
     """A `sqlite:///` MLflow backend store, opened read-only (a missing file: no models)."""
 
     def __init__(self, path: Path) -> None:
@@ -111,7 +122,7 @@ class SqliteRegistry:
             self._conn = None
 
 
-class ClientRegistry:
+class ClientRegistry(_Closing):
     """The same through MlflowClient (any tracking URI MLflow can open)."""
 
     def __init__(self, tracking_uri: str) -> None:
@@ -137,9 +148,6 @@ class ClientRegistry:
 
         return registry.alias_version(self.tracking_uri, model_name, alias)
 
-    def close(self) -> None:
-        pass
-
 
 def sqlite_path(tracking_uri: str) -> Path | None:
     """The file of a `sqlite:///abs/path` (or `sqlite:///rel/path`) URI; None otherwise."""
@@ -155,7 +163,7 @@ def sqlite_path(tracking_uri: str) -> Path | None:
 
 
 def open_registry(tracking_uri: str) -> Any:
-    """A reader of the registry at `tracking_uri` (close() it when done)."""
+    """A reader of the registry at `tracking_uri`; use it in a `with` block (or close() it)."""
     path = sqlite_path(tracking_uri)
     if path is not None:
         try:

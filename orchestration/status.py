@@ -154,12 +154,11 @@ def read_status(spec: Spec, lake: Lake, dagster_home: str, tracking_uri: str) ->
     """`status` over the instance at `dagster_home` and the registry at `tracking_uri`, each
     read directly when it is the default profile's SQLite file."""
     runs, handle = open_runs(dagster_home)
-    reg = open_registry(tracking_uri)
     try:
-        return status(spec, runs, lake, reg)
+        with open_registry(tracking_uri) as reg:
+            return status(spec, runs, lake, reg)
     finally:
         handle.close()
-        reg.close()
 
 
 def render(s: dict[str, Any]) -> str:

@@ -8,9 +8,6 @@ Each reader is compared with the API it stands in for, on a real instance and a 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import dagster as dg
@@ -25,7 +22,7 @@ from orchestration.run_records import (
     default_storage_file,
     open_runs,
 )
-from tests.conftest import REPO
+from tests.conftest import fresh_python
 
 SPEC_TAG = "mlops/spec"
 
@@ -187,23 +184,13 @@ def test_mlops_status_answers_without_dagster_or_mlflow(tmp_path, instance_home)
         f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {list(HEAVY)!r})))\n"
     )
     env = {
-        **os.environ,
         "DAGSTER_HOME": str(home),
         "MLOPS_SPECS_DIR": str(tmp_path / "specs"),
         "MLOPS_LAKE_URL": str(p.lake.base_url),
         "MLOPS_MLFLOW_TRACKING_URI": p.tracking_uri,
-        "PYTHONPATH": str(REPO),
     }
-    out = subprocess.run(
-        [sys.executable, "-c", probe],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    *body, loaded = out.stdout.strip().splitlines()
+    out = fresh_python(probe, env)
+    *body, loaded = out.strip().splitlines()
     assert json.loads(loaded) == []
     got = json.loads("\n".join(body))
     instance = dg.DagsterInstance.from_config(str(home))

@@ -8,13 +8,10 @@ process the libraries are long loaded.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.conftest import REPO, fresh_python
 
 # The issue's list, plus what those bring (numpy, pyarrow, scipy) and the lake's own
 # (duckdb, fsspec) and the serving stack's.
@@ -65,23 +62,13 @@ print(json.dumps({
 
 def _probe(tmp_path: Path, specs: Path) -> dict:
     env = {
-        **os.environ,
         "DAGSTER_HOME": str(tmp_path / "home"),
         "MLOPS_SPECS_DIR": str(specs),
         "MLOPS_LAKE_URL": str(tmp_path / "lake"),
-        "PYTHONPATH": str(REPO),
     }
     (tmp_path / "home").mkdir(exist_ok=True)
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, json.dumps(HEAVY)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = fresh_python(PROBE, env, json.dumps(HEAVY))
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_definitions_load_without_the_heavy_libraries(tmp_path: Path) -> None:
@@ -110,19 +97,11 @@ def test_definitions_read_each_spec_once_and_nothing_else(tmp_path: Path) -> Non
 
 def test_the_deferred_module_loads_on_first_use() -> None:
     """The stand-in is the real module once touched (same objects, same behaviour)."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from mlops.lazy import polars as pl; "
-            "assert 'polars' not in sys.modules; "
-            "frame = pl.DataFrame({'a': [1, 2]}); import polars; "
-            "assert isinstance(frame, polars.DataFrame) and pl.col is polars.col; print('ok')",
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    out = fresh_python(
+        "import sys; from mlops.lazy import polars as pl; "
+        "assert 'polars' not in sys.modules; "
+        "frame = pl.DataFrame({'a': [1, 2]}); import polars; "
+        "assert isinstance(frame, polars.DataFrame) and pl.col is polars.col; print('ok')",
+        {},
     )
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert out.strip() == "ok"
