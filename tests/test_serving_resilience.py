@@ -534,8 +534,13 @@ def test_feature_store_restart_is_503_then_recovers(world: World):
         assert f"Redis at redis://127.0.0.1:{port}/0 is not reachable" in a.message, a
         assert "retry later" in a.message, a
         assert a.seconds < CLIENT_TIMEOUT
-    # Restarting: refused connections (503); empty: the entity has no state (422).
+    # Restarting: refused connections (503); empty: the entity has no state (422). A request
+    # whose phase was read before a descheduled client thread sent it can be answered only
+    # once the states are back: 200 is right for one that ended in redis_back.
     for a in load.in_phase("redis_restarting", strict=False):
+        if a.status == 200:
+            assert a.end_phase == "redis_back" and a.version == v2, a
+            continue
         assert a.status == 503 or (a.status == 422 and a.error == "unknown_entity"), a
     for a in load.in_phase("redis_empty", strict=False):
         assert a.status in (200, 422, 503), a
