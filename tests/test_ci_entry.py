@@ -17,10 +17,10 @@ def _tool(folder: Path, name: str, body: str) -> None:
 
 
 def test_ci_entry_point_exports_ci_true_to_make_test(tmp_path):
-    # Stand-ins for chromium and prometheus (so nothing is installed) and make (records what
+    # Stand-ins for chromium, prometheus and node (so nothing is installed) and make (records what
     # it was given).
     seen = tmp_path / "seen"
-    for tool in ("chromium", "promtool", "prometheus"):
+    for tool in ("chromium", "promtool", "prometheus", "node", "npm"):
         _tool(tmp_path, tool, "exit 0")
     _tool(tmp_path, "make", f'echo "CI=${{CI:-unset}} args=$*" > {seen}')
     env = {k: v for k, v in os.environ.items() if k != "CI"}
