@@ -6,7 +6,9 @@ schedule at the day's scoring time, the retraining sensors and the retraining sc
 the spec names one), then the run-failure sensor. The clock resource tells the sensors the
 simulated day (a SQL source is polled up to it). Runs
 carry the same `dagster/sensor_name` / `dagster/run_key` / schedule tags the daemon would
-set, and a request whose run key already ran is skipped, as the daemon skips it.
+set, and a request whose run key already ran is skipped, as the daemon skips it. Each run
+carries the workspace's code-location origin and each evaluation is recorded as a tick
+(orchestration/ui_origin.py), so the UI shows the replay's runs and ticks as the daemon's.
 
 Where a run executes (`runs`):
 - `in-process`: `execute_in_process` in this process, every step in turn (the default
@@ -35,6 +37,7 @@ from mlops.lake import Lake, read_json
 from mlops.spec import FileFeed, Spec
 from orchestration.jobs import quiet
 from orchestration.schedules import next_fire, retraining_schedule_name, scoring_schedule_name
+from orchestration.ui_origin import SCHEDULE, SENSOR, Origin, launched_from, record_tick
 from resources.clock import ClockResource
 from sensors.alerts import run_failure_sensor_name
 from sensors.monitoring import monitoring_sensor_name
@@ -90,6 +93,7 @@ class Replay:
         feeds: list[Feed],
         runs: str = IN_PROCESS,
         training_config: dict | None = None,
+        origin: Origin | None = None,
     ):
         if runs not in RUN_MODES:
             raise ValueError(f"runs={runs!r}: use one of {', '.join(RUN_MODES)}")
@@ -101,6 +105,10 @@ class Replay:
         self.cursors: dict[str, str | None] = {}
         self.resources = defs.resources
         self.today: dt.date | None = None  # the simulated clock (None: the wall clock)
+        self.origin = origin or Origin.of_workspace()
+        # An evaluation's tick is written once the runs it requested have run (their ids):
+        # name -> (started, cursor, skip message, runs requested).
+        self._ticks: dict[str, tuple[float, str | None, str | None, int]] = {}
 
     # --- landing ------------------------------------------------------------------------
 
@@ -127,10 +135,17 @@ class Replay:
             definitions=self.defs,
             sensor_name=name,
         )
-        data = sensor.evaluate_tick(ctx)
+        started = time.time()
+        try:
+            data = sensor.evaluate_tick(ctx)
+        except Exception as e:
+            record_tick(self.instance, self.origin, SENSOR, name, started, error=e)
+            raise
         if data.cursor is not None:
             self.cursors[name] = data.cursor
-        return list(data.run_requests or []), data.skip_message
+        requests = list(data.run_requests or [])
+        self._ticks[name] = (started, self.cursors.get(name), data.skip_message, len(requests))
+        return requests, data.skip_message
 
     def tick_schedule(self, name: str, at: dt.datetime) -> tuple[list[dg.RunRequest], str | None]:
         schedule = self.defs.get_repository_def().get_schedule_def(name)
@@ -140,8 +155,32 @@ class Replay:
             resources=self.resources,
             repository_def=self.defs.get_repository_def(),
         )
-        data = schedule.evaluate_tick(ctx)
-        return list(data.run_requests or []), data.skip_message
+        started = time.time()
+        try:
+            data = schedule.evaluate_tick(ctx)
+        except Exception as e:
+            record_tick(self.instance, self.origin, SCHEDULE, name, started, error=e)
+            raise
+        requests = list(data.run_requests or [])
+        self._ticks[name] = (started, None, data.skip_message, len(requests))
+        return requests, data.skip_message
+
+    def record(self, kind: str, name: str, runs: list["ReplayedRun"]) -> None:
+        """The tick of `name`'s last evaluation, with the runs it started (see tick_sensor)."""
+        started, cursor, skip, requested = self._ticks.pop(name)
+        if not runs and requested and not skip:
+            skip = f"{requested} run request(s), each of a run key that had already run"
+        record_tick(
+            self.instance,
+            self.origin,
+            kind,
+            name,
+            started,
+            run_ids=[r.run_id for r in runs],
+            run_keys=[r.tags["dagster/run_key"] for r in runs if "dagster/run_key" in r.tags],
+            skip_reason=skip,
+            cursor=cursor,
+        )
 
     def execute(
         self, requests: list[dg.RunRequest], origin: dict[str, str], default_job: str | None
@@ -177,27 +216,31 @@ class Replay:
         config = {**STEP_LOGS_OFF, **(run_config or {})}
         tags = dict(tags or {})
         if self.runs == IN_PROCESS:
-            result = self.defs.resolve_job_def(job_name).execute_in_process(
-                instance=self.instance,
-                partition_key=partition,
-                asset_selection=assets,
-                run_config=config,
-                tags=tags,
-                raise_on_error=False,
-            )
+            with launched_from(self.instance, self.origin, job_name):
+                result = self.defs.resolve_job_def(job_name).execute_in_process(
+                    instance=self.instance,
+                    partition_key=partition,
+                    asset_selection=assets,
+                    run_config=config,
+                    tags=tags,
+                    raise_on_error=False,
+                )
             return _outcome(job_name, partition, result, tags)
         from orchestration.executors import recon_job
 
         if partition is not None:
             tags["dagster/partition"] = partition
-        with dg.execute_job(
-            recon_job(job_name),
-            self.instance,
-            run_config=config,
-            tags=tags,
-            asset_selection=assets,
-            raise_on_error=False,
-        ) as result:
+        with (
+            launched_from(self.instance, self.origin, job_name),
+            dg.execute_job(
+                recon_job(job_name),
+                self.instance,
+                run_config=config,
+                tags=tags,
+                asset_selection=assets,
+                raise_on_error=False,
+            ) as result,
+        ):
             return _outcome(job_name, partition, result, tags)
 
     def _already_ran(self, tags: dict[str, str]) -> bool:
@@ -207,11 +250,15 @@ class Replay:
 
     def _sensor_round(self, name: str, default_job: str | None = None) -> list[ReplayedRun]:
         requests, _ = self.tick_sensor(name)
-        return self.execute(requests, {"dagster/sensor_name": name}, default_job)
+        runs = self.execute(requests, {"dagster/sensor_name": name}, default_job)
+        self.record(SENSOR, name, runs)
+        return runs
 
     def _schedule_round(self, name: str, at: dt.datetime, default_job: str) -> list[ReplayedRun]:
         requests, _ = self.tick_schedule(name, at)
-        return self.execute(requests, {"dagster/schedule_name": name}, default_job)
+        runs = self.execute(requests, {"dagster/schedule_name": name}, default_job)
+        self.record(SCHEDULE, name, runs)
+        return runs
 
     # --- a day --------------------------------------------------------------------------
 
@@ -251,6 +298,7 @@ class Replay:
             if at < morning + dt.timedelta(days=1):
                 runs += self._schedule_round(retraining_schedule_name(s), at, training_job)
         self.tick_sensor(run_failure_sensor_name(s))
+        self.record(SENSOR, run_failure_sensor_name(s), [])
         return DayResult(day.isoformat(), runs, [])
 
     # --- what to print ------------------------------------------------------------------

@@ -19,6 +19,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from catalog.jobs import data_job_name
+from orchestration.replay import Replay, backdate
+from sensors.new_data import new_data_sensor_name
 from tests.conftest import REPO, Project, make_project, require_chromium, small_data
 
 BIN = Path(sys.executable).parent
@@ -151,6 +154,26 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
+TICKS_QUERY = """query($sensor: String!) { sensorOrError(sensorSelector: {
+  repositoryLocationName: "mlops", repositoryName: "__repository__", sensorName: $sensor }) {
+  __typename ... on Sensor { sensorState { ticks(limit: 10) { status runIds } } } } }"""
+
+
+def graphql(base: str, query: str, variables: dict) -> dict:
+    request = urllib.request.Request(
+        f"{base}/graphql",
+        data=json.dumps({"query": query, "variables": variables}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with HTTP.open(request, timeout=30) as response:
+        return json.load(response)
+
+
+def rendered_page(browser: str, profile: Path, url: str) -> str:
+    """The page's DOM once the SPA has rendered its data (Chromium's virtual time)."""
+    return chromium(browser, profile, "--dump-dom", url)
+
+
 def chromium(browser: str, profile: Path, *args: str) -> str:
     out = subprocess.run(
         [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
@@ -169,16 +192,16 @@ def test_asset_graph_in_chromium_shows_the_spec_assets_and_materializations(tmp_
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    # The runs go into the instance that `dagster dev` will serve.
+    # The runs go into the instance that `dagster dev` will serve, started as `make demo` and
+    # `mlops backtest` start them: the new-data sensor's tick, through orchestration/replay.py.
+    backdate(p.spec.landing_dir.iterdir(), p.spec.source.settle_seconds)
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        p.instance = instance
-        results = [p.run_day(day) for day in DAYS]
-    last_run = results[-1].run_id
-    materialized = {
-        e.step_materialization_data.materialization.asset_key
-        for e in results[-1].get_asset_materialization_events()
-    }
+        replay = Replay(p.spec, p.defs, instance, p.lake, p.tracking_uri, feeds=[])
+        runs = replay._sensor_round(new_data_sensor_name(p.spec))
+    assert [r.partition for r in runs] == list(DAYS) and all(r.success for r in runs), runs
+    last_run = runs[-1].run_id
     keys = set(p.defs.resolve_all_asset_keys())
+    materialized = {k for k in keys if k.path[-1] in runs[-1].metadata}
     assert {k.path[-1] for k in materialized} >= {"raw_data", "validated_data", "features"}
 
     port = free_port()
@@ -221,8 +244,31 @@ def test_asset_graph_in_chromium_shows_the_spec_assets_and_materializations(tmp_
                 break
         (tmp_path / "asset_graph.html").write_text(dom)
         chromium(browser, profile, f"--screenshot={tmp_path / 'asset_graph.png'}", url)
+        # The job's runs and the sensor's ticks, where Dagster's own views list them.
+        job, sensor = data_job_name(p.spec), new_data_sensor_name(p.spec)
+        job_runs = rendered_page(browser, profile, f"{base}/locations/mlops/jobs/{job}/runs")
+        ticks = graphql(base, TICKS_QUERY, {"sensor": sensor})["data"]["sensorOrError"]
+        sensor_page = rendered_page(browser, profile, f"{base}/locations/mlops/sensors/{sensor}")
+        timeline = rendered_page(browser, profile, f"{base}/overview/activity/timeline")
+        (tmp_path / "timeline.html").write_text(timeline)
+        (tmp_path / "job_runs.html").write_text(job_runs)
+        (tmp_path / "sensor.html").write_text(sensor_page)
     finally:
         stop(proc)
+
+    where = f"(pages in {tmp_path})"
+    # The Overview timeline has the job's row, not "No runs or scheduled ticks".
+    assert job in timeline and "No runs or scheduled ticks" not in timeline, where
+    # The job's Runs tab lists each run, launched by the sensor (as the daemon's would be).
+    assert "Launched by" in job_runs, where
+    for r in runs:
+        assert f"/runs/{r.run_id}" in job_runs, (r.run_id, f"not on the job's runs page {where}")
+    assert job_runs.count(sensor) >= len(runs), where
+    # The sensor's page shows the replay's tick and the runs it requested. (`dagster dev`'s
+    # own daemon may tick it too: its requests' run keys have run, so it requests nothing.)
+    replayed = [t for t in ticks["sensorState"]["ticks"] if t["status"] == "SUCCESS"]
+    assert [sorted(t["runIds"]) for t in replayed] == [sorted(r.run_id for r in runs)], ticks
+    assert "Latest tick" in sensor_page and f"{len(runs)} runs requested" in sensor_page, where
 
     where = f"(DOM and screenshot in {tmp_path})"
     assert not minimal, f"the graph drew name-only nodes: enlarge --window-size {where}"
