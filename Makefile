@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 UV_VERSION := 0.13.8
 export DAGSTER_HOME := $(CURDIR)/.mlops/dagster
 
-.PHONY: compile demo test ui mlflow lint format lock bench clean prod prod-up prod-demo prod-backfill prod-status prod-down prod-clean
+.PHONY: compile demo test ui screenshots mlflow lint format lock bench clean prod prod-up prod-demo prod-backfill prod-status prod-down prod-clean
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ ui: compile $(DAGSTER_HOME)/dagster.yaml
 	DAGSTER_GRPC_TIMEOUT_SECONDS=$${DAGSTER_GRPC_TIMEOUT_SECONDS:-120} \
 	DAGSTER_SENSOR_GRPC_TIMEOUT_SECONDS=$${DAGSTER_SENSOR_GRPC_TIMEOUT_SECONDS:-120} \
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+# The README's screenshots (docs/ui/*.png) of the pages a user opens after `make demo`: the
+# browser code of tests/test_ui_browser.py (demo/ui_pages.py), `dagster dev` and `mlflow ui`
+# on loopback ports of their own. Needs Debian's chromium.
+screenshots: compile $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/python -m demo.ui_pages --out docs/ui
 
 # MLflow UI over the default store: runs, registered versions, aliases, artifacts.
 mlflow: $(BIN)/.installed
