@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from assets.metadata import md_table
+from assets.metadata import asset_attrs, column_schema, md_table, rounded
 from catalog.partitions import daily_partitions, lookback_mapping
 from catalog.pools import online_store_pool
 from mlops import features as feats
@@ -51,6 +51,9 @@ def build_data_assets(
     key = {a: dg.AssetKey([name, a]) for a in (*ASSET_NAMES, *EXTERNAL_ASSET_NAMES)}
     common = {"group_name": name, "code_version": version}
 
+    def attrs(asset: str) -> dict:
+        return {**common, **asset_attrs(spec, asset)}
+
     # The source as an external asset: the UI's lineage starts at the files (or the SQL
     # table; the key stays landing_files for both kinds so selections and sensors agree).
     src = spec.source
@@ -58,6 +61,7 @@ def build_data_assets(
         landing = dg.AssetSpec(
             key["landing_files"],
             group_name=name,
+            **asset_attrs(spec, "landing_files"),
             description=f"Landing files {src.file_pattern} in {src.path} (external).",
             metadata={"path": dg.MetadataValue.path(str(spec.landing_dir))},
         )
@@ -65,6 +69,7 @@ def build_data_assets(
         landing = dg.AssetSpec(
             key["landing_files"],
             group_name=name,
+            **asset_attrs(spec, "landing_files"),
             description="The source table: rows a SQL query returns per day (external).",
             kinds={"sql"},
             metadata={
@@ -80,6 +85,7 @@ def build_data_assets(
             dg.AssetSpec(
                 key["label_events"],
                 group_name=name,
+                **asset_attrs(spec, "label_events"),
                 description=f"Late-arriving label events {events.file_pattern} in {events.path} (external).",
                 metadata={"path": dg.MetadataValue.path(str(spec.resolve(events.path)))},
             )
@@ -91,7 +97,7 @@ def build_data_assets(
         partitions_def=daily,
         kinds={"parquet"},
         deps=[key["landing_files"]],
-        **common,
+        **attrs("raw_data"),
     )
     def raw_data(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
         """The day's source rows as they arrived (all values kept as text)."""
@@ -107,6 +113,7 @@ def build_data_assets(
                 "source_files": dg.MetadataValue.json(batch.file_rows),
                 "content_hash": batch.content_hash,
                 "path": dg.MetadataValue.path(written.path),
+                **column_schema(batch.frame),
             },
         )
 
@@ -117,14 +124,14 @@ def build_data_assets(
                 deps=[key["raw_data"]],
                 kinds={"parquet"},
                 description="Rows that passed the spec's schema, typed.",
-                **common,
+                **attrs("validated_data"),
             ),
             dg.AssetSpec(
                 key["quarantine"],
                 deps=[key["raw_data"]],
                 kinds={"parquet"},
                 description="Rejected rows with column, check, value, file and row.",
-                **common,
+                **attrs("quarantine"),
             ),
         ],
         partitions_def=daily,
@@ -204,7 +211,7 @@ def build_data_assets(
                 f"{rate:.2%} of rows quarantined, above schema.max_quarantine_rate {limit:.2%}: "
                 f"inspect {name}/quarantine for {context.partition_key}"
             ),
-            metadata={"quarantine_rate": rate, "threshold": limit},
+            metadata={"quarantine_rate": rounded(rate), "threshold": limit},
         )
 
     @dg.asset(
@@ -212,7 +219,7 @@ def build_data_assets(
         partitions_def=daily,
         deps=label_deps,
         kinds={"parquet"},
-        **common,
+        **attrs("labels"),
     )
     def labels_asset(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
         """Label per prediction point (event within the horizon), with label maturity."""
@@ -229,9 +236,10 @@ def build_data_assets(
                 "rows": rows.height,
                 "rows_mature": mature,
                 "mature": rows.height > 0 and mature == rows.height,
-                "positive_rate": float(rows[spec.labels.name].cast(pl.Float64).mean() or 0.0),
+                "positive_rate": rounded(rows[spec.labels.name].cast(pl.Float64).mean() or 0.0),
                 "label_source": dg.MetadataValue.json(info),
                 "path": dg.MetadataValue.path(written.path),
+                **column_schema(rows),
             },
         )
 
@@ -240,7 +248,7 @@ def build_data_assets(
         partitions_def=daily,
         kinds={"parquet"},
         deps=[dg.AssetDep(key["validated_data"], partition_mapping=lookback_mapping(spec))],
-        **common,
+        **attrs("features"),
     )
     def features_asset(
         context: dg.AssetExecutionContext, lake: LakeResource
@@ -267,6 +275,7 @@ def build_data_assets(
                 "lookback_gaps": dg.MetadataValue.json(plan.gaps),
                 "preview": md_table(out, 5, cols=12),
                 "path": dg.MetadataValue.path(written.path),
+                **column_schema(out),
             },
         )
 
@@ -279,7 +288,7 @@ def build_data_assets(
         ],
         kinds={"sqlite", "redis"},
         pool=online_store_pool(spec),
-        **common,
+        **attrs("online_features"),
     )
     def online_features(
         context: dg.AssetExecutionContext, lake: LakeResource, online_store: OnlineStoreResource
@@ -312,7 +321,7 @@ def build_data_assets(
         key=key["training_set"],
         deps=[key["features"], key["labels"]],
         kinds={"parquet", "duckdb"},
-        **common,
+        **attrs("training_set"),
     )
     def training_set_asset(
         context: dg.AssetExecutionContext, config: TrainingSetConfig, lake: LakeResource
@@ -364,6 +373,7 @@ def _validation_results(key: dict, result, valid_w, quar_w):
             "rows_quarantined": result.rows_quarantined,
             "dagster/row_count": result.rows_valid,
             "path": dg.MetadataValue.path(valid_w.path),
+            **column_schema(result.valid),
         },
     )
     preview = result.quarantine.select(
@@ -374,12 +384,13 @@ def _validation_results(key: dict, result, valid_w, quar_w):
         data_version=dg.DataVersion(quar_w.content_hash),
         metadata={
             "rows_quarantined": result.rows_quarantined,
-            "quarantine_rate": validation.quarantine_rate(
-                result.rows_valid, result.rows_quarantined
+            "quarantine_rate": rounded(
+                validation.quarantine_rate(result.rows_valid, result.rows_quarantined)
             ),
             "reasons": dg.MetadataValue.json(result.reasons()),
             "preview": md_table(preview, 5),
             "path": dg.MetadataValue.path(quar_w.path),
+            **column_schema(result.quarantine),
         },
     )
 
@@ -397,4 +408,5 @@ def _training_set_metadata(spec: Spec, df, window, saved) -> dict:
         "window_policy": dg.MetadataValue.json(window.policy),
         "path": dg.MetadataValue.path(saved.written.path),
         "versioned_path": dg.MetadataValue.path(saved.versioned_url),
+        **column_schema(df),
     }

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
+from assets.metadata import asset_attrs, column_schema, rounded
 from catalog.partitions import daily_partitions
 from catalog.pools import registry_pool
 from mlops import model_evaluation as evaluation_doc
@@ -29,6 +30,16 @@ if TYPE_CHECKING:
 else:
     from mlops.lazy import polars as pl
 
+GATE_DESCRIPTIONS = {
+    "thresholds": "Promotion gate: the evaluated version meets the spec's gates.thresholds "
+    "on its test split (a bar the champion misses too, and is beaten on, is waived).",
+    "improvement": "Promotion gate: the evaluated version beats the champion's primary metric "
+    "on the same test rows by gates.min_improvement (the first model: no champion to beat).",
+    "slices": "Promotion gate: no gates.slice_columns slice is worse than the champion's by "
+    "more than gates.slice_tolerance.",
+    "serving_smoke": "Promotion gate: the serving loader loads the version and scores its "
+    "input example; single-row p95 latency within gates.latency_budget_ms.",
+}
 GATE_CHECKS = {
     "thresholds": "thresholds_gate_check",
     "improvement": "improvement_gate_check",
@@ -100,38 +111,59 @@ def _png_md(png: bytes, title: str) -> str:
     return f"**{title}**\n\n![{title}](data:image/png;base64,{data})\n"
 
 
-def _candidate_metadata(spec: Spec, cand, ts_hash: str) -> dict:
+def _candidate_metadata(spec: Spec, cand, ts_hash: str, mlflow: MlflowResource) -> dict:
     """candidate_model's page: the registered version, its search, the set it trained on."""
     model_name = spec.registered_model_name
     return {
         "model_name": model_name,
         "model_version": cand.version,
         "mlflow_run_id": cand.run_id,
+        "mlflow_run": mlflow.run_link(cand.run_id, cand.experiment_id),
+        "mlflow_model_version": mlflow.model_version_link(model_name, cand.version),
         "model_uri": f"models:/{model_name}/{cand.version}",
         "estimator": cand.estimator,
         "params": dg.MetadataValue.json(cand.params),
-        f"valid_{cand.metric}": cand.valid_score,
-        "decision_threshold": cand.threshold if cand.threshold is not None else float("nan"),
+        f"valid_{cand.metric}": rounded(cand.valid_score),
+        "decision_threshold": rounded(
+            cand.threshold if cand.threshold is not None else float("nan")
+        ),
         "trials": cand.trials,
         "training_set_hash": ts_hash,
     }
 
 
-def _evaluation_metadata(rec: evaluation_doc.RecordedEvaluation) -> dict:
-    """What the evaluation's page shows: metrics beside the champion's, plots, model card."""
+def _evaluation_metadata(rec: evaluation_doc.RecordedEvaluation, mlflow: MlflowResource) -> dict:
+    """What the evaluation's page shows: metrics beside the champion's (and the difference,
+    per metric, as numbers the UI plots over materializations), plots, model card, links."""
     doc, primary = rec.doc, rec.doc["primary_metric"]
-    return {
+    run_id = doc["challenger"]["run_id"]
+    out: dict = {
         "model_version": doc["version"],
-        "mlflow_run_id": doc["challenger"]["run_id"],
+        "mlflow_run_id": run_id,
+        "mlflow_run": mlflow.run_link(run_id, rec.experiment_id),
+        "mlflow_model_version": mlflow.model_version_link(doc["model_name"], doc["version"]),
         "champion_version": (doc["champion"] or {}).get("version") or 0,
-        f"test_{primary}": doc["challenger"]["metrics"].get(primary) or float("nan"),
-        "metrics": dg.MetadataValue.md(_metrics_table(doc)),
-        "plots": dg.MetadataValue.md("\n".join(_png_md(png, n) for n, png in rec.plots.items())),
-        "model_card": dg.MetadataValue.md(rec.model_card),
-        "evidently_report": doc["artifacts"]["evidently_report"],
-        "evaluation_path": dg.MetadataValue.path(rec.path),
-        "test_rows": doc["test_rows"],
+        f"test_{primary}": rounded(doc["challenger"]["metrics"].get(primary) or float("nan")),
     }
+    out.update({f"delta_{k}": rounded(v) for k, v in evaluation_doc.metric_deltas(doc).items()})
+    out.update(
+        {
+            "metrics": dg.MetadataValue.md(_metrics_table(doc)),
+            "plots": dg.MetadataValue.md(
+                "\n".join(_png_md(png, n) for n, png in rec.plots.items())
+            ),
+            "model_card": dg.MetadataValue.md(rec.model_card),
+            "evidently_report": mlflow.artifact_link(
+                rec.experiment_id, run_id, rec.artifact_paths["evidently_report"]
+            ),
+            "evaluation_artifacts": mlflow.artifact_link(
+                rec.experiment_id, run_id, evaluation_doc.ARTIFACT_DIR
+            ),
+            "evaluation_path": dg.MetadataValue.path(rec.path),
+            "test_rows": doc["test_rows"],
+        }
+    )
+    return out
 
 
 def _metrics_table(doc: dict) -> str:
@@ -159,12 +191,15 @@ def build_model_assets(spec: Spec) -> list:
     key = {a: dg.AssetKey([name, a]) for a in ("training_set", "features", *MODEL_ASSET_NAMES)}
     common = {"group_name": name, "code_version": spec.content_hash[:12]}
 
+    def attrs(asset: str) -> dict:
+        return {**common, **asset_attrs(spec, asset)}
+
     @dg.asset(
         key=key["candidate_model"],
         deps=[key["training_set"]],
         kinds={"mlflow", "xgboost"},
         pool=registry_pool(spec),
-        **common,
+        **attrs("candidate_model"),
     )
     def candidate_model(
         context: dg.AssetExecutionContext,
@@ -178,7 +213,12 @@ def build_model_assets(spec: Spec) -> list:
         ts_hash = ts_meta["training_set_hash"]
         store = lake.get()
         frame = store.read(name, "training_set", ts_hash[:16])
-        lineage = training.run_lineage(ts_meta, context.run.run_id, context.run.tags)
+        lineage = training.run_lineage(
+            ts_meta,
+            context.run.run_id,
+            context.run.tags,
+            mlflow.dagster_run_url(context.run.run_id),
+        )
         try:
             cand = training.train_candidate(
                 spec,
@@ -192,18 +232,27 @@ def build_model_assets(spec: Spec) -> list:
             )
         except (training.RunGone, ValueError) as e:  # ValueError: data that cannot train
             raise dg.Failure(f"{name}: {e}") from None
-        return dg.MaterializeResult(metadata=_candidate_metadata(spec, cand, ts_hash))
+        return dg.MaterializeResult(metadata=_candidate_metadata(spec, cand, ts_hash, mlflow))
 
     @dg.asset(
-        key=key["model_evaluation"], deps=[key["candidate_model"]], kinds={"mlflow"}, **common
+        key=key["model_evaluation"],
+        deps=[key["candidate_model"]],
+        kinds={"mlflow"},
+        **attrs("model_evaluation"),
     )
     def model_evaluation(
         context: dg.AssetExecutionContext, lake: LakeResource, mlflow: MlflowResource
     ) -> dg.MaterializeResult:
         """Test-split metrics, slices, plots, Evidently report and model card, champion beside."""
         version = int(upstream_meta(context, key["candidate_model"])["model_version"])
-        rec = evaluation_doc.record_evaluation(spec, lake.get(), mlflow.tracking_uri, version)
-        return dg.MaterializeResult(metadata=_evaluation_metadata(rec))
+        rec = evaluation_doc.record_evaluation(
+            spec,
+            lake.get(),
+            mlflow.tracking_uri,
+            version,
+            mlflow.dagster_run_url(context.run.run_id),
+        )
+        return dg.MaterializeResult(metadata=_evaluation_metadata(rec, mlflow))
 
     def _gate_check(gate: str):
         # A failed gate is an outcome, not a failure (DESIGN §6): it reports severity WARN, so
@@ -211,7 +260,12 @@ def build_model_assets(spec: Spec) -> list:
         # challenger and records why. `blocking=True` is kept only for what Dagster does with
         # it besides gating ERROR results: champion_model waits for the four checks, so it
         # decides on this evaluation's results (a check that raises still fails the run).
-        @dg.asset_check(asset=key["model_evaluation"], name=GATE_CHECKS[gate], blocking=True)
+        @dg.asset_check(
+            asset=key["model_evaluation"],
+            name=GATE_CHECKS[gate],
+            blocking=True,
+            description=GATE_DESCRIPTIONS[gate],
+        )
         def check(
             context: dg.AssetCheckExecutionContext, lake: LakeResource, mlflow: MlflowResource
         ) -> dg.AssetCheckResult:
@@ -234,7 +288,6 @@ def build_model_assets(spec: Spec) -> list:
                 },
             )
 
-        check.__doc__ = f"Promotion gate '{gate}' (spec gates) for the evaluated version."
         return check
 
     @dg.asset(
@@ -242,7 +295,7 @@ def build_model_assets(spec: Spec) -> list:
         deps=[key["model_evaluation"]],
         kinds={"mlflow"},
         pool=registry_pool(spec),
-        **common,
+        **attrs("champion_model"),
     )
     def champion_model(
         context: dg.AssetExecutionContext, lake: LakeResource, mlflow: MlflowResource
@@ -255,6 +308,7 @@ def build_model_assets(spec: Spec) -> list:
             out = promotion.decide_on_evaluation(
                 spec, lake.get(), mlflow.tracking_uri, version, evaluated.run_id,
                 context.run.run_id, before_move=alive,
+                dagster_run_url=mlflow.dagster_run_url(context.run.run_id),
             )  # fmt: skip
         except (promotion.PromotionError, training.RunGone) as e:
             raise dg.Failure(f"{name}: {e}") from None
@@ -262,14 +316,16 @@ def build_model_assets(spec: Spec) -> list:
             context.log.info(
                 f"v{version} not promoted, v{out.champion or '-'} keeps serving: {out.decision.reason}"
             )
-        return dg.MaterializeResult(metadata=_champion_metadata(spec, lake.get(), version, out))
+        return dg.MaterializeResult(
+            metadata=_champion_metadata(spec, lake.get(), version, out, mlflow)
+        )
 
     @dg.asset(
         key=key["batch_predictions"],
         partitions_def=daily,
         kinds={"parquet"},
         deps=[key["features"], key["champion_model"]],
-        **common,
+        **attrs("batch_predictions"),
     )
     def batch_predictions(
         context: dg.AssetExecutionContext, lake: LakeResource, mlflow: MlflowResource
@@ -289,9 +345,10 @@ def build_model_assets(spec: Spec) -> list:
             metadata={
                 "rows": out.height,
                 "model_version": model.version,
-                "mean_score": float(out["score"].mean() or 0.0),
-                "decision_rate": float(out["decision"].cast(pl.Float64).mean() or 0.0),
+                "mean_score": rounded(float(out["score"].mean() or 0.0)),
+                "decision_rate": rounded(float(out["decision"].cast(pl.Float64).mean() or 0.0)),
                 "path": dg.MetadataValue.path(written.path),
+                **column_schema(out),
             },
         )
 
@@ -339,10 +396,15 @@ class RollbackConfig(dg.Config):
     reason: str = ""
 
 
-def _champion_metadata(spec: Spec, store: Lake, version: int, out) -> dict:
+def _champion_metadata(spec: Spec, store: Lake, version: int, out, mlflow: MlflowResource) -> dict:
     """champion_model's page: the aliases after the decision, each gate, the history."""
     d = out.decision
+    model_name = spec.registered_model_name
+    links = {"evaluated_model_version": mlflow.model_version_link(model_name, version)}
+    if out.champion:
+        links["champion_model_version"] = mlflow.model_version_link(model_name, out.champion)
     return {
+        **links,
         "champion_version": out.champion or 0,
         "challenger_version": out.challenger or 0,
         "evaluated_version": version,

@@ -6,7 +6,7 @@ table; the retraining sensors read those summaries, so the rules see exactly wha
 
 import dagster as dg
 
-from assets.metadata import md_table
+from assets.metadata import asset_attrs, column_schema, md_table, rounded
 from catalog.partitions import daily_partitions
 from mlops import model_evaluation, monitoring
 from mlops.monitoring import DRIFT_REPORT, MODEL_PERFORMANCE
@@ -27,6 +27,7 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
         deps=[key("features"), key("batch_predictions"), key("inference_log")],
         kinds={"evidently", "parquet"},
         **common,
+        **asset_attrs(spec, DRIFT_REPORT),
     )
     def drift_report(
         context: dg.AssetExecutionContext, lake: LakeResource, mlflow: MlflowResource
@@ -40,9 +41,15 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
         except drift.NothingToCompare as e:
             raise dg.Failure(str(e)) from None
         written, html = drift.save_drift_day(store, spec, day, d)
+        logged = drift.log_drift_report(mlflow.tracking_uri, day, d)
+        link = (
+            {"report": mlflow.artifact_link(logged.experiment_id, logged.run_id, logged.path)}
+            if logged
+            else {}
+        )
         return dg.MaterializeResult(
             data_version=dg.DataVersion(written.content_hash),
-            metadata=_drift_metadata(spec, d, html),
+            metadata={**_drift_metadata(spec, d, html), **link},
         )
 
     @dg.asset(
@@ -51,6 +58,7 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
         deps=[key("batch_predictions"), key("inference_log"), key("labels"), key("features")],
         kinds={"parquet"},
         **common,
+        **asset_attrs(spec, MODEL_PERFORMANCE),
     )
     def model_performance(
         context: dg.AssetExecutionContext, lake: LakeResource
@@ -63,7 +71,8 @@ def build_monitoring_assets(spec: Spec) -> list[dg.AssetsDefinition]:
             raise dg.Failure(str(e)) from None
         written = monitoring.save_performance_day(store, spec, day, p)
         return dg.MaterializeResult(
-            data_version=dg.DataVersion(written.content_hash), metadata=_performance_metadata(p)
+            data_version=dg.DataVersion(written.content_hash),
+            metadata={**_performance_metadata(p), **column_schema(p.table)},
         )
 
     return [drift_report, model_performance]
@@ -73,11 +82,11 @@ def _drift_metadata(spec: Spec, d, html: str) -> dict:
     """What the UI shows of a drift report (d: mlops.drift.DriftDay)."""
     r, pred = d.result, d.result.prediction or {}
     return {
-        "drift_share": r.drift_share,
+        "drift_share": rounded(r.drift_share),
         "dataset_drift": r.dataset_drift,
         "drift_threshold": spec.monitoring.drift_threshold,
         "drifted_columns": dg.MetadataValue.json(r.drifted_columns),
-        "prediction_drift_score": pred.get("score"),
+        "prediction_drift_score": rounded(pred.get("score")),
         "prediction_drifted": pred.get("drifted"),
         "champion_version": d.champion_version,
         "reference_training_set_hash": d.training_set_hash,
@@ -86,15 +95,20 @@ def _drift_metadata(spec: Spec, d, html: str) -> dict:
             {"reference": r.reference_rows, "current": r.current_rows}
         ),
         "columns": md_table(r.columns.sort("score", descending=True), 12),
-        "report": dg.MetadataValue.path(html),
+        "report": dg.MetadataValue.path(html),  # replaced by the MLflow link when logged there
+        "report_path": dg.MetadataValue.path(html),
+        **column_schema(r.columns),
     }
 
 
 def _performance_metadata(p: monitoring.PerformanceDay) -> dict:
     perf = p.performance
     return {
-        "realized_" + perf.primary_metric: perf.realized,
-        "baseline_" + perf.primary_metric: perf.baseline,
+        "realized_" + perf.primary_metric: rounded(perf.realized),
+        "baseline_" + perf.primary_metric: rounded(perf.baseline),
+        "decline_threshold": rounded(
+            monitoring.decline_threshold(perf.primary_metric, perf.baseline, perf.tolerance)
+        ),
         "tolerance": perf.tolerance,
         "declined": perf.declined,
         "rows_scored": perf.rows_scored,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from assets.metadata import md_table
+from assets.metadata import asset_attrs, column_schema, md_table
 from catalog.partitions import daily_partitions
 from mlops.inference_log import compare_routes, inference_log_dir, read_day
 from mlops.spec import Spec
@@ -31,6 +31,7 @@ def build_serving_assets(spec: Spec) -> list[dg.AssetsDefinition]:
         kinds={"parquet"},
         group_name=name,
         code_version=spec.content_hash[:12],
+        **asset_attrs(spec, "inference_log"),
     )
     def inference_log(
         context: dg.AssetExecutionContext, lake: LakeResource
@@ -54,6 +55,7 @@ def build_serving_assets(spec: Spec) -> list[dg.AssetsDefinition]:
                 "routes": dg.MetadataValue.json(routes.to_dicts()),
                 "log_dir": dg.MetadataValue.path(str(folder)),
                 "path": dg.MetadataValue.path(written.path),
+                **column_schema(log),
                 "preview": md_table(
                     log.select(
                         "event_time", "entity", "route", "model_version", "score", "decision"

@@ -1,7 +1,9 @@
-"""Partitions, defined once: one daily partition set per spec, from its start date."""
+"""Partitions, defined once: one daily partition set per spec, from its start date to its
+end date when it has one (a finished history), else to the last day that has ended."""
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import warnings
 
@@ -11,12 +13,16 @@ from mlops.spec import Spec
 
 
 @functools.cache
-def _daily(start: str) -> dg.DailyPartitionsDefinition:
-    return dg.DailyPartitionsDefinition(start_date=start)
+def _daily(start: str, end: str | None) -> dg.DailyPartitionsDefinition:
+    return dg.DailyPartitionsDefinition(start_date=start, end_date=end)
 
 
 def daily_partitions(spec: Spec) -> dg.DailyPartitionsDefinition:
-    return _daily(spec.source.start_date.isoformat())
+    """source.start_date .. source.end_date, both included (Dagster's end_date is
+    exclusive: the day after the last); without an end, open like any live source."""
+    last = spec.source.end_date
+    end = (last + dt.timedelta(days=1)).isoformat() if last is not None else None
+    return _daily(spec.source.start_date.isoformat(), end)
 
 
 def lookback_mapping(spec: Spec) -> dg.TimeWindowPartitionMapping:

@@ -1,8 +1,9 @@
-"""`make demo`: the closed loop. Generate 60 days of IoT data (stable, then covariate and
-concept drift from day 36), land days 1-30 and let the new-data sensor build them, train,
-gate and promote the first champion, then replay days 31-60 one at a time through the real
-sensors and schedules (orchestration/replay.py) and print the per-day timeline; the
-timeline is also written as .mlops/reports/<spec>/timeline.{json,png}.
+"""`make demo`: the closed loop. Generate 60 days of IoT data whose last day is yesterday (UTC;
+`--start` picks the first day instead), stable, then covariate and concept drift from day 36;
+land days 1-30 and let the new-data sensor build them, train, gate and promote the first
+champion, then replay days 31-60 one at a time through the real sensors and schedules
+(orchestration/replay.py) and print the per-day timeline; the timeline is also written as
+.mlops/reports/<spec>/timeline.{json,png}.
 
 Everything runs against the persistent Dagster instance in $DAGSTER_HOME (default
 .mlops/dagster), so `make ui` shows every run, materialization and check afterwards. With
@@ -61,12 +62,34 @@ def staged_spec(spec: Spec, staging: Path) -> Spec:
     return spec.model_copy(update={"source": src, "labels": labels})
 
 
+def first_day(days: int, start: dt.date | None = None, today: dt.date | None = None) -> dt.date:
+    """The demo's first day: `start`, or the one that makes the last of `days` days yesterday
+    (UTC), so the daily partitions the UI lists are the newest ones and hold data."""
+    if start is not None:
+        return start
+    today = today or dt.datetime.now(dt.UTC).date()
+    return today - dt.timedelta(days=days)
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a date: use YYYY-MM-DD") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     # MLflow's advice about integer columns and dataset sources is for interactive use.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--spec", default=str(PROJECT_ROOT / "specs" / "machine_failure.yaml"))
     p.add_argument("--days", type=int, default=60)
+    p.add_argument(
+        "--start",
+        type=_date,
+        default=None,
+        help="first day, YYYY-MM-DD (default: the day that makes the last day yesterday, UTC)",
+    )
     p.add_argument("--build-days", type=int, default=30, help="days built before the replay")
     p.add_argument("--drift-from", type=int, default=36, help="first drifted day (1-based)")
     p.add_argument("--drift", default="covariate,concept")
@@ -90,6 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     spec = load_spec(args.spec)
+    args.start = first_day(args.days, args.start)
+    src, last = spec.source, args.start + dt.timedelta(days=args.days - 1)
+    if args.start < src.start_date or (src.end_date is not None and last > src.end_date):
+        p.error(
+            f"{spec.path}: days {args.start}..{last} fall outside its partitions (source."
+            f"start_date {src.start_date}, end_date {src.end_date or 'none'}): give --start "
+            "within them, or move the spec's dates"
+        )
     if spec.labels.kind != "event_feed" or not isinstance(spec.source, FileSource):
         p.error(
             f"{spec.path}: the demo generates the embedded IoT example (landing files and a "
@@ -170,6 +201,7 @@ def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
     report = generate(
         staged,
         days=args.days,
+        start=args.start,
         machines=args.machines,
         seed=args.seed,
         drift_from=args.drift_from,
@@ -177,12 +209,12 @@ def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
         bad_rows=args.bad_rows,
         progress=True,
     )
+    days = [args.start + dt.timedelta(days=i) for i in range(args.days)]
     print(
-        f"generated {args.days} days: {report.rows} readings, {report.events} failure events, "
-        f"{len(report.bad_rows)} bad rows (drift {args.drift} from day {args.drift_from})"
+        f"generated {args.days} days ({days[0]}..{days[-1]}): {report.rows} readings, "
+        f"{report.events} failure events, {len(report.bad_rows)} bad rows (drift {args.drift} from day {args.drift_from})"
     )
     feeds = feeds_of(staged, spec)  # from the staging folders into the live landing ones
-    days = [spec.source.start_date + dt.timedelta(days=i) for i in range(args.days)]
     opts = Options(
         build_days=args.build_days,
         runs=args.runs,

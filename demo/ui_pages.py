@@ -143,10 +143,12 @@ def _tail(log: Path) -> str:
 
 
 @contextlib.contextmanager
-def dagster_dev(env: dict[str, str], log: Path, timeout: float = 120) -> Iterator[str]:
+def dagster_dev(
+    env: dict[str, str], log: Path, timeout: float = 120, port: int | None = None
+) -> Iterator[str]:
     """`dagster dev` over workspace.yaml with `env` (DAGSTER_HOME, MLOPS_*), until its code
     location has loaded; yields the UI's base URL."""
-    port = free_port()
+    port = port or free_port()
     base = f"http://127.0.0.1:{port}"
     args = [str(BIN / "dagster"), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml")]
     with _server([*args, "-h", "127.0.0.1", "-p", str(port)], env, log) as proc:
@@ -176,9 +178,11 @@ def dagster_dev(env: dict[str, str], log: Path, timeout: float = 120) -> Iterato
 
 
 @contextlib.contextmanager
-def mlflow_ui(tracking_uri: str, artifacts: str, log: Path, timeout: float = 90) -> Iterator[str]:
+def mlflow_ui(
+    tracking_uri: str, artifacts: str, log: Path, timeout: float = 90, port: int | None = None
+) -> Iterator[str]:
     """`mlflow ui` over the platform's tracking store; yields its base URL."""
-    port = free_port()
+    port = port or free_port()
     base = f"http://127.0.0.1:{port}"
     args = [str(BIN / "mlflow"), "ui", "--backend-store-uri", tracking_uri]
     args += ["--default-artifact-root", artifacts, "--host", "127.0.0.1", "--port", str(port)]

@@ -336,8 +336,14 @@ def demo(env: dict[str, str], s: Settings, args: list[str]) -> int:
     spec = yaml.safe_load((ROOT / "specs" / "machine_failure.yaml").read_text())
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--days", type=int, default=60)
-    days = parser.parse_known_args(args)[0].days
-    last = dt.date.fromisoformat(str(spec["source"]["start_date"])) + dt.timedelta(days=days - 1)
+    parser.add_argument("--start", type=dt.date.fromisoformat, default=None)
+    known = parser.parse_known_args(args)[0]
+    # The demo's last day: yesterday (UTC) unless --start moved its days (demo/run.py).
+    last = (
+        known.start + dt.timedelta(days=known.days - 1)
+        if known.start
+        else dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+    )
     first = last - dt.timedelta(days=2)
     print(f"\nasset backfill of {spec['name']}_data_job, {first} to {last}, through the daemon:")
     job = ["--job", f"{spec['name']}_data_job", "--from", str(first), "--to", str(last)]

@@ -606,6 +606,7 @@ class DriftDay:
     champion_version: int
     training_set_hash: str
     source: str  # "served" or "batch"
+    mlflow_run_id: str = ""  # the training run of the champion that scored the day
 
 
 def drift_day(spec: Spec, lake: Lake, tracking_uri: str, day: str) -> DriftDay:
@@ -650,7 +651,8 @@ def drift_day(spec: Spec, lake: Lake, tracking_uri: str, day: str) -> DriftDay:
         "threshold": spec.monitoring.drift_threshold,
         "source": source,
     }
-    return DriftDay(result, summary, version, ts_hash, source)
+    run_id = tags.get(f"{registry.TAG}mlflow_run_id", "")
+    return DriftDay(result, summary, version, ts_hash, source, run_id)
 
 
 def save_drift_day(lake: Lake, spec: Spec, day: str, d: DriftDay) -> tuple[Any, str]:
@@ -660,3 +662,22 @@ def save_drift_day(lake: Lake, spec: Spec, day: str, d: DriftDay) -> tuple[Any, 
     write_json(lake, spec.name, DRIFT_REPORT, day, d.summary)
     html = lake.put_text(f"{spec.name}/{DRIFT_REPORT}/{day}.html", d.result.html)
     return written, html
+
+
+@dataclass
+class LoggedReport:
+    experiment_id: str
+    run_id: str
+    path: str  # in the run's artifacts
+
+
+def log_drift_report(tracking_uri: str, day: str, d: DriftDay) -> LoggedReport | None:
+    """The day's HTML report, also as an artifact of the champion's training run
+    (`monitoring/drift_report/<day>.html`): the MLflow UI renders it, so the asset page links
+    there (a lake path does not open from a browser). None when the version names no run."""
+    if not d.mlflow_run_id:
+        return None
+    c = registry.client(tracking_uri)
+    path = f"monitoring/{DRIFT_REPORT}/{day}.html"
+    c.log_text(d.mlflow_run_id, d.result.html, path)
+    return LoggedReport(c.get_run(d.mlflow_run_id).info.experiment_id, d.mlflow_run_id, path)

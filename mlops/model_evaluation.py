@@ -5,7 +5,7 @@ model card, saved in the lake as the document the promotion gates judge."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,11 @@ else:
     from mlops.lazy import polars as pl
 
 EVALUATION_ASSET = "model_evaluation"
+# The Dagster run that evaluated the version, on its MLflow run (training's is DAGSTER_RUN_URL).
+EVALUATION_RUN_URL_TAG = f"{registry.TAG}evaluation_dagster_run_url"
+ARTIFACT_DIR = "evaluation"  # where a version's evaluation files go in its MLflow run
+# What the training run logs as params besides the estimator's hyperparameters.
+NOT_HYPERPARAMETERS = {"estimator", "best_trial", "training_rows"}
 
 
 class EvaluationError(ValueError):
@@ -109,14 +114,44 @@ def evaluate_version(
         "champion": {k: v for k, v in champ.items() if k != "pred"} if champ else None,
     }
     if out_dir is not None:
+        params = hyperparameters(tracking_uri, challenger.run_id)
         doc["artifacts"] = _artifacts(
-            spec, challenger, chal, champ, doc["rows"], valid, test, lineage, out_dir
+            spec, challenger, chal, champ, doc["rows"], valid, test, lineage, params, out_dir
         )
     return json_safe(doc)
 
 
+def hyperparameters(tracking_uri: str, run_id: str | None) -> dict[str, Any]:
+    """The hyperparameters the version's training run logged (its refit's), as numbers where
+    they are numbers; {} for a version without a run."""
+    if not run_id:
+        return {}
+    logged = registry.client(tracking_uri).get_run(run_id).data.params
+    return {k: _number(v) for k, v in sorted(logged.items()) if k not in NOT_HYPERPARAMETERS}
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
+def metric_deltas(doc: dict[str, Any]) -> dict[str, float]:
+    """Challenger minus champion, per metric both have (none without a champion)."""
+    champ = (doc.get("champion") or {}).get("metrics") or {}
+    out = {}
+    for k, a in sorted(doc["challenger"]["metrics"].items()):
+        b = champ.get(k)
+        if isinstance(a, int | float) and isinstance(b, int | float):
+            out[k] = float(a) - float(b)
+    return out
+
+
 def _artifacts(
-    spec, model, chal, champ, rows: dict[str, int], valid, test, lineage, out_dir: Path
+    spec, model, chal, champ, rows: dict[str, int], valid, test, lineage, params, out_dir: Path
 ) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     task, y = spec.model.task, _y(spec, test)
@@ -144,7 +179,7 @@ def _artifacts(
         version=model.version,
         task=task,
         estimator=model.estimator,
-        params={},
+        params=params,
         data_window=tr,
         training_rows=rows,
         features=model.layout.columns,
@@ -192,14 +227,16 @@ class RecordedEvaluation:
     path: str  # the document in the lake
     plots: dict[str, bytes]  # name -> PNG, for pages that show them inline
     model_card: str  # markdown
+    experiment_id: str = ""  # of the version's MLflow run
+    artifact_paths: dict[str, str] = field(default_factory=dict)  # name -> path in the run
 
 
 def record_evaluation(
-    spec: Spec, lake: Lake, tracking_uri: str, version: int
+    spec: Spec, lake: Lake, tracking_uri: str, version: int, dagster_run_url: str = ""
 ) -> RecordedEvaluation:
     """Evaluate `version` (evaluate_version), log the artifacts and test metrics to the
-    version's MLflow run, and save the document in the lake: the gates and the monitoring
-    read it there."""
+    version's MLflow run (tagged with the evaluating Dagster run's page, when given), and
+    save the document in the lake: the gates and the monitoring read it there."""
     import tempfile
 
     import mlflow
@@ -209,11 +246,17 @@ def record_evaluation(
         run_id = doc["challenger"]["run_id"]
         registry.client(tracking_uri)
         metrics = {f"test_{k}": v for k, v in doc["challenger"]["metrics"].items() if v is not None}
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_artifacts(tmp, "evaluation")
+        with mlflow.start_run(run_id=run_id) as run:
+            mlflow.log_artifacts(tmp, ARTIFACT_DIR)
             mlflow.log_metrics(metrics)
+            if dagster_run_url:
+                mlflow.set_tag(EVALUATION_RUN_URL_TAG, dagster_run_url)
+            experiment_id = run.info.experiment_id
         arts = doc["artifacts"]
         plots = {n: Path(a).read_bytes() for n, a in sorted(arts.items()) if a.endswith(".png")}
         card = Path(arts["model_card"]).read_text()
-    doc["artifacts"] = {n: f"runs:/{run_id}/evaluation/{Path(a).name}" for n, a in arts.items()}
-    return RecordedEvaluation(doc, save_evaluation(lake, spec, doc), plots, card)
+    paths = {n: f"{ARTIFACT_DIR}/{Path(a).name}" for n, a in arts.items()}
+    doc["artifacts"] = {n: f"runs:/{run_id}/{p}" for n, p in paths.items()}
+    return RecordedEvaluation(
+        doc, save_evaluation(lake, spec, doc), plots, card, experiment_id, paths
+    )

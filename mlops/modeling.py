@@ -89,6 +89,8 @@ def model_matrix(lay: MatrixLayout, frame: pl.DataFrame | pd.DataFrame) -> pd.Da
 
 
 def make_estimator(task: str, name: str, params: dict[str, Any], seed: int):
+    """The estimator `name` with the platform's defaults, which the spec's `params` override
+    (a candidate may set n_estimators or max_iter)."""
     is_clf = task == "binary_classification"
     if name == XGBOOST:
         import xgboost as xgb
@@ -112,7 +114,7 @@ def make_estimator(task: str, name: str, params: dict[str, Any], seed: int):
 
         if not is_clf:
             raise ValueError("logistic_regression is a classifier: use ridge for regression")
-        est = LogisticRegression(max_iter=1000, random_state=seed, **params)
+        est = LogisticRegression(**{"max_iter": 1000, "random_state": seed, **params})
         return make_pipeline(SimpleImputer(strategy="median"), StandardScaler(), est)
     if name == "ridge":
         from sklearn.linear_model import Ridge
@@ -124,13 +126,14 @@ def make_estimator(task: str, name: str, params: dict[str, Any], seed: int):
         from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 
         cls = RandomForestClassifier if is_clf else RandomForestRegressor
-        est = cls(n_estimators=200, random_state=seed, n_jobs=2, min_samples_leaf=5, **params)
+        defaults = {"n_estimators": 200, "random_state": seed, "n_jobs": 2, "min_samples_leaf": 5}
+        est = cls(**{**defaults, **params})
         return make_pipeline(SimpleImputer(strategy="median"), est)
     if name == "hist_gradient_boosting":
         from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
         cls = HistGradientBoostingClassifier if is_clf else HistGradientBoostingRegressor
-        return cls(random_state=seed, **params)
+        return cls(**{"random_state": seed, **params})
     raise ValueError(f"unknown estimator {name}")
 
 

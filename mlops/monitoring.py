@@ -215,6 +215,16 @@ def _finite(d: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in d.items() if v is not None and np.isfinite(v)}
 
 
+def decline_threshold(metric: str, baseline: float | None, tolerance: float) -> float | None:
+    """The realized value past which a day counts as declined (before any confidence margin):
+    the baseline minus the tolerance, plus it for error metrics."""
+    if baseline is None:
+        return None
+    from mlops.promotion import LOWER_IS_BETTER
+
+    return baseline + tolerance if metric in LOWER_IS_BETTER else baseline - tolerance
+
+
 def declined(
     spec: Spec, realized: float | None, baseline: float | None, se: float | None = None
 ) -> bool:

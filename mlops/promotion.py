@@ -186,6 +186,8 @@ def gates(spec: Spec, doc: dict[str, Any], tracking_uri: str) -> list[GateResult
 # `mlops status` and `mlops lineage`. One codec, so writer and readers cannot drift apart.
 GATE_TAG = f"{registry.TAG}gate."
 GATE_STATUS_TAG = f"{registry.TAG}gate_status"
+# The Dagster run whose champion_model decided the version (training's: mlops.dagster_run_url).
+DECISION_RUN_URL_TAG = f"{registry.TAG}decision_dagster_run_url"
 
 
 def gate_result_tags(results: list[GateResult]) -> dict[str, str]:
@@ -282,13 +284,14 @@ def decide_promotion(
     dagster_run_id: str = "",
     actor: str = "dagster",
     results: list[GateResult] | None = None,
+    dagster_run_url: str = "",
 ) -> PromotionDecision:
     """Apply the gate to an evaluation document; move `champion` if it passes (or is forced).
 
     `results`: gate results already computed for this document (the Dagster checks', from
     recorded_gates), so a latency measured once decides once; without them the gates run
-    here. A refusal is recorded (tag, deployment history, challenger alias): it is an
-    outcome, returned, never raised.
+    here. A refusal is recorded (tag, deployment history, challenger alias, the version's
+    description): it is an outcome, returned, never raised.
     """
     name = spec.registered_model_name
     current = registry.alias_version(tracking_uri, name, registry.CHAMPION)
@@ -308,6 +311,10 @@ def decide_promotion(
     if not passed and not force:
         why = summary(results)
         _record_refusal(spec, lake, tracking_uri, version, current, why, dagster_run_id, actor)
+        _describe(
+            tracking_uri, name, version, f"refused: {why}", results, current, dagster_run_id,
+            dagster_run_url,
+        )  # fmt: skip
         return PromotionDecision(False, current, version, why, results)
     if force and not reason:
         raise PromotionError("--force needs --reason: say why the gate is overridden")
@@ -334,7 +341,63 @@ def decide_promotion(
     registry.tag_version(
         tracking_uri, name, version, {f"{registry.TAG}promotion": f"{action}: {text}"}
     )
+    _describe(
+        tracking_uri, name, version, f"{action}: {text}", results, current, dagster_run_id,
+        dagster_run_url,
+    )  # fmt: skip
     return PromotionDecision(True, current, version, text, results)
+
+
+def decision_description(
+    decision: str,
+    results: list[GateResult],
+    champion_before: int | None,
+    dagster_run_id: str = "",
+    dagster_run_url: str = "",
+) -> str:
+    """The version's description after the gate (Markdown on MLflow's version page): the
+    outcome, each gate's result and the Dagster run that decided."""
+    action, _, why = decision.partition(": ")
+    head = {
+        "promote": "Promoted to champion",
+        "force_promote": "Promoted to champion by force",
+        "refused": "Refused by the promotion gate",
+    }.get(action, action)
+    before = f"v{champion_before}" if champion_before else "none"
+    lines = [f"**{head}** (champion before: {before}): {why}", ""]
+    if results:
+        lines += ["| gate | result | reason |", "|---|---|---|"]
+        lines += [
+            f"| {r.name} | {'passed' if r.passed else 'FAILED'} | "
+            f"{r.reason.replace('|', '/').replace(chr(10), ' ')} |"
+            for r in results
+        ]
+    if dagster_run_url:
+        lines += ["", f"Decided by Dagster run [{dagster_run_id[:8] or 'run'}]({dagster_run_url})."]
+    elif dagster_run_id:
+        lines += ["", f"Decided by Dagster run {dagster_run_id}."]
+    return "\n".join(lines)
+
+
+def _describe(
+    tracking_uri: str,
+    name: str,
+    version: int,
+    decision: str,
+    results: list[GateResult],
+    champion_before: int | None,
+    dagster_run_id: str,
+    dagster_run_url: str,
+) -> None:
+    """The gate outcome in the version's description, and the deciding run's page as a tag."""
+    registry.describe_version(
+        tracking_uri,
+        name,
+        version,
+        decision_description(decision, results, champion_before, dagster_run_id, dagster_run_url),
+    )
+    if dagster_run_url:
+        registry.tag_version(tracking_uri, name, version, {DECISION_RUN_URL_TAG: dagster_run_url})
 
 
 def _record_refusal(
@@ -406,6 +469,7 @@ def decide_on_evaluation(
     evaluation_run_id: str,
     dagster_run_id: str,
     before_move: Callable[[str], None],
+    dagster_run_url: str = "",
 ) -> ChampionOutcome:
     """champion_model's logic: decide on the gate results the checks recorded for this
     evaluation (a second latency measurement could disagree with the first on a busy host;
@@ -418,7 +482,14 @@ def decide_on_evaluation(
     recorded = recorded_gates(tracking_uri, name, version, evaluation_run_id=evaluation_run_id)
     before_move(f"decide on v{version} (move alias {registry.CHAMPION} of {name})")
     decision = decide_promotion(
-        spec, lake, tracking_uri, version, doc, dagster_run_id=dagster_run_id, results=recorded
+        spec,
+        lake,
+        tracking_uri,
+        version,
+        doc,
+        dagster_run_id=dagster_run_id,
+        results=recorded,
+        dagster_run_url=dagster_run_url,
     )
     return ChampionOutcome(
         decision,

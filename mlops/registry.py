@@ -44,6 +44,13 @@ LINEAGE_TAGS = (
     "trigger",
     "trigger_reason",
 )
+# Written when known: the partition whose evidence started it (sensor-started runs), and the
+# Dagster run's page (mlops.dagster_run_url: the MLflow UI's way back to Dagster).
+OPTIONAL_LINEAGE_TAGS = ("trigger_day", "dagster_run_url")
+
+
+# The MLflow UI's experiment kind (MLflow 3): without it an experiment opens in GenAI mode.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 class RegistryError(ValueError):
@@ -78,7 +85,9 @@ def client(tracking_uri: str):
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: str) -> str:
-    """The spec's experiment, with artifacts under artifact_root/<name> (created once)."""
+    """The spec's experiment, with artifacts under artifact_root/<name> (created once), of
+    the classic model-development kind (EXPERIMENT_KIND_TAG), so the MLflow UI opens it on
+    its runs, not on the GenAI traces page."""
     import mlflow
 
     c = client(tracking_uri)
@@ -87,9 +96,15 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: str) -> str:
         # A URI (file://, s3://, the server's mlflow-artifacts:/) as given; a path made absolute.
         scheme = urlsplit(artifact_root).scheme
         location = artifact_root if len(scheme) > 1 else Path(artifact_root).resolve().as_uri()
-        exp_id = c.create_experiment(name, artifact_location=f"{location.rstrip('/')}/{name}")
+        exp_id = c.create_experiment(
+            name,
+            artifact_location=f"{location.rstrip('/')}/{name}",
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+        )
     else:
         exp_id = exp.experiment_id
+        if (exp.tags or {}).get(EXPERIMENT_KIND_TAG) is None:  # made by an earlier release
+            c.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -160,6 +175,29 @@ def tag_version(tracking_uri: str, model_name: str, version: int, tags: dict[str
         c.set_model_version_tag(model_name, str(version), k, _tag_value(v))
 
 
+def describe_version(tracking_uri: str, model_name: str, version: int, text: str) -> None:
+    """The version's description (Markdown on the MLflow UI's version page)."""
+    client(tracking_uri).update_model_version(model_name, str(version), description=text)
+
+
+def candidate_description(lineage: dict[str, Any], estimator: str) -> str:
+    """A new version's description until the gate decides: what trained it, from what."""
+    window = lineage.get("training_partitions") or []
+    span = f"{window[0]} to {window[-1]}" if window else "-"
+    lines = [
+        f"**Candidate** ({estimator}), not decided by the promotion gate yet.",
+        "",
+        f"Trained on {span}; started by {lineage.get('trigger') or 'manual'}: "
+        f"{lineage.get('trigger_reason') or '-'}.",
+    ]
+    if lineage.get("dagster_run_url"):
+        lines += [
+            "",
+            f"Dagster run: [{lineage.get('dagster_run_id', '')[:8]}]({lineage['dagster_run_url']})",
+        ]
+    return "\n".join(lines)
+
+
 def _tag_value(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v, sort_keys=True)
 
@@ -167,6 +205,7 @@ def _tag_value(v: Any) -> str:
 def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
     """Flatten a lineage dict into MLflow tags (one tag per input partition's data version)."""
     tags = {f"{TAG}{k}": _tag_value(lineage[k]) for k in LINEAGE_TAGS if k in lineage}
+    tags.update({f"{TAG}{k}": str(lineage[k]) for k in OPTIONAL_LINEAGE_TAGS if lineage.get(k)})
     for asset, versions in lineage.get("data_versions", {}).items():
         for part, h in versions.items():
             tags[f"{TAG}data_version.{asset}.{part}"] = h

@@ -121,6 +121,12 @@ class Settings(BaseSettings):
         le=65535,
         description="Port of the Dagster UI; unset: `make ui`'s 3000 (the demo says so).",
     )
+    dagster_ui_url: str | None = Field(
+        None,
+        description="Where people open the Dagster UI: the Dagster run link tagged on every "
+        "MLflow run and model version; unset: http://<MLOPS_DAGSTER_UI_HOST>:"
+        "<MLOPS_DAGSTER_UI_PORT, or 3000>.",
+    )
     serve_token: SecretStr | None = Field(
         None,
         description="Bearer token the prediction service wants on every endpoint but "
@@ -143,6 +149,13 @@ class Settings(BaseSettings):
     mlflow_port: int | None = Field(
         None, ge=1, le=65535, description="Port the MLflow server listens on."
     )
+
+    @property
+    def dagster_url(self) -> str:
+        """The Dagster UI's base URL (dagster_ui_url, else the host and port it listens on)."""
+        if self.dagster_ui_url:
+            return self.dagster_ui_url.rstrip("/")
+        return f"http://{self.dagster_ui_host}:{self.dagster_ui_port or 3000}"
 
     @field_validator("*", mode="before")
     @classmethod

@@ -33,6 +33,8 @@ from pydantic import (
 )
 
 NAME_RE = r"^[a-z][a-z0-9_]*$"
+# An owner as the Dagster UI shows it: an email address or `team:<name>`.
+OWNER_RE = r"^(team:[A-Za-z0-9_.\- ]+|[^@\s]+@[^@\s]+\.[^@\s]+)$"
 DURATION_RE = re.compile(r"^(\d+)([mhd])$")
 DURATION_DIGITS = 9  # 999999999d still fits a timedelta; more digits would overflow it
 
@@ -167,6 +169,15 @@ Cron = Annotated[str, AfterValidator(_cron)]
 StartDate = Annotated[
     dt.date, Field(ge=FIRST_DATE, le=LAST_DATE, description="first daily partition")
 ]
+EndDate = Annotated[
+    dt.date | None,
+    Field(
+        ge=FIRST_DATE,
+        le=LAST_DATE,
+        description="last daily partition, for a finished history (a backtest's copy, the "
+        "demo); none: a partition for every day that has ended",
+    ),
+]
 
 
 class FileFeed(_Strict):
@@ -238,6 +249,7 @@ class FileSource(FileFeed):
 
     kind: Literal["files"] = "files"
     start_date: StartDate
+    end_date: EndDate = None
 
 
 ENV_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -269,6 +281,7 @@ class SqlSource(_Strict):
     )
     entity_column: str | None = None
     start_date: StartDate
+    end_date: EndDate = None
 
     @field_validator("url")
     @classmethod
@@ -576,6 +589,11 @@ def _resolved(path: Path) -> Path | None:
 class Spec(_Strict):
     name: str = Field(pattern=NAME_RE, description="lower_snake_case; prefixes every asset key")
     description: str = ""
+    owners: list[Annotated[str, Field(pattern=OWNER_RE)]] = Field(
+        default_factory=lambda: ["team:ml-platform"],
+        description="Who answers for the spec's assets (emails or team:<name>): the owners "
+        "every asset of its graph shows in the Dagster UI",
+    )
     source: Source
     schema_: SchemaSpec = Field(alias="schema")
     labels: LabelSpec
@@ -650,6 +668,13 @@ class Spec(_Strict):
             )
         if src.entity_column and src.entity_column not in cols:
             yield "source.entity_column", f"'{src.entity_column}' is not in schema.columns"
+        if src.end_date is not None and src.end_date < src.start_date:
+            yield (
+                "source.end_date",
+                f"{src.end_date} is before source.start_date {src.start_date}: give the last "
+                "day of data (on or after start_date), or remove end_date for open-ended "
+                "partitions",
+            )
         if self.labels.kind == "column" and self.labels.column not in cols:
             yield "labels.column", f"'{self.labels.column}' is not in schema.columns"
         events = self.labels.events
@@ -841,18 +866,29 @@ def _read(path: Path) -> str:
         ) from None
     except OSError as e:
         raise SpecError(str(path), [("(file)", f"cannot be read: {e.strerror or e}")]) from None
+    _check_size(text, path)
+    return text
+
+
+def _check_size(text: str, path: Path) -> None:
     if len(text) > MAX_SPEC_CHARS:
         raise SpecError(
             str(path),
             [("(file)", f"is larger than {MAX_SPEC_CHARS:,} characters; a spec is a few KB")],
         )
-    return text
 
 
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a spec file; raise SpecError listing every problem."""
     path = Path(path)
-    text = _read(path)
+    return spec_from_text(_read(path), path)
+
+
+def spec_from_text(text: str, path: str | Path) -> Spec:
+    """Validate `text` as the spec file at `path` would be (the same caps, root and hash),
+    without reading or writing the file: an edit is checked before it is written."""
+    path = Path(path)
+    _check_size(text, path)
     try:
         data = yaml.load(text, Loader=_Loader)
     except (yaml.YAMLError, ValueError, RecursionError) as e:
@@ -916,7 +952,7 @@ def summary(spec: Spec) -> str:
         f"spec {spec.name}: {spec.description}".rstrip(": "),
         f"  source     {where}",
         f"             timestamp '{src.timestamp_column}', entity '{src.entity_column or '-'}', "
-        f"daily partitions from {src.start_date}",
+        f"daily partitions from {src.start_date}{f' to {src.end_date}' if src.end_date else ''}",
         *(
             f"  warning    {where} reads {folder}, outside the project root "
             f"{spec.root.resolve()} (allow_outside_project: true)"

@@ -151,6 +151,7 @@ class Candidate:
     threshold: float | None
     trials: int
     lineage: dict[str, Any] = field(default_factory=dict)
+    experiment_id: str = ""
 
 
 def code_version() -> str:
@@ -214,19 +215,27 @@ def fit_best(
 
 
 def run_lineage(
-    training_set: Mapping[str, Any], dagster_run_id: str, run_tags: Mapping[str, str]
+    training_set: Mapping[str, Any],
+    dagster_run_id: str,
+    run_tags: Mapping[str, str],
+    dagster_run_url: str = "",
 ) -> dict[str, Any]:
     """The lineage a candidate records (DESIGN §5): the training set's metadata (hash, window,
-    input data versions), the run, and what started it (a sensor, a schedule, a person)."""
-    from mlops.monitoring import TAG_REASON, TAG_TRIGGER
+    input data versions), the run (and its page in the Dagster UI, when one is configured),
+    and what started it (a sensor, a schedule, a person)."""
+    from mlops.monitoring import TAG_PARTITION, TAG_REASON, TAG_TRIGGER
 
+    day = {"trigger_day": run_tags[TAG_PARTITION]} if run_tags.get(TAG_PARTITION) else {}
+    url = {"dagster_run_url": dagster_run_url} if dagster_run_url else {}
     return {
+        **url,
         "dagster_run_id": dagster_run_id,
         "training_partitions": training_set["window"],
         "training_set_hash": training_set["training_set_hash"],
         "data_versions": training_set["input_data_versions"],
         "trigger": run_tags.get(TAG_TRIGGER, "manual"),
         "trigger_reason": run_tags.get(TAG_REASON, "started by hand (UI, CLI or API)"),
+        **day,
     }
 
 
@@ -245,7 +254,6 @@ def train_candidate(
     those two writes and raises RunGone to stop (a version registered before its run died is
     left without the alias)."""
     import mlflow
-    from mlflow.models import infer_signature
 
     registry.ensure_experiment(tracking_uri, spec.name, artifact_root)
     name = spec.registered_model_name
@@ -258,13 +266,17 @@ def train_candidate(
         "trials": trials or spec.model.trials,
     }
     tags = registry.lineage_tags(lineage)
-    with mlflow.start_run(run_name=f"{spec.name}-candidate", tags=tags) as parent:
+    with mlflow.start_run(run_name=run_name(lineage), tags=tags) as parent:
 
         def log_trial(t: modeling.Trial) -> None:
             with mlflow.start_run(
                 run_name=f"trial-{t.number:03d}",
                 nested=True,
-                tags={f"{registry.TAG}spec_name": spec.name},
+                tags={
+                    k: v
+                    for k, v in tags.items()
+                    if k in (f"{registry.TAG}spec_name", f"{registry.TAG}dagster_run_url")
+                },
             ):
                 mlflow.log_params({"estimator": t.estimator, **t.params})
                 mlflow.log_metrics({f"valid_{metric}": t.value, "fit_seconds": t.seconds})
@@ -275,7 +287,6 @@ def train_candidate(
             study = f"{spec.name}-{parent.info.run_id}"
             mlflow.set_tag("optuna.study_name", study)
         fit = fit_best(spec, training_set, trials, on_trial=log_trial, study_name=study)
-        X_tr, _, _ = fit.frames["train"]
         mlflow.log_input(
             _dataset(spec, training_set, training_set_path, lineage), context="training"
         )
@@ -290,38 +301,7 @@ def train_candidate(
         mlflow.log_metrics({f"valid_{metric}": fit.best.value})
         if fit.best.best_iteration is not None:
             mlflow.log_metric("best_iteration", fit.best.best_iteration)
-        example = X_tr.head(5)
-        signature = infer_signature(example, modeling.predict(spec.model.task, fit.model, example))
-        meta = {
-            "layout": json.loads(fit.layout.to_json()),
-            "task": spec.model.task,
-            "estimator": fit.best.estimator,
-            "threshold": fit.threshold,
-            "spec_name": spec.name,
-        }
-        common = {
-            "name": "model",
-            "signature": signature,
-            "input_example": example,
-            "metadata": meta,
-            # Given, MLflow does not infer them: inference imports the model in a subprocess
-            # (about 6 s a model, whatever the data size).
-            "pip_requirements": _pip_requirements(fit.best.estimator),
-        }
-        if fit.best.estimator == modeling.XGBOOST:
-            info = mlflow.xgboost.log_model(fit.model, model_format="json", **common)
-        else:
-            import skops.io
-
-            # skops, not pickle: the types the file holds are listed and trusted explicitly.
-            trusted = skops.io.get_untrusted_types(data=skops.io.dumps(fit.model))
-            info = mlflow.sklearn.log_model(
-                fit.model,
-                pyfunc_predict_fn=_pyfunc_fn(spec),
-                serialization_format="skops",
-                skops_trusted_types=trusted,
-                **common,
-            )
+        info = log_model(spec, fit)
         mlflow.log_text(spec_text(spec), "spec/spec.yaml")
         mlflow.log_dict(lineage, "lineage/lineage.json")
         run_id = parent.info.run_id
@@ -331,6 +311,9 @@ def train_candidate(
             alive(f"register a new version of {name}")
         version = int(mlflow.register_model(info.model_uri, name).version)
 
+    registry.describe_version(
+        tracking_uri, name, version, registry.candidate_description(lineage, fit.best.estimator)
+    )
     registry.tag_version(
         tracking_uri,
         name,
@@ -360,6 +343,59 @@ def train_candidate(
         fit.threshold,
         len(fit.search.trials),
         lineage,
+        parent.info.experiment_id,
+    )
+
+
+def run_name(lineage: Mapping[str, Any]) -> str:
+    """The MLflow run's name: what started the training and on which day (the day the trigger
+    fired, else the last day trained on), so runs read apart in tables and chart legends
+    (`drift 2026-03-04`, `manual 2026-01-20`)."""
+    window = lineage.get("training_partitions") or []
+    day = lineage.get("trigger_day") or (window[-1] if window else "")
+    trigger = str(lineage.get("trigger") or "manual")
+    return f"{trigger} {day}".strip()
+
+
+def log_model(spec: Spec, fit: FitResult) -> Any:
+    """Log the fitted model to the active MLflow run as "model", in the only formats the
+    loader accepts (xgboost JSON, scikit-learn skops) with its signature, input example and
+    input layout: a training run and a notebook's experiment log alike. Registers nothing;
+    returns MLflow's ModelInfo."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    X_tr, _, _ = fit.frames["train"]
+    example = X_tr.head(5)
+    signature = infer_signature(example, modeling.predict(spec.model.task, fit.model, example))
+    meta = {
+        "layout": json.loads(fit.layout.to_json()),
+        "task": spec.model.task,
+        "estimator": fit.best.estimator,
+        "threshold": fit.threshold,
+        "spec_name": spec.name,
+    }
+    common = {
+        "name": "model",
+        "signature": signature,
+        "input_example": example,
+        "metadata": meta,
+        # Given, MLflow does not infer them: inference imports the model in a subprocess
+        # (about 6 s a model, whatever the data size).
+        "pip_requirements": _pip_requirements(fit.best.estimator),
+    }
+    if fit.best.estimator == modeling.XGBOOST:
+        return mlflow.xgboost.log_model(fit.model, model_format="json", **common)
+    import skops.io
+
+    # skops, not pickle: the types the file holds are listed and trusted explicitly.
+    trusted = skops.io.get_untrusted_types(data=skops.io.dumps(fit.model))
+    return mlflow.sklearn.log_model(
+        fit.model,
+        pyfunc_predict_fn=_pyfunc_fn(spec),
+        serialization_format="skops",
+        skops_trusted_types=trusted,
+        **common,
     )
 
 

@@ -84,14 +84,21 @@ def split_days(spec: Spec, days: list[str]) -> dict[str, str]:
     return out
 
 
-def build_training_set(spec: Spec, lake: Lake, window: TrainingWindow) -> pl.DataFrame:
-    """Mature labels of the window with their point-in-time features, split by day."""
+def labelled_points(spec: Spec, lake: Lake, window: TrainingWindow) -> pl.DataFrame:
+    """The window's mature label rows (entity, cut-off time, label) with their split by day:
+    the points a training set asks `historical_features` for (a notebook asks the same)."""
     ent, ts, label = entity_column(spec), spec.source.timestamp_column, spec.labels.name
     splits = split_days(spec, window.days)
     labels = lake.read_many(spec.name, "labels", window.days).filter(pl.col(MATURE))
-    points = labels.select(ent, ts, label).with_columns(
+    return labels.select(ent, ts, label).with_columns(
         pl.col(ts).dt.strftime("%Y-%m-%d").replace_strict(splits).alias(SPLIT)
     )
+
+
+def build_training_set(spec: Spec, lake: Lake, window: TrainingWindow) -> pl.DataFrame:
+    """Mature labels of the window with their point-in-time features, split by day."""
+    ent, ts = entity_column(spec), spec.source.timestamp_column
+    points = labelled_points(spec, lake, window)
     df = historical_features(spec, lake, points, window.feature_partitions).sort([ts, ent])
     # A label with no feature row at or before it: keep it out rather than train on nulls.
     df = df.filter(pl.col(FEATURE_TIME).is_not_null())

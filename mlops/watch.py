@@ -15,8 +15,9 @@ What counts as a landing file (the conventions for whoever writes them):
 - A symlink is read only when it resolves inside the landing folder; one that leads out of
   it is refused (its rows would carry the link's name and hide where they came from).
 - A file dated before `source.start_date`, or after the last partition that exists (today's
-  file waits until the day is complete, or the simulated clock's day in a replay), is
-  skipped with a warning; every other day goes on. Names that match no pattern are listed.
+  file waits until the day is complete, or the simulated clock's day in a replay; nothing
+  after `source.end_date` when the spec has one), is skipped with a warning; every other
+  day goes on. Names that match no pattern are listed.
 All of these show on the tick (its log and skip reason) and in `mlops status`.
 """
 
@@ -45,13 +46,14 @@ def last_partition(spec: Spec, today: dt.date, now: float | None = None) -> dt.d
     (unix seconds; the wall clock by default) and never after the clock's day `today` (a
     replay's simulated today). A day's partition exists once the day has ended, at midnight
     UTC, as Dagster's DailyPartitionsDefinition has it; a request beyond it fails the whole
-    tick. None: no partition yet. Computed here so `mlops status` answers without Dagster;
-    the sensor passes Dagster's clock, and tests/test_sensors.py checks the two agree."""
+    tick. None: no partition yet. A spec with source.end_date has no partition after it.
+    Computed here so `mlops status` answers without Dagster; the sensor passes Dagster's
+    clock, and tests/test_sensors.py checks the two agree."""
     wall = dt.datetime.now(dt.UTC) if now is None else dt.datetime.fromtimestamp(now, dt.UTC)
     ended = wall.date() - dt.timedelta(days=1)
     if ended < spec.source.start_date:
         return None
-    return min(ended, today)
+    return min(ended, today, spec.source.end_date or ended)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import io
 import json
 import os
 import shutil
@@ -94,10 +93,13 @@ def isolated_env(state: Path) -> dict[str, str]:
     }
 
 
-def staged_spec(spec: Spec, state: Path, start: dt.date | None = None) -> Spec:
+def staged_spec(
+    spec: Spec, state: Path, start: dt.date | None = None, end: dt.date | None = None
+) -> Spec:
     """A copy of the spec in `state/specs/` whose landing folders are under `state/landing`
-    (the backtest lands the user's files there one day at a time). `start` moves the first
-    partition (a SQL source is polled from it)."""
+    (the backtest lands the user's files there one day at a time). `start` and `end` (the
+    history's first and last days) bound its daily partitions, so the backtest's UI lists
+    the replayed days and no empty ones (a SQL source is polled from `start`)."""
     data = yaml.load(spec.path.read_text(), Loader=_Loader)
     landing = state / "landing"
     if isinstance(spec.source, FileSource):
@@ -106,6 +108,8 @@ def staged_spec(spec: Spec, state: Path, start: dt.date | None = None) -> Spec:
         data["labels"]["events"]["path"] = str(landing / EVENTS_DIR)
     if start is not None and start > spec.source.start_date:
         data["source"]["start_date"] = start.isoformat()
+    if end is not None and (spec.source.end_date is None or end < spec.source.end_date):
+        data["source"]["end_date"] = end.isoformat()
     folder = state / "specs"
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / spec.path.name
@@ -138,7 +142,7 @@ def history_days(spec: Spec, start: dt.date | None, end: dt.date | None) -> list
         days = ingest.landed_days(spec.source, spec.landing_dir)
     else:
         first = max(spec.source.start_date, start or spec.source.start_date)
-        last = end or dt.datetime.now(dt.UTC).date()
+        last = end or spec.source.end_date or dt.datetime.now(dt.UTC).date()
         if (last - first).days > 3660:
             raise BacktestError(
                 f"{(last - first).days} days from {first} to {last}: give --from/--to "
@@ -146,7 +150,8 @@ def history_days(spec: Spec, start: dt.date | None, end: dt.date | None) -> list
             )
         span = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
         days = [d for d in span if sources.partition_fingerprint(spec, d) is not None]
-    days = [d for d in days if d >= spec.source.start_date]
+    src = spec.source
+    days = [d for d in days if d >= src.start_date and (src.end_date is None or d <= src.end_date)]
     return [d for d in days if (start is None or d >= start) and (end is None or d <= end)]
 
 
@@ -319,10 +324,11 @@ def timeline_row(replay, spec: Spec, n: int, day: dt.date, result, events: list[
         events[-1] += ": no run (same content)"
     drift = replay.summary(DRIFT_REPORT, key) or {}
     perf = [r for r in result.runs if MODEL_PERFORMANCE in r.metadata]
-    realized, realized_day = None, None
+    realized, realized_day, baseline = None, None, None
     if perf:
         realized_day = max(r.partition for r in perf)
-        realized = (replay.summary(MODEL_PERFORMANCE, realized_day) or {}).get("realized")
+        performance = replay.summary(MODEL_PERFORMANCE, realized_day) or {}
+        realized, baseline = performance.get("realized"), performance.get("baseline")
     retrainings = []
     for r in result.runs:
         if not r.success and r.job != training_job_name(spec):
@@ -344,6 +350,7 @@ def timeline_row(replay, spec: Spec, n: int, day: dt.date, result, events: list[
         "champion": replay.champion(),
         "realized": realized,
         "realized_day": realized_day,
+        "baseline": baseline,  # the champion's evaluation: the decline threshold's base
         "metric": modeling.primary_metric(spec),
         "events": events,
         "retrainings": retrainings,
@@ -394,47 +401,12 @@ def _alerts_to_file(spec: Spec, path: Path) -> Path:
 
 
 def write_plot(spec: Spec, timeline: list[dict], path: Path, marker: int | None = None) -> Path:
-    """The timeline PNG: drift share, realized metric by labelled day, champion version."""
-    import matplotlib
+    """The timeline PNG: drift share, realized metric by labelled day against the decline
+    threshold, champion version, each retraining labelled with its trigger
+    (mlops/timeline.py)."""
+    from mlops.timeline import write_timeline
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    days = [r["n"] for r in timeline]
-    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
-    ax1.bar(
-        days,
-        [r["drift_share"] or 0 for r in timeline],
-        color=["tab:red" if r["drifted"] else "tab:gray" for r in timeline],
-    )
-    ax1.axhline(spec.monitoring.drift_threshold, ls="--", c="k", lw=1)
-    ax1.set_ylabel("drift share")
-    pts = [(r["n"] - _lag(r), r["realized"]) for r in timeline if r["realized"] is not None]
-    if pts:
-        ax2.plot(*zip(*pts, strict=True), "o-")
-    ax2.set_ylabel(f"realized {timeline[0]['metric'] if timeline else ''}\n(by labelled day)")
-    ax3.step(days, [r["champion"] or 0 for r in timeline], where="post")
-    ax3.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax3.set_ylabel("champion version")
-    if marker is not None:
-        for ax in (ax1, ax2, ax3):
-            ax.axvline(marker - 0.5, c="k", ls=":", lw=1)
-        ax1.annotate("drift starts", (marker - 0.4, ax1.get_ylim()[1] * 0.9), fontsize=8)
-    ax3.set_xlabel("day")
-    for r in timeline:
-        for e in r["events"]:
-            if e.startswith("retrain"):
-                for ax in (ax1, ax2, ax3):
-                    ax.axvline(r["n"], c="tab:green" if "promoted" in e else "tab:orange", lw=1)
-    fig.suptitle(f"{spec.name}: closed loop (green: promoted, orange: refused)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=90, format="png")
-    put_file(path, buf.getvalue())
-    plt.close(fig)
-    return path
+    return write_timeline(spec, timeline, path, marker)
 
 
 def _lag(r: dict) -> int:
@@ -516,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
 
         home = Path(os.environ["DAGSTER_HOME"])  # Dagster's own variable, just set
         write_default_instance(home)
-        landed = staged_spec(spec, state, days[0])
+        landed = staged_spec(spec, state, days[0], days[-1])
         print(
             f"backtest of {spec.name}: {len(days)} day(s) {days[0]}..{days[-1]}, the first "
             f"{args.build_days} built at once; state in {state}"

@@ -96,6 +96,7 @@ def build_definitions(
                 tracking_uri=tracking_uri or s.mlflow_tracking_uri,
                 artifact_root=artifact_root or s.mlflow_artifact_root,
                 ui_url=s.mlflow_ui_url,
+                dagster_ui_url=s.dagster_url,
             ),
         },
     )

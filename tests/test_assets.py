@@ -35,6 +35,13 @@ def test_days_flow_to_a_training_set(project):
         assert meta["rows_in"] == meta["rows_valid"] + meta["rows_quarantined"]
         raw_meta = materialization_meta(result, _key(project, "raw_data"))
         assert raw_meta["source_files"] == {f"readings_2026-01-0{i}.csv": meta["rows_in"]}
+        # Each lake table's page lists its columns and types, as the written file has them.
+        for asset in DAILY:
+            schema = materialization_meta(result, _key(project, asset))["dagster/column_schema"]
+            written = project.lake.read(project.spec.name, asset, f"2026-01-0{i}").schema
+            assert [(c.name, c.type) for c in schema.columns] == [
+                (n, str(t)) for n, t in written.items()
+            ], asset
     ts = project.run_training_set()
     meta = materialization_meta(ts, _key(project, "training_set"))
     # Labels need 72 h of the late event feed: the last 3 days are not mature yet.
@@ -42,6 +49,8 @@ def test_days_flow_to_a_training_set(project):
     assert meta["skipped_immature_days"] == ["2026-01-05", "2026-01-06", "2026-01-07"]
     df = project.lake.read(project.spec.name, "training_set")
     assert df.height == meta["rows"] > 0
+    columns = meta["dagster/column_schema"].columns
+    assert [c.name for c in columns] == df.columns and len(columns) > 10
     assert set(df["split"].unique()) == {"train", "valid", "test"}
     # Time-ordered split: every train row precedes every valid row precedes every test row.
     bounds = df.group_by("split").agg(

@@ -214,3 +214,32 @@ def test_backtest_of_a_sql_source_sees_each_day_only_once_it_has_happened(
         (START + dt.timedelta(days=i)).isoformat() for i in range(4, days)
     ]
     assert all(d["realized"] and "accuracy" in d["realized"] for d in doc["days"])
+
+
+def test_a_backtests_partitions_are_the_days_of_its_history(tmp_path, isolated_env, monkeypatch):
+    """The staged copy begins where the data begins and ends where it ends (--from/--to
+    narrow both), so the backtest's UI lists no empty day before, between or after."""
+    from catalog.partitions import daily_partitions
+    from mlops.spec import load_spec
+
+    (tmp_path / "specs").mkdir()
+    spec_file = tmp_path / "specs" / "flip.yaml"
+    spec_file.write_text(COLUMN_SPEC)  # start_date 2026-05-01
+    _write_stream(tmp_path / "incoming")
+    for day in (START, START + dt.timedelta(days=1)):  # the history begins on the 3rd day
+        (tmp_path / "incoming" / f"obs_{day}.csv").unlink()
+    staged = []
+    monkeypatch.setattr(backtest, "run", lambda landed, *_a, **_k: staged.append(landed))
+
+    def partitions(*argv: str) -> list[str]:
+        assert backtest.main(["--spec", str(spec_file), "--build-days", "3", *argv]) == 1
+        landed = staged.pop()
+        assert landed.source.end_date is not None
+        assert load_spec(spec_file).source.end_date is None  # the user's spec is untouched
+        return daily_partitions(landed).get_partition_keys()
+
+    days = [(START + dt.timedelta(days=i)).isoformat() for i in range(2, DAYS)]
+    assert partitions() == days
+    assert partitions("--from", "2026-05-04", "--to", "2026-05-09") == [
+        f"2026-05-0{d}" for d in range(4, 10)
+    ]

@@ -91,6 +91,46 @@ def test_two_specs_two_graphs(tmp_path):
     assert defs.resolve_job_def("other_fleet_data_job")
 
 
+def test_a_spec_with_an_end_date_has_no_partition_after_it(tmp_path):
+    """A finished history (source.end_date): every daily asset and job lists its days, the
+    last key is the end date, and the sensor's last partition stops there too. Without an
+    end the partitions run on to the last day that has ended."""
+    import datetime as dt
+
+    from mlops.watch import last_partition
+
+    text = (REPO / "specs" / "machine_failure.yaml").read_text()
+    assert "  start_date: 2026-01-01\n" in text
+    make_project(tmp_path, text.replace("  start_date: 2026-01-01\n", _DATES))
+    from orchestration.definitions import build_definitions
+
+    defs = build_definitions(tmp_path / "specs", str(tmp_path / "lake"))
+    days = [(dt.date(2026, 10, 8) + dt.timedelta(days=i)).isoformat() for i in range(24)]
+    graph = defs.resolve_asset_graph()
+    daily = [k for k in graph.get_all_asset_keys() if graph.get(k).partitions_def is not None]
+    assert dg.AssetKey(["machine_failure", "raw_data"]) in daily
+    for key in daily:
+        pd = graph.get(key).partitions_def
+        assert pd.get_partition_keys() == days, key
+        assert pd.get_last_partition_key() == "2026-10-31"
+        assert not pd.has_partition_key("2026-11-01")
+    job = defs.resolve_job_def("machine_failure_data_job")
+    assert job.partitions_def.get_last_partition_key() == "2026-10-31"
+    spec = make_project(tmp_path / "open").spec  # the embedded spec: no end
+    assert spec.source.end_date is None
+    from catalog.partitions import daily_partitions
+
+    yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+    assert daily_partitions(spec).get_last_partition_key() == yesterday.isoformat()
+    landed = make_project(tmp_path / "ended", text.replace("  start_date: 2026-01-01\n", _DATES))
+    far = dt.date(2100, 1, 1)
+    assert last_partition(landed.spec, far) == dt.date(2026, 10, 31)
+    assert last_partition(spec, far) == yesterday
+
+
+_DATES = "  start_date: 2026-10-08\n  end_date: 2026-10-31\n"  # long before yesterday
+
+
 def _env(tmp_path: Path) -> dict[str, str]:
     home = tmp_path / "dagster_home"
     home.mkdir(exist_ok=True)

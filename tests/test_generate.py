@@ -387,3 +387,53 @@ def test_positive_rate_is_stable_across_seeds(tmp_path: Path) -> None:
     ]
     assert all(0.04 <= r <= 0.12 for r in rates), rates  # type: ignore[operator]
     assert np.ptp(rates) > 0  # different seeds really differ
+
+
+# --- the demo's days: the last one is yesterday unless --start says otherwise --------------
+
+
+def _demo_days(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> list[dt.date]:
+    """Run `python -m demo`'s main at 3 days x 2 machines up to the backtest (stubbed): the
+    days it generated (the staged readings files) and handed to the loop must agree."""
+    from demo import run as demo
+    from orchestration import backtest
+    from tests.conftest import make_project
+    from tests.test_definitions import _env
+
+    p = make_project(tmp_path)
+    for key, value in _env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    handed: list[list[dt.date]] = []
+
+    def loop(spec, feeds, days, opts, reports):
+        handed.append(days)
+        return None  # the demo stops here: "error", exit 1
+
+    monkeypatch.setattr(backtest, "run", loop)
+    argv = ["--spec", str(p.spec.path), "--days", "3", "--build-days", "1", "--machines", "2"]
+    assert demo.main([*argv, "--drift-from", "2", "--trials", "1", *extra]) == 1
+    staged = tmp_path / ".mlops" / "staging" / p.spec.name / p.spec.landing_dir.name
+    written = sorted(
+        dt.date.fromisoformat(f.stem.removeprefix("readings_")) for f in staged.iterdir()
+    )
+    assert handed == [written], (handed, written)
+    return written
+
+
+def test_the_demo_ends_yesterday_by_default(tmp_path, monkeypatch):
+    yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+    days = _demo_days(tmp_path, monkeypatch)
+    assert days == [yesterday - dt.timedelta(days=i) for i in (2, 1, 0)]
+
+
+def test_the_demos_start_overrides_the_default(tmp_path, monkeypatch):
+    days = _demo_days(tmp_path, monkeypatch, "--start", "2026-02-10")
+    assert days == [dt.date(2026, 2, 10), dt.date(2026, 2, 11), dt.date(2026, 2, 12)]
+
+
+def test_the_demo_refuses_days_outside_the_specs_partitions(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _demo_days(tmp_path, monkeypatch, "--start", "2025-12-30")  # the spec starts 2026-01-01
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "2025-12-30..2026-01-01" in err and "source.start_date 2026-01-01" in err

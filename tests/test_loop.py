@@ -44,6 +44,7 @@ def test_closed_loop_story(tmp_path, monkeypatch, capsys):
         monkeypatch.setenv(key, value)
     argv = ["--spec", str(p.spec.path), "--days", str(DAYS), "--build-days", str(BUILD)]
     argv += ["--drift-from", str(DRIFT_FROM), "--machines", "24", "--trials", "3"]
+    argv += ["--start", p.spec.source.start_date.isoformat()]  # the days asserted below
     assert demo.main([*argv, "--redeliver", str(BUILD + 3)]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "re-delivered" in out and "no run (same content)" in out

@@ -126,6 +126,71 @@ def test_first_model_then_a_better_one_become_champion(life):
     ]
 
 
+def test_the_uis_link_each_other_and_show_what_each_version_is(life):
+    from mlops.links import DAGSTER_RUN_URL_TAG
+    from mlops.settings import settings
+
+    mlflow_ui, dagster_ui = settings().mlflow_ui_url.rstrip("/"), settings().dagster_url
+    c = registry.client(life.uri)
+    r2, r3 = life.results["v2"], life.results["v3"]
+    cand = materialization_meta(r2, _key("candidate_model"))
+    run = c.get_run(cand["mlflow_run_id"])
+    exp, run_id = run.info.experiment_id, run.info.run_id
+    # Dagster -> MLflow: the run, the version and the evaluation's artifacts are links.
+    assert cand["mlflow_run"] == f"{mlflow_ui}/#/experiments/{exp}/runs/{run_id}"
+    assert cand["mlflow_model_version"] == f"{mlflow_ui}/#/models/{NAME}/versions/2"
+    ev = materialization_meta(r2, _key("model_evaluation"))
+    assert ev["mlflow_run"] == cand["mlflow_run"]
+    report = "evaluation/evidently_report.html"
+    assert ev["evidently_report"] == f"{cand['mlflow_run']}/artifacts/{report}"
+    assert report in {f.path for f in c.list_artifacts(run_id, "evaluation")}
+    champ = materialization_meta(r2, _key("champion_model"))
+    assert champ["champion_model_version"] == f"{mlflow_ui}/#/models/{NAME}/versions/2"
+    # MLflow -> Dagster: the run, its trials and the version carry the Dagster run's page.
+    url = f"{dagster_ui}/runs/{r2.run_id}"
+    assert run.data.tags[DAGSTER_RUN_URL_TAG] == url
+    assert registry.version_tags(life.uri, NAME, 2)[DAGSTER_RUN_URL_TAG] == url
+    trials = c.search_runs([exp], f"tags.mlflow.parentRunId = '{run_id}'")
+    assert trials and all(t.data.tags[DAGSTER_RUN_URL_TAG] == url for t in trials)
+    assert run.data.tags["mlops.evaluation_dagster_run_url"] == url
+    # A classic experiment (not GenAI), runs named by trigger and day.
+    assert c.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+    window = json.loads(run.data.tags["mlops.training_partitions"])
+    assert run.info.run_name == f"manual {window[-1]}"
+    # The gate's outcome in each version's description, with the deciding run's link.
+    promoted = c.get_model_version(NAME, "2").description
+    assert promoted.startswith("**Promoted to champion** (champion before: v1)")
+    assert "| improvement | passed |" in promoted and f"]({url})" in promoted
+    refused = c.get_model_version(NAME, "3").description
+    assert refused.startswith(
+        "**Refused by the promotion gate** (champion before: v2): improvement"
+    )
+    assert "| improvement | FAILED | roc_auc" in refused
+    assert f"]({dagster_ui}/runs/{r3.run_id})" in refused
+    # Deltas per metric, numbers the UI can plot, rounded.
+    doc = model_evaluation.load_evaluation(life.lake, life.spec("xgb"), 2)
+    chal, old = doc["challenger"]["metrics"], doc["champion"]["metrics"]
+    deltas = {k.removeprefix("delta_"): v for k, v in ev.items() if k.startswith("delta_")}
+    assert set(deltas) == {k for k in chal if chal[k] is not None and old.get(k) is not None}
+    assert {"roc_auc", "log_loss", "f1"} <= set(deltas)
+    for k, v in deltas.items():
+        assert isinstance(v, float) and v == round(chal[k] - old[k], 4), k
+    assert ev["test_roc_auc"] == round(chal["roc_auc"], 4)
+    # The model card lists the version's hyperparameters and what it was trained on.
+    params = {
+        k: v for k, v in run.data.params.items() if k not in model_evaluation.NOT_HYPERPARAMETERS
+    }
+    assert params, run.data.params
+    card = ev["model_card"]
+    parameters = card.split("## Parameters")[1].split("## Metrics")[0]
+    listed = [ln.split("|")[1].strip() for ln in parameters.splitlines() if ln.startswith("| ")]
+    assert listed[1:] == sorted(params)  # after the header
+    assert f"trained on {doc['rows']['train']:,} rows" in card
+    assert (
+        f"({doc['rows']['valid']:,} valid and {doc['rows']['test']:,} test rows held out)" in card
+    )
+
+
 def test_worse_challenger_does_not_move_the_alias_and_says_why(life):
     r3 = life.results["v3"]
     checks = _checks(r3)

@@ -748,7 +748,9 @@ def test_mlflow_server_on_postgres_records_the_same_lineage(prod: Prod, tmp_path
     tags_b = {k: v for k, v in run_b.data.tags.items() if k.startswith("mlops.")}
     assert set(tags_a) == set(tags_b) and len(tags_a) > 10
     differ = {k for k in tags_a if tags_a[k] != tags_b[k]}
-    assert differ == {"mlops.dagster_run_id"}, differ  # same data, spec, code, window
+    # Same data, spec, code, window: only the Dagster run differs (its id and its page).
+    assert differ == {"mlops.dagster_run_id", "mlops.dagster_run_url"}, differ
+    assert tags_b["mlops.dagster_run_url"].endswith(f"/runs/{tags_b['mlops.dagster_run_id']}")
     va = a.get_model_version(NAME, str(local["model_version"])).tags
     vb = b.get_model_version(NAME, str(remote["model_version"])).tags
     assert {k for k in va if k.startswith("mlops.")} == {k for k in vb if k.startswith("mlops.")}

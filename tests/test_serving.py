@@ -718,7 +718,11 @@ def test_drift_report_uses_the_served_traffic(world, replay, tmp_path):
         partition_key=DAY3,
         resources={
             "lake": LakeResource(base_url=lake.base_url),
-            "mlflow": MlflowResource(tracking_uri=p.tracking_uri, artifact_root=str(tmp_path)),
+            "mlflow": MlflowResource(
+                tracking_uri=p.tracking_uri,
+                artifact_root=str(tmp_path),
+                ui_url="http://mlflow.test:5000",
+            ),
         },
         instance=dg.DagsterInstance.ephemeral(),
     )
@@ -731,7 +735,23 @@ def test_drift_report_uses_the_served_traffic(world, replay, tmp_path):
     assert meta["scored_rows_source"] == "served"
     # Evidently's page: our banner with the rows compared, the dataset verdict, a drift widget
     # per tested column (and none other), and the prediction's ValueDrift.
-    html = Path(meta["report"]).read_text()
+    html = Path(meta["report_path"]).read_text()
+    # The page links the report in the MLflow UI: an artifact of the champion's run, the same
+    # HTML (a lake path does not open from a browser).
+    from mlops import registry
+
+    c = registry.client(p.tracking_uri)
+    run_id = registry.version_tags(p.tracking_uri, NAME, world.versions["xgb"])[
+        "mlops.mlflow_run_id"
+    ]
+    exp = c.get_run(run_id).info.experiment_id
+    path = f"monitoring/drift_report/{DAY3}.html"
+    (tmp_path / "dl").mkdir()
+    assert (
+        meta["report"]
+        == f"http://mlflow.test:5000/#/experiments/{exp}/runs/{run_id}/artifacts/{path}"
+    )
+    assert Path(c.download_artifacts(run_id, path, str(tmp_path / "dl"))).read_text() == html
     assert html.lstrip().lower().startswith("<!doctype html>")
     ref, cur = summary["reference_rows"], summary["current_rows"]
     assert (

@@ -104,3 +104,32 @@ def test_cli_entry_point_reports_without_traceback(tmp_path):
     assert "Traceback" not in out.stderr
     assert "sourc: unknown field" in out.stderr
     assert "source: required field is missing" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("end", "expected"),
+    [
+        ("2025-12-31", "is before source.start_date 2026-01-01"),  # the day before the start
+        ("2026-02-30", "valid date"),
+        ("2200-01-01", "less than or equal to 2100-12-31"),
+    ],
+)
+def test_a_bad_end_date_is_refused_naming_the_field(tmp_path, end, expected):
+    data = _base()
+    data["source"]["end_date"] = end
+    with pytest.raises(SpecError) as err:
+        load_spec(_write(tmp_path, data))
+    problems = dict(err.value.problems)
+    assert list(problems) == ["source.end_date"], problems
+    assert expected in problems["source.end_date"]
+
+
+def test_an_end_date_on_or_after_the_start_bounds_the_history(tmp_path):
+    data = _base()
+    data["source"]["end_date"] = "2026-01-01"  # a one-day history
+    spec = load_spec(_write(tmp_path, data))
+    assert spec.source.end_date == spec.source.start_date
+    result = CliRunner().invoke(main, ["spec", "check", str(tmp_path / "specs" / "x.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "daily partitions from 2026-01-01 to 2026-01-01" in result.output
+    assert load_spec(REPO / "specs" / "machine_failure.yaml").source.end_date is None

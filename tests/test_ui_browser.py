@@ -6,6 +6,8 @@ demo/ui_pages.py's, which `make screenshots` drives over the same pages."""
 
 from __future__ import annotations
 
+import html
+import re
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -164,3 +166,96 @@ def test_asset_graph_in_chromium_shows_the_spec_assets_and_materializations(tmp_
             assert not run_links, (key, links, where)
     training_set = nodes["training_set"][0]
     assert "Never materialized" in training_set, (training_set, where)
+
+
+def test_a_refused_challenger_shows_as_refused_in_both_uis(tmp_path, monkeypatch):
+    """v1 becomes champion; v2, trained again on the same days, cannot improve on it and is
+    refused. The champion's page shows the refusal while v1 serves, not a failed asset; the
+    evaluation page links to the MLflow run, and the link opens it; MLflow's page of v2 shows
+    the gate outcome and links back to the Dagster run, and that link opens it."""
+    import datetime as dt
+
+    from catalog.jobs import training_job_name
+    from demo.ui_pages import free_port, mlflow_ui, model_version_url
+    from mlops import registry
+    from mlops.monitoring import RetrainDecision
+    from tests.conftest import embedded_spec_text
+
+    exe = require_chromium()
+    # Each UI's address is known before the runs, which record links to the other UI.
+    dagster_port, mlflow_port = free_port(), free_port()
+    dagster_base, mlflow_base = (f"http://127.0.0.1:{n}" for n in (dagster_port, mlflow_port))
+    monkeypatch.setenv("MLOPS_DAGSTER_UI_URL", dagster_base)
+    monkeypatch.setenv("MLOPS_MLFLOW_UI_URL", mlflow_base)
+    text = embedded_spec_text(
+        ("latency_budget_ms: 50", "latency_budget_ms: 500"),  # a loaded CI machine
+        ("trials: 10", "trials: 1"),
+        ("thresholds: {roc_auc: 0.75, pr_auc: 0.2}", "thresholds: {roc_auc: 0.5}"),
+    )
+    p = make_project(tmp_path, text, with_mlflow=True)
+    spec = p.spec
+    small_data(p, days=8, machines=24)
+    for folder in (spec.landing_dir, spec.resolve(spec.labels.events.path)):
+        backdate(folder.iterdir(), spec.source.settle_seconds)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    last = (spec.source.start_date + dt.timedelta(days=4)).isoformat()
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        replay = Replay(spec, p.defs, instance, p.lake, p.tracking_uri, feeds=[])
+        assert all(r.success for r in replay.ingest_round())
+        first = RetrainDecision("initial", True, last, None, "first champion", {})
+        runs = [replay.run_job(training_job_name(spec), tags=first.tags(spec)) for _ in "ab"]
+    assert all(r.success for r in runs), [r.error for r in runs]
+    model = spec.registered_model_name
+    assert registry.alias_version(p.tracking_uri, model, registry.CHAMPION) == 1
+    refused = runs[1]
+    assert refused.metadata["champion_model"]["promoted"] is False
+    mlflow_run = refused.metadata["model_evaluation"]["mlflow_run_id"]
+
+    browser = Browser(exe, tmp_path / "chromium-profile")
+    artifacts = str(p.root / ".mlops" / "mlartifacts")
+    try:
+        with (
+            mlflow_ui(p.tracking_uri, artifacts, tmp_path / "mlflow.log", port=mlflow_port),
+            dagster_dev(dev_env(p, home), tmp_path / "dagster.log", port=dagster_port) as base,
+        ):
+            pages = {
+                "champion": browser.dom(asset_url(base, spec.name, "champion_model")),
+                "evaluation": browser.dom(asset_url(base, spec.name, "model_evaluation")),
+                "mlflow_v2": browser.dom(model_version_url(mlflow_base, model, 2)),
+            }
+            # Follow each UI's link to the other, as a user clicks it.
+            to_mlflow = next(
+                link
+                for link in re.findall(r'href="([^"]+)"', pages["evaluation"])
+                if link.startswith(mlflow_base) and link.endswith(f"/runs/{mlflow_run}")
+            )
+            pages["mlflow_run"] = browser.dom(html.unescape(to_mlflow))
+            to_dagster = f"{dagster_base}/runs/{refused.run_id}"
+            assert f'href="{to_dagster}"' in pages["mlflow_v2"], "no link to the Dagster run"
+            pages["dagster_run"] = browser.dom(to_dagster)
+    except UiError as e:
+        pytest.fail(str(e))
+    for name, dom in pages.items():
+        (tmp_path / f"{name}.html").write_text(dom)
+    where = f"(pages in {tmp_path})"
+    champion, v2 = text_of(pages["champion"]), text_of(pages["mlflow_v2"])
+    # A refusal is an outcome: recorded on the champion's page, v1 still serving.
+    assert "refused 1 2 improvement:" in champion, where
+    # Metadata rows read "<key> <when> <value>".
+    when = r"[A-Z][a-z]{2} \d+, [\d:]+ [AP]M"
+    assert re.search(rf"promoted {when} false", champion), where
+    assert re.search(rf"champion_version {when} 1 ", champion), where
+    assert "Failed" not in champion, where
+    # MLflow's version page: the gate outcome, and the way back to Dagster.
+    assert "Refused by the promotion gate" in v2 and "improvement FAILED" in v2, where
+    # The links open the pages they name.
+    assert "initial" in text_of(pages["mlflow_run"]), where
+    assert refused.run_id[:8] in text_of(pages["dagster_run"]), where
+
+
+def text_of(dom: str) -> str:
+    """A page's visible text, one space between words."""
+    dom = re.sub(r"<style.*?</style>|<script.*?</script>", "", dom, flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", dom)))
