@@ -174,6 +174,9 @@ def dagster_dev(
                     f"no loaded code location in {timeout:.0f}s ({status}):\n{_tail(log)}"
                 )
             time.sleep(0.5)
+        # The first visit to an instance opens a "Join the Dagster community" dialog over every
+        # page; dismiss it as a user's first click would (DAGSTER_HOME/.nux/nux.yaml).
+        graphql(base, "mutation { setNuxSeen }")
         yield base
 
 
