@@ -12,13 +12,19 @@ with the state as of day 2's end. Then, one server at a time:
    - mlflow: `mlflow models serve -m models:/<name>/<v> --env-manager local` gets the same
      readings' feature vectors (the model matrix rows, `dataframe_split`).
 2. fixed rate: `--rate` requests/s to our service for `--rate-duration` s; latency is
-   measured from each request's scheduled send time (queueing behind a slow one counts).
+   measured from each request's scheduled send time (queueing behind a slow one counts);
+   `--rate 0` skips it.
+
+`--batch N` sends N readings per request (`{"records": [...]}`; N feature rows per MLflow
+request), consecutive in time order, and reports rows/s beside req/s; `--skip-mlflow` runs
+ours only.
 
 The load generator runs in its own process (asyncio over raw keep-alive sockets, so the
 client costs little next to the servers). Both servers get `--workers` uvicorn workers.
 
     .venv/bin/python bench/serve.py [--machines 1000] [--duration 10] [--concurrency 8]
-        [--workers 1] [--rate 200] [--rate-duration 10] [--out bench/results/serve.json]
+        [--workers 1] [--rate 200] [--rate-duration 10] [--batch 1] [--skip-mlflow]
+        [--out bench/results/serve.json]
 """
 
 from __future__ import annotations
@@ -195,8 +201,27 @@ def _load(port: int, path: str, bodies: Path, args, rate: float | None = None) -
         "requests": raw["requests"],
         "errors": raw["errors"],
         "requests_per_s": round(raw["requests"] / raw["seconds"], 1),
+        "rows_per_s": round(raw["requests"] * args.batch / raw["seconds"], 1),
         **_pct(raw["latencies"]),
     }
+
+
+def _batched(lines: list[bytes], n: int, wrap) -> bytes:
+    """Request bodies of `n` consecutive lines each (one line per body when n is 1)."""
+    if n == 1:
+        return b"\n".join(lines)
+    groups = [lines[i : i + n] for i in range(0, len(lines) - n + 1, n)]
+    return b"\n".join(wrap([json.loads(x) for x in g]) for g in groups)
+
+
+def _our_batch(readings: list[dict]) -> bytes:
+    return json.dumps({"records": readings}).encode()
+
+
+def _mlflow_batch(bodies: list[dict]) -> bytes:
+    first = bodies[0]["dataframe_split"]
+    data = [row for b in bodies for row in b["dataframe_split"]["data"]]
+    return json.dumps({"dataframe_split": {"columns": first["columns"], "data": data}}).encode()
 
 
 def _build(root: Path, machines: int):
@@ -275,6 +300,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--rate-duration", type=float, default=10.0)
+    ap.add_argument("--batch", type=int, default=1, help="readings per request")
+    ap.add_argument("--skip-mlflow", action="store_true", help="run our service only")
     ap.add_argument(
         "--nice",
         type=int,
@@ -328,65 +355,82 @@ def main() -> int:
             lines = ours.read_bytes().splitlines()
             n_closed = int(len(lines) * 0.7)
             first, rest = root / "ours_closed.jsonl", root / "ours_rate.jsonl"
-            first.write_bytes(b"\n".join(lines[:n_closed]))
-            rest.write_bytes(b"\n".join(lines[n_closed:]))
+            first.write_bytes(_batched(lines[:n_closed], args.batch, _our_batch))
+            rest.write_bytes(_batched(lines[n_closed:], args.batch, _our_batch))
             result["ours"] = _load(port, "/predict", first, args)
-            result["ours_fixed_rate"] = {
-                "rate": args.rate,
-                **_load(port, "/predict", rest, args, rate=args.rate),
-            }
+            if args.rate:
+                result["ours_fixed_rate"] = {
+                    "rate": args.rate,
+                    **_load(port, "/predict", rest, args, rate=args.rate),
+                }
         finally:
             processes.stop(proc, grace=30)
         from mlops.inference_log import log_files, read_lines
 
         lines = read_lines(log_files(root / "inference_log" / NAME))[0]
         result["ours"]["logged_lines"] = len(lines)
-        # Server side (the request log's latency: body read to response built) of the
-        # fixed-rate run's measured requests, the last ones served: the rest of the
-        # end-to-end time is the network stack and waiting for a CPU.
-        last = [ln["latency_ms"] for ln in lines[-int(args.rate * args.rate_duration) :]]
-        result["ours_fixed_rate"]["server_side"] = _pct([x / 1000 for x in last])
+        # Server side (the request log's latency: from the request's arrival at the server
+        # to its response built) of the fixed-rate run's measured requests, the last ones
+        # served: the rest of the end-to-end time is the client and the network stack.
+        if args.rate:
+            measured = int(args.rate * args.rate_duration) * args.batch
+            last = [ln["latency_ms"] for ln in lines[-measured:]]
+            result["ours_fixed_rate"]["server_side"] = _pct([x / 1000 for x in last])
 
         # MLflow.
+        if args.batch > 1:
+            grouped = root / "mlflow_batched.jsonl"
+            grouped.write_bytes(
+                _batched(theirs.read_bytes().splitlines(), args.batch, _mlflow_batch)
+            )
+            theirs = grouped
         port = services.free_port()
-        proc = processes.start(
+        proc = None if args.skip_mlflow else processes.start(
             [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/{version}",
              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
              "--workers", str(args.workers)],
             root / "mlflow.log", env, root, stdout=False,
         )  # fmt: skip
-        try:
-            _wait_http(f"http://127.0.0.1:{port}/health", proc, root / "mlflow.log")
-            result["mlflow"] = _load(port, "/invocations", theirs, args)
-        finally:
-            processes.stop(proc, grace=30)
+        if proc is not None:
+            try:
+                _wait_http(f"http://127.0.0.1:{port}/health", proc, root / "mlflow.log")
+                result["mlflow"] = _load(port, "/invocations", theirs, args)
+            finally:
+                processes.stop(proc, grace=30)
     result["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    ours_r, ml_r, fixed = result["ours"], result["mlflow"], result["ours_fixed_rate"]
-    ratio = ours_r["requests_per_s"] / ml_r["requests_per_s"]
-    result["throughput_ratio"] = round(ratio, 2)
-    result["goals"] = {
-        "throughput_ratio_at_least_5": ratio >= 5,
-        "p99_under_10ms_at_rate": fixed["p99_ms"] < 10,
-    }
+    ours_r, ml_r = result["ours"], result.get("mlflow")
+    fixed = result.get("ours_fixed_rate")
+    goals = result["goals"] = {}
+    if ml_r is not None:
+        ratio = ours_r["rows_per_s"] / ml_r["rows_per_s"]
+        result["throughput_ratio"] = round(ratio, 2)
+        goals["throughput_ratio_at_least_5"] = ratio >= 5
+    if fixed is not None:
+        goals["p99_under_10ms_at_rate"] = fixed["p99_ms"] < 10
+    print(f"{args.batch} reading(s) per request, {args.concurrency} connection(s)")
     for name, r in (
         ("ours (readings -> features -> score)", ours_r),
         ("mlflow models serve (matrix rows)", ml_r),
     ):
+        if r is None:
+            continue
         print(
-            f"{name:<40} {r['requests_per_s']:>8.1f} req/s  p50 {r['p50_ms']:.2f} ms  "
-            f"p99 {r['p99_ms']:.2f} ms  errors {r['errors']}"
+            f"{name:<40} {r['requests_per_s']:>8.1f} req/s {r['rows_per_s']:>9.1f} rows/s  "
+            f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  errors {r['errors']}"
         )
-    print(f"throughput ratio ours/mlflow: {ratio:.1f}x (goal >= 5x)")
-    print(
-        f"ours at {fixed['rate']:.0f} req/s for {args.rate_duration:.0f} s: p50 {fixed['p50_ms']:.2f} ms "
-        f"p99 {fixed['p99_ms']:.2f} ms max {fixed['max_ms']:.2f} ms errors {fixed['errors']} "
-        "(goal p99 < 10 ms)"
-    )
-    side = fixed["server_side"]
-    print(
-        f"  of which in the server (request log latency): p50 {side['p50_ms']:.2f} ms "
-        f"p99 {side['p99_ms']:.2f} ms max {side['max_ms']:.2f} ms"
-    )
+    if ml_r is not None:
+        print(f"throughput ratio ours/mlflow (rows/s): {ratio:.1f}x (goal >= 5x)")
+    if fixed is not None:
+        print(
+            f"ours at {fixed['rate']:.0f} req/s for {args.rate_duration:.0f} s: p50 "
+            f"{fixed['p50_ms']:.2f} ms p99 {fixed['p99_ms']:.2f} ms max {fixed['max_ms']:.2f} ms "
+            f"errors {fixed['errors']} (goal p99 < 10 ms)"
+        )
+        side = fixed["server_side"]
+        print(
+            f"  of which in the server (request log latency): p50 {side['p50_ms']:.2f} ms "
+            f"p99 {side['p99_ms']:.2f} ms max {side['max_ms']:.2f} ms"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]

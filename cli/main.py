@@ -458,6 +458,21 @@ def features_online_stats(spec_arg: str) -> None:
     show_default=True,
     help="the retry delay doubles up to this many seconds",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="threads per worker that run the requests' work (the event loop never blocks)",
+)
+@click.option(
+    "--max-inflight",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="/predict requests a worker admits at once (running or waiting for a thread); "
+    "one more is answered 503 with Retry-After at once",
+)
 def serve(
     spec_arg: str,
     host: str,
@@ -472,6 +487,8 @@ def serve(
     max_future: float,
     load_retry: float,
     load_retry_max: float,
+    threads: int,
+    max_inflight: int,
 ) -> None:
     """Serve models:/<name>@champion over HTTP: POST /predict, /health/*, /model, /metrics."""
     from mlops import config
@@ -494,6 +511,8 @@ def serve(
         max_future_s=max_future,
         load_retry_s=load_retry,
         load_retry_max_s=max(load_retry, load_retry_max),
+        threads=threads,
+        max_inflight=max_inflight,
     )
     click.echo(
         f"serving {s.registered_model_name}@champion ({mode}) on http://{host}:{port} with "

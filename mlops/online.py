@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 from mlops import features as feats
 from mlops.labels import entity_column, with_entity
-from mlops.online_store import EntityState, OnlineStore
+from mlops.online_store import (
+    Append,
+    EntityState,
+    OnlineStore,
+    StoredState,
+    encode_state,
+    from_us,
+    merge_row,
+    raw_row,
+)
 from mlops.spec import Spec
 
 if TYPE_CHECKING:
@@ -107,75 +116,243 @@ def _scalar(v: Any) -> Any:
     return v
 
 
+@dataclass
+class OnlineBatch:
+    """A batch's features: one result per reading (in request order), and the same values
+    as columns (one kernel output per feature, a value per reading) to build a model
+    matrix from without going through the dicts."""
+
+    results: list[OnlineResult]
+    columns: dict[str, np.ndarray]
+
+
+class BatchRejected(ValueError):
+    """Readings of a batch without a usable state under the `reject` policy, as
+    (index in the batch, FeatureRejected). Nothing of the batch was appended."""
+
+    def __init__(self, rejected: list[tuple[int, FeatureRejected]]):
+        self.rejected = rejected
+        super().__init__("; ".join(str(e) for _, e in rejected))
+
+
+@dataclass
+class _Entity:
+    """One entity's state while a batch is worked through: as stored, then as each of the
+    batch's appended readings leaves it (what the next request would read)."""
+
+    stored: StoredState | None
+    as_of_us: int | None
+    rows: list[dict[str, Any]]  # raw: "ts" in epoch µs, sorted
+    appended: list[tuple[dict[str, Any], int]]  # (raw row, keep_from_us), in order
+    open: int | None = None  # the segment the entity's next in-order reading extends
+
+
+_SEPARATOR: dict[str, Any] = {}  # a row of nothing between two segments (see _kernel)
+
+
 class OnlineFeatures:
-    """get(entity, reading) -> features, appending the reading to the entity's state."""
+    """Features of readings over their entities' stored state, appending each reading.
+
+    Any number of readings costs two store round trips: every entity's state is read once
+    (`read_states`) and every new state written once (`append_rows`, one atomic step that
+    never loses a concurrent writer's rows), with one call of the feature kernel over all
+    of them in between. Readings of one entity are served in request order, each over the
+    state the ones before it left: exactly what one request per reading would give."""
 
     def __init__(self, spec: Spec, store: OnlineStore, fallback: str | None = None):
         self.spec, self.store = spec, store
         self.fallback = fallback or spec.features.online_fallback
         self.counts: Counter[str] = Counter()
+        self._names = feats.feature_names(spec)
+        self._numeric = [c for c in feats.state_columns(spec) if c not in spec.features.categorical]
+        self._window_us = _us(retention(spec))
+        self._stale_us = _us(staleness_limit(spec))
 
     def get(self, entity: str, reading: dict[str, Any], append: bool = True) -> OnlineResult:
-        return self._serve(entity, reading, self.store.get_state(self.spec.name, entity), append)
+        """One reading; raises FeatureRejected under the `reject` policy."""
+        try:
+            items, _ = self._run([(entity, reading)], append, all_or_nothing=True)
+        except BatchRejected as e:
+            raise e.rejected[0][1] from None
+        return items[0]  # type: ignore[return-value]
 
     def get_many(
         self, readings: list[tuple[str, dict[str, Any]]], append: bool = True
     ) -> list[OnlineResult | FeatureRejected]:
-        """A batch: every entity's state in one store round trip; a rejection per item."""
-        states = self.store.get_states(self.spec.name, sorted({e for e, _ in readings}))
-        out: list[OnlineResult | FeatureRejected] = []
-        for entity, reading in readings:
-            try:
-                out.append(self._serve(entity, reading, states.get(entity), append))
-            except FeatureRejected as e:
-                out.append(e)
-        return out
+        """A batch: a result or a rejection per reading; the served ones are appended."""
+        return self._run(readings, append, all_or_nothing=False)[0]
 
-    def _serve(
-        self, entity: str, reading: dict[str, Any], state: EntityState | None, append: bool
-    ) -> OnlineResult:
-        row = state_row(self.spec, reading)
-        why = code = None
-        window = retention(self.spec)
-        if state is None or not state.rows:
-            code, why = UNKNOWN_ENTITY, "unknown entity: no state in the online store"
-        elif row[TS] - state.as_of > staleness_limit(self.spec):
-            code = STALE_STATE
-            why = (
-                f"stale state: newest row {state.as_of:%Y-%m-%d %H:%M} is more than "
+    def serve_batch(self, readings: list[tuple[str, dict[str, Any]]]) -> OnlineBatch:
+        """A batch, all or nothing: every reading served and appended, or BatchRejected
+        (the `reject` policy refused one or more) and nothing appended."""
+        items, columns = self._run(readings, True, all_or_nothing=True)
+        return OnlineBatch(items, columns)  # type: ignore[arg-type]
+
+    # The batch ---------------------------------------------------------------------------
+    def _run(
+        self, readings: list[tuple[str, dict[str, Any]]], append: bool, all_or_nothing: bool
+    ) -> tuple[list[OnlineResult | FeatureRejected], dict[str, np.ndarray]]:
+        spec = self.spec
+        rows = [raw_row(state_row(spec, reading)) for _, reading in readings]
+        stored = self.store.read_states(spec.name, list(dict.fromkeys(e for e, _ in readings)))
+        entities: dict[str, _Entity] = {}
+        segments: list[list[dict[str, Any]]] = []
+        where: list[tuple[int, int]] = []  # (segment, position) of each computed reading
+        items: list[OnlineResult | FeatureRejected | None] = []
+        flags: list[tuple[int | None, str | None, str | None]] = []  # (as_of_us, why, code)
+        rejected: list[tuple[int, FeatureRejected]] = []
+        for i, (entity, _) in enumerate(readings):
+            row, ts = rows[i], rows[i]["ts"]
+            st = entities.get(entity)
+            if st is None:
+                found = stored.get(entity)
+                st = entities[entity] = _Entity(
+                    found, found.as_of_us if found else None, found.rows if found else [], []
+                )
+            code, why = self._fallback(st, ts)
+            if why is not None:
+                self.counts[f"fallback_{code}"] += 1
+                if self.fallback == "reject":
+                    self.counts["rejected"] += 1
+                    e = FeatureRejected(entity, why + " (features.online_fallback: reject)", code)
+                    rejected.append((i, e))
+                    items.append(e)
+                    flags.append((st.as_of_us, why, code))
+                    continue
+            newest = code is None and st.as_of_us is not None and ts > st.as_of_us
+            if newest and st.open is not None:
+                # In order after the entity's previous reading of this batch: its history
+                # is that reading's segment (rows trimmed since are outside every window).
+                seg = st.open
+            else:
+                history = [] if code is not None else _before(st.rows, ts)
+                seg = len(segments)
+                segments.append(history)
+            segments[seg].append(row)
+            where.append((seg, len(segments[seg]) - 1))
+            items.append(None)
+            flags.append((st.as_of_us, why, code))
+            if append and code != OUT_OF_ORDER:  # a row that old would not count for any reading
+                keep_from = ts - self._window_us
+                st.rows = merge_row(st.rows, row, keep_from, 1)
+                st.as_of_us = st.rows[-1]["ts"]
+                st.appended.append((row, keep_from))
+                # Its segment holds the entity's new state (and older rows), newest last.
+                st.open = seg if newest else None
+        if rejected and all_or_nothing:
+            raise BatchRejected(rejected)
+        columns = self._kernel(segments, where)
+        values = self._dicts(columns)
+        k = 0
+        for i, (entity, _) in enumerate(readings):
+            if items[i] is not None:
+                continue
+            as_of_us, why, code = flags[i]
+            items[i] = OnlineResult(
+                entity,
+                values[k],
+                from_us(as_of_us) if as_of_us is not None else None,
+                fallback=why,
+                fallback_code=code,
+            )
+            k += 1
+        self.counts["served"] += k
+        if append:
+            appends = [
+                Append(
+                    e,
+                    st.appended,
+                    1,
+                    st.stored.payload if st.stored else None,
+                    encode_state(st.rows, st.stored),
+                    st.as_of_us,  # type: ignore[arg-type]
+                )
+                for e, st in entities.items()
+                if st.appended
+            ]
+            if appends:
+                self.store.append_rows(spec.name, appends)
+        return items, columns  # type: ignore[return-value]
+
+    def _fallback(self, st: _Entity, ts: int) -> tuple[str | None, str | None]:
+        """(code, reason) when the entity's state cannot serve a reading at `ts`."""
+        if st.as_of_us is None or not st.rows:
+            return UNKNOWN_ENTITY, "unknown entity: no state in the online store"
+        as_of = from_us(st.as_of_us)
+        if ts - st.as_of_us > self._stale_us:
+            return STALE_STATE, (
+                f"stale state: newest row {as_of:%Y-%m-%d %H:%M} is more than "
                 f"{staleness_limit(self.spec)} before the reading"
             )
-        elif row[TS] < _minus(state.as_of, window):
+        if ts < st.as_of_us - self._window_us:
             # Out of order beyond the feature window: the rows its windows need were trimmed
             # when newer readings came, so its features would silently lack its history.
-            code = OUT_OF_ORDER
-            why = (
-                f"out of order: the reading at {row[TS]:%Y-%m-%d %H:%M} is more than the "
-                f"feature window ({window}) before the entity's newest row "
-                f"{state.as_of:%Y-%m-%d %H:%M}; its history is no longer in the store"
+            return OUT_OF_ORDER, (
+                f"out of order: the reading at {from_us(ts):%Y-%m-%d %H:%M} is more than the "
+                f"feature window ({retention(self.spec)}) before the entity's newest row "
+                f"{as_of:%Y-%m-%d %H:%M}; its history is no longer in the store"
             )
-        if why is not None:
-            self.counts[f"fallback_{code}"] += 1
-            if self.fallback == "reject":
-                self.counts["rejected"] += 1
-                raise FeatureRejected(entity, why + " (features.online_fallback: reject)", code)
-            history: list[dict[str, Any]] = []
-        else:
-            history = [r for r in state.rows if r[TS] < row[TS]]
-        values = vector(self.spec, [*history, row])
-        self.counts["served"] += 1
-        if append and code != OUT_OF_ORDER:  # a row that old would not count for any reading
-            self.store.append_row(
-                self.spec.name,
-                entity,
-                row,
-                keep_from=_minus(row[TS], window),
-                keep_last=1,
-                want_state=False,
-            )
-        return OnlineResult(
-            entity, values, state.as_of if state else None, fallback=why, fallback_code=code
-        )
+        return None, None
+
+    def _kernel(
+        self, segments: list[list[dict[str, Any]]], where: list[tuple[int, int]]
+    ) -> dict[str, np.ndarray]:
+        """The feature kernel once over every segment (a reading's history and the reading,
+        or an entity's history and its in-order readings).
+
+        The kernel computes features of rows of ONE entity; the segments become one series
+        it cannot tell apart from an entity's own: a row of nothing (NaN, None) before each
+        segment, so a diff never reaches into the one before, and time compressed so that
+        no window spans two segments: every gap between consecutive rows is capped at the
+        longest window + 1 µs (a gap that wide already has no window spanning it, so no
+        window gains or loses a row), and each segment starts that far after the last."""
+        if not where:
+            return {n: np.array([], dtype="float64") for n in self._names}
+        rows: list[dict[str, Any]] = []
+        starts: list[int] = []
+        for seg in segments:
+            rows.append(_SEPARATOR)
+            starts.append(len(rows))
+            rows.extend(seg)
+        gap = self._window_us + 1
+        ts = np.fromiter((r.get(TS, 0) for r in rows), dtype="int64", count=len(rows))
+        step = np.minimum(np.diff(ts, prepend=ts[:1]), gap)
+        first = np.asarray(starts, dtype="int64")
+        step[first - 1] = gap  # the separators
+        step[first] = gap  # each segment's first row
+        ts = np.cumsum(step)
+        num = {c: np.array([r.get(c) for r in rows], dtype="float64") for c in self._numeric}
+        cat = {}
+        for c in self.spec.features.categorical:
+            a = np.empty(len(rows), dtype=object)
+            a[:] = [r.get(c) for r in rows]
+            cat[c] = a
+        at = np.fromiter((starts[s] + k for s, k in where), dtype="int64", count=len(where))
+        return feats.entity_features(self.spec, ts, num, cat, at)
+
+    def _dicts(self, columns: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """Kernel outputs -> one feature dict per reading (NaN -> None), in feature order."""
+        lists = []
+        for n in self._names:
+            v = columns[n]
+            if v.dtype == object:
+                lists.append([_scalar(x) for x in v])
+            else:
+                lists.append([None if x != x else x for x in v.tolist()])
+        names = self._names
+        return [dict(zip(names, vals, strict=True)) for vals in zip(*lists, strict=True)]
+
+
+def _before(rows: list[dict[str, Any]], ts: int) -> list[dict[str, Any]]:
+    """The rows (sorted by "ts") before `ts`."""
+    k = len(rows)
+    while k > 0 and rows[k - 1][TS] >= ts:
+        k -= 1
+    return rows[:k]
+
+
+def _us(delta: dt.timedelta) -> int:
+    return delta // dt.timedelta(microseconds=1)
 
 
 def states_from_rows(spec: Spec, rows: pl.DataFrame) -> list[EntityState]:

@@ -5,6 +5,14 @@ compute features for a new reading and appends that reading, so the next request
 Several server worker processes share one store, so `append_row` is atomic per entity (SQLite:
 `BEGIN IMMEDIATE`; Redis: one Lua script) and never loses a concurrent update.
 
+The service's path is two round trips per request, whatever its number of readings:
+`read_states` (every entity's state, with the payload bytes it was decoded from) and
+`append_rows` (every entity's new state, computed by the caller from what it read, in one
+atomic step). `append_rows` writes a caller's state only where the stored payload is still
+the one read (compare-and-set, no decoding); where another writer got there first it
+merges the caller's rows into the current state inside the same atomic step, exactly as
+`append_row` would, so a concurrent update is never lost and nothing is retried.
+
 Two backends behind one `OnlineStore` protocol: SQLite (one local file, no server) and Redis
 (shared, in memory). Both store one payload per entity: compact JSON rows, oldest first, each
 an object whose first key is "ts" (integer epoch microseconds), values as JSON numbers, strings
@@ -46,6 +54,35 @@ class EntityState:
     rows: list[dict[str, Any]]  # oldest first; "ts" (naive datetime) plus column -> value
 
 
+@dataclass
+class StoredState:
+    """An entity's state as `read_states` returns it: rows with "ts" still in epoch µs (as
+    stored), and the payload bytes they were decoded from (what `append_rows` compares)."""
+
+    entity: str
+    as_of_us: int
+    rows: list[dict[str, Any]]
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Append:
+    """Readings to append to one entity's state, with the state the caller computed from.
+
+    rows: (row with "ts" as epoch µs, keep_from_us) in the order they are appended; each is
+    merged as `append_row` merges one (`merge_row` with `keep_last`). seen: the payload the
+    caller read (None: the entity had no state). payload / as_of_us: the state after those
+    merges, computed by the caller from `seen` (`encode_state`); stored as is while the
+    stored payload is still `seen`."""
+
+    entity: str
+    rows: list[tuple[dict[str, Any], int]]
+    keep_last: int
+    seen: bytes | None
+    payload: bytes
+    as_of_us: int
+
+
 @dataclass(frozen=True)
 class StoreStats:
     entities: int
@@ -75,6 +112,10 @@ class OnlineStore(Protocol):
         keep_last: int = 1,
         want_state: bool = True,
     ) -> EntityState | None: ...
+
+    def read_states(self, spec_name: str, entities: list[str]) -> dict[str, StoredState]: ...
+
+    def append_rows(self, spec_name: str, appends: list[Append]) -> int: ...
 
     def stats(self, spec_name: str) -> StoreStats: ...
 
@@ -182,6 +223,53 @@ def _decode_raw(spec_name: str, entity: str, payload: bytes | str) -> list[dict[
     ):
         raise _corrupt(spec_name, entity, "expected a list of rows with an integer 'ts'")
     return rows
+
+
+def _stored(spec_name: str, entity: str, payload: bytes | str, as_of_us: int) -> StoredState:
+    raw = payload if isinstance(payload, bytes) else payload.encode()
+    return StoredState(entity, int(as_of_us), _decode_raw(spec_name, entity, raw), raw)
+
+
+def raw_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as stored ("ts" first, as epoch µs; values cleaned), as `Append.rows` take it."""
+    return _raw_row(row)
+
+
+def merge_rows(
+    rows: list[dict[str, Any]], appended: list[tuple[dict[str, Any], int]], keep_last: int
+) -> list[dict[str, Any]]:
+    """`merge_row` for each (row, keep_from_us) in turn."""
+    for row, keep_from_us in appended:
+        rows = merge_row(rows, row, keep_from_us, keep_last)
+    return rows
+
+
+def _row_pieces(payload: bytes) -> list[bytes]:
+    """Each stored row's JSON, byte for byte: split on the row boundary as the Redis script
+    splits (see APPEND_LUA)."""
+    body = payload[1:-1]
+    if not body:
+        return []
+    parts = body.split(b'},{"ts":')
+    if len(parts) == 1:
+        return [body]
+    return [
+        parts[0] + b"}",
+        *(b'{"ts":' + p + b"}" for p in parts[1:-1]),
+        b'{"ts":' + parts[-1],
+    ]
+
+
+def encode_state(rows: list[dict[str, Any]], stored: StoredState | None) -> bytes:
+    """The payload of `rows` (raw, sorted): the rows that come unchanged from `stored` (the
+    same objects) keep their stored bytes, only the others are encoded, so a state's cost
+    is its new rows, not its length. The same bytes as encoding every row."""
+    known: dict[int, bytes] = {}
+    if stored is not None:
+        pieces = _row_pieces(stored.payload)
+        if len(pieces) == len(stored.rows):
+            known = {id(r): p for r, p in zip(stored.rows, pieces, strict=True)}
+    return b"[" + b",".join(known.get(id(r)) or _dumps(r).encode() for r in rows) + b"]"
 
 
 def _decode_state(spec_name: str, entity: str, payload: bytes | str, as_of_us: int) -> EntityState:
@@ -341,6 +429,69 @@ class SQLiteOnlineStore:
                 out[entity] = _decode_state(spec_name, entity, payload, as_of_us)
         return out
 
+    def read_states(self, spec_name: str, entities: list[str]) -> dict[str, StoredState]:
+        """One query (an `IN` list; split only past SQLITE_MAX_IN entities)."""
+        conn = self._conn()
+        out: dict[str, StoredState] = {}
+        for batch in _chunks(dict.fromkeys(entities), SQLITE_MAX_IN):
+            marks = ",".join("?" * len(batch))
+            found = conn.execute(
+                "SELECT entity, as_of_us, payload FROM online_state "
+                f"WHERE spec = ? AND entity IN ({marks})",
+                (spec_name, *batch),
+            )
+            for entity, as_of_us, payload in found:
+                out[entity] = _stored(spec_name, entity, payload, as_of_us)
+        return out
+
+    def append_rows(self, spec_name: str, appends: list[Append]) -> int:
+        """One `BEGIN IMMEDIATE` transaction: each entity's state is replaced by the caller's
+        where its payload is still the one read (a compare-and-set, nothing decoded), else
+        the caller's rows are merged into the current state. Returns how many were merged."""
+        for a in appends:
+            _check_keep_last(a.keep_last)
+        conn = self._conn()
+        merged = 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for a in appends:
+                payload = a.payload
+                if a.seen is None:
+                    cur = conn.execute(
+                        "INSERT INTO online_state (spec, entity, as_of_us, payload) "
+                        "VALUES (?, ?, ?, ?) ON CONFLICT (spec, entity) DO NOTHING",
+                        (spec_name, a.entity, a.as_of_us, payload),
+                    )
+                else:
+                    cur = conn.execute(
+                        "UPDATE online_state SET as_of_us = ?, payload = ? "
+                        "WHERE spec = ? AND entity = ? AND payload = ?",
+                        (a.as_of_us, payload, spec_name, a.entity, a.seen),
+                    )
+                if cur.rowcount == 1:
+                    continue
+                merged += 1  # another writer changed it since it was read
+                hit = conn.execute(
+                    "SELECT payload FROM online_state WHERE spec = ? AND entity = ?",
+                    (spec_name, a.entity),
+                ).fetchone()
+                rows = [] if hit is None else _decode_raw(spec_name, a.entity, hit[0])
+                rows = merge_rows(rows, a.rows, a.keep_last)
+                if rows:
+                    conn.execute(
+                        UPSERT, (spec_name, a.entity, rows[-1]["ts"], _dumps(rows).encode())
+                    )
+                else:
+                    conn.execute(
+                        "DELETE FROM online_state WHERE spec = ? AND entity = ?",
+                        (spec_name, a.entity),
+                    )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return merged
+
     def append_row(
         self,
         spec_name: str,
@@ -463,6 +614,82 @@ return out
 """
 
 
+# append_rows in one script (one round trip, atomic on the server). Per entity, ARGV holds:
+# entity, "1"/"0" (whether a payload was read), the payload read, the caller's new payload,
+# its as_of, keep_last, the number of rows n, then n times (row, ts, keep_from). A payload
+# still equal to the one read is replaced by the caller's; otherwise each row is merged into
+# the current payload as APPEND_LUA merges one. Returns how many entities were merged.
+APPEND_MANY_LUA = """
+local set_key = KEYS[1]
+local p, merged = 1, 0
+for k = 2, #KEYS do
+  local key = KEYS[k]
+  local entity, had, seen = ARGV[p], ARGV[p + 1], ARGV[p + 2]
+  local result, as_of = ARGV[p + 3], ARGV[p + 4]
+  local keep_last, n = tonumber(ARGV[p + 5]), tonumber(ARGV[p + 6])
+  p = p + 7
+  local payload = redis.call('HGET', key, 'rows')
+  if (had == '1' and payload == seen) or (had == '0' and not payload) then
+    redis.call('HSET', key, 'as_of', as_of, 'rows', result)
+    redis.call('SADD', set_key, entity)
+    p = p + 3 * n
+  else
+    merged = merged + 1
+    local rows, ts_s, ts = {}, {}, {}
+    if payload and #payload > 2 then
+      local body = string.sub(payload, 2, -2)
+      local start = 1
+      while true do
+        local stop = string.find(body, '},{"ts":', start, true)
+        local row = stop and string.sub(body, start, stop) or string.sub(body, start)
+        local digits = string.match(row, '^{"ts":(%-?%d+)[,}]')
+        if not digits then return redis.error_reply('corrupt rows payload of ' .. entity) end
+        rows[#rows + 1] = row
+        ts_s[#ts_s + 1] = digits
+        ts[#ts + 1] = tonumber(digits)
+        if not stop then break end
+        start = stop + 2
+      end
+    end
+    for _ = 1, n do
+      local new_row, new_ts_s = ARGV[p], ARGV[p + 1]
+      local new_ts, keep_from = tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
+      p = p + 3
+      local i = #rows
+      while i > 0 and ts[i] > new_ts do i = i - 1 end
+      if i > 0 and ts[i] == new_ts then
+        rows[i] = new_row
+      else
+        table.insert(rows, i + 1, new_row)
+        table.insert(ts_s, i + 1, new_ts_s)
+        table.insert(ts, i + 1, new_ts)
+      end
+      local before = 0
+      for j = 1, #ts do
+        if ts[j] < keep_from then before = j else break end
+      end
+      local first = math.max(1, before - keep_last + 1)
+      local r2, s2, t2 = {}, {}, {}
+      for j = first, #rows do
+        r2[#r2 + 1] = rows[j]
+        s2[#s2 + 1] = ts_s[j]
+        t2[#t2 + 1] = ts[j]
+      end
+      rows, ts_s, ts = r2, s2, t2
+    end
+    if #rows == 0 then
+      redis.call('DEL', key)
+      redis.call('SREM', set_key, entity)
+    else
+      redis.call('HSET', key, 'as_of', ts_s[#ts_s], 'rows', '[' .. table.concat(rows, ',') .. ']')
+      redis.call('SADD', set_key, entity)
+    end
+  end
+end
+return merged
+"""
+
+
 def _redact(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
@@ -481,6 +708,7 @@ class RedisOnlineStore:
         self.prefix = prefix
         self._client: redis.Redis | None = None
         self._append: Any = None
+        self._append_many: Any = None
 
     def _redis(self) -> redis.Redis:
         """Created on first use; redis-py's pool reconnects by itself in a forked worker."""
@@ -492,6 +720,7 @@ class RedisOnlineStore:
                 self.url, socket_connect_timeout=2.0, socket_timeout=5.0
             )
             self._append = self._client.register_script(APPEND_LUA)
+            self._append_many = self._client.register_script(APPEND_MANY_LUA)
         return self._client
 
     def _unavailable(self, e: Exception) -> StoreUnavailable:
@@ -562,6 +791,59 @@ class RedisOnlineStore:
             if state is not None:
                 out[entity] = state
         return out
+
+    def read_states(self, spec_name: str, entities: list[str]) -> dict[str, StoredState]:
+        """One pipeline round trip for all entities."""
+        wanted = list(dict.fromkeys(entities))
+        pipe = self._redis().pipeline(transaction=False)
+        for entity in wanted:
+            pipe.hmget(self._key(spec_name, entity), ["as_of", "rows"])
+        replies = self._run(pipe.execute) if wanted else []
+        out: dict[str, StoredState] = {}
+        for entity, (as_of, payload) in zip(wanted, replies, strict=True):
+            if as_of is None and payload is None:
+                continue
+            if as_of is None or payload is None:
+                raise _corrupt(spec_name, entity, "hash lacks 'as_of' or 'rows'")
+            try:
+                as_of_us = int(as_of)
+            except ValueError as e:
+                raise _corrupt(spec_name, entity, f"as_of {as_of!r} is not an integer") from e
+            out[entity] = _stored(spec_name, entity, payload, as_of_us)
+        return out
+
+    def append_rows(self, spec_name: str, appends: list[Append]) -> int:
+        """One Lua script for every entity (atomic on the server, one round trip): a state
+        whose payload is still the one read is replaced by the caller's, else the caller's
+        rows are merged into the current one. Returns how many were merged."""
+        import redis
+
+        if not appends:
+            return 0
+        self._redis()
+        keys = [self._set_key(spec_name)]
+        args: list[Any] = []
+        for a in appends:
+            _check_keep_last(a.keep_last)
+            keys.append(self._key(spec_name, a.entity))
+            args += [
+                a.entity,
+                "0" if a.seen is None else "1",
+                a.seen or b"",
+                a.payload,
+                a.as_of_us,
+                a.keep_last,
+                len(a.rows),
+            ]
+            for row, keep_from_us in a.rows:
+                args += [_dumps(row), row["ts"], keep_from_us]
+        try:
+            return int(self._run(self._append_many, keys=keys, args=args))
+        except redis.ResponseError as e:
+            if "corrupt" in str(e):
+                which = [a.entity for a in appends if f"payload of {a.entity}" in str(e)]
+                raise _corrupt(spec_name, which[0] if which else "?", str(e)) from e
+            raise
 
     def append_row(
         self,
@@ -636,3 +918,4 @@ class RedisOnlineStore:
             self._client.close()
             self._client = None
             self._append = None
+            self._append_many = None

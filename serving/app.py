@@ -9,15 +9,25 @@ and the request log.
     GET  /openapi.json   the OpenAPI document; its request schema is generated from the
                          spec's (types, ranges, categories, required columns)
 
-A request is handled in the event loop without awaiting anything after its body is read:
-the work (validation, one feature-store read and append, one model call, one log write) is
-CPU-bound and short, so a worker runs one request at a time and scales out with workers.
-Requests that arrive meanwhile wait for the loop; the latency histogram counts that wait
-(serving.timing).
+The event loop only admits requests, reads bodies and answers; a request's work runs in
+a bounded pool of `threads` threads per worker (default 1: the work is CPU-bound Python,
+so more threads mostly take turns on the GIL). That work is the same for one reading or a
+thousand: one validation pass over the body, one feature-store read, one call of the
+feature kernel over every reading, one model call, one feature-store append (atomic) and
+one request-log write.
+
+Admission: at most `max_inflight` /predict requests per worker are admitted (running or
+waiting for a thread); one more is answered 503 at once, with `Retry-After` and a JSON
+error (`overloaded`), and counted (mlops_serving_shed_total), so the wait of an admitted
+request is bounded instead of growing with the load. /health/*, /metrics and /model are
+never refused. Latency is measured from the request's arrival at the server
+(serving.timing), so the wait for the loop and for a thread count.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 import logging
 import os
@@ -26,13 +36,22 @@ import re
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
 from mlops.inference_log import InferenceLogWriter, now_iso
-from mlops.online import OUT_OF_ORDER, FeatureRejected, OnlineFeatures, OnlineResult
+from mlops.online import (
+    OUT_OF_ORDER,
+    BatchRejected,
+    FeatureRejected,
+    OnlineBatch,
+    OnlineFeatures,
+    OnlineResult,
+)
 from mlops.online_store import StoreUnavailable, make_store
 from mlops.registry import CHALLENGER, CHAMPION
 from mlops.settings import settings as platform_settings
@@ -55,6 +74,8 @@ log = logging.getLogger("mlops.serving")
 JSON = "application/json"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 MAX_TOP = 100
+RETRY_AFTER_S = 1  # what a request refused by the admission limit is told to wait
+STARTED = "mlops.started"  # scope extension: perf_counter() when a thread took the request
 _dumps = __import__("json").JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
@@ -86,6 +107,9 @@ class Service:
         self.classify = spec.model.task == "binary_classification"
         self._pred_children: dict[tuple[str, int, Any], Any] = {}
         self._score_children: dict[str, Any] = {}
+        # The request path's blocking work runs here, never on the event loop; the
+        # admission limit (Guard) bounds what waits for it.
+        self.pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="predict")
 
     def _on_swap(self, alias: str, version: int) -> None:
         self.metrics.model_version.labels(alias).set(version)
@@ -95,6 +119,7 @@ class Service:
         self.manager.start()
 
     def close(self) -> None:
+        self.pool.shutdown(wait=True)  # requests in flight finish and log first
         self.manager.stop()
         self.log.close()
         self.features.store.close()
@@ -121,12 +146,14 @@ class Service:
         ):
             route, model = "canary", snap.challenger
         try:
-            results = self._features(parsed.records)
+            batch = self._features(parsed.records)
         except BadRequest as e:
             return self.reject(e, request_id, t0, parsed)
+        results = batch.results
         feats = [r.features for r in results]
+        n = len(results)
         t1 = time.perf_counter()
-        X = model.scorer.matrix(feats)
+        X = model.scorer.matrix_from_columns(batch.columns, n)
         scores = model.scorer.score(X)
         decisions = model.scorer.decide(scores)
         score_ms = (time.perf_counter() - t1) * 1000
@@ -148,7 +175,7 @@ class Service:
             if explanations is not None:
                 p["explanation"] = explanations[i]
             preds.append(p)
-        shadow = self._shadow(snap, feats) if self.settings.mode == "shadow" else None
+        shadow = self._shadow(snap, batch) if self.settings.mode == "shadow" else None
         latency_ms = (time.perf_counter() - t0) * 1000
         now = now_iso()
         lines = [
@@ -222,20 +249,16 @@ class Service:
             "pid": self.pid,
         }
 
-    def _features(self, records: list[Record]) -> list[OnlineResult]:
-        """Features of each reading, appending it to its entity's state. A batch is all or
-        nothing under the `reject` policy: checked first, without appending."""
+    def _features(self, records: list[Record]) -> OnlineBatch:
+        """Features of every reading, each appended to its entity's state: one store read,
+        one kernel call and one atomic append for the whole batch. A batch is all or
+        nothing: a reading without a usable state under the `reject` policy refuses it
+        before anything is appended."""
         items = [(r.entity, r.reading) for r in records]
         try:
-            if len(items) > 1 and self.features.fallback == "reject":
-                pre = self.features.get_many(items, append=False)
-                rejected = [(i, r) for i, r in enumerate(pre) if isinstance(r, FeatureRejected)]
-                if rejected:
-                    raise self._rejected(rejected)
-            return [self.features.get(entity, reading) for entity, reading in items]
-        except FeatureRejected as e:
-            index = next(i for i, (ent, _) in enumerate(items) if ent == e.entity)
-            raise self._rejected([(index, e)]) from None
+            return self.features.serve_batch(items)
+        except BatchRejected as e:
+            raise self._rejected(e.rejected) from None
         except (StoreUnavailable, sqlite3.Error, OSError) as e:
             self.metrics.store_unavailable.inc()
             log.error("online feature store unavailable: %s", e)
@@ -268,16 +291,18 @@ class Service:
             return [gone] * len(X)
         return model.explainer.explain(X, model.scorer.columns, top)
 
-    def _shadow(self, snap: Snapshot, feats: list[dict[str, Any]]):
+    def _shadow(self, snap: Snapshot, batch: OnlineBatch):
         challenger = snap.challenger
         if challenger is None:
             return None
         t = time.perf_counter()
+        n = len(batch.results)
         try:
-            scores = challenger.scorer.score(challenger.scorer.matrix(feats))
+            X = challenger.scorer.matrix_from_columns(batch.columns, n)
+            scores = challenger.scorer.score(X)
             decisions = challenger.scorer.decide(scores)
         except Exception as e:  # the challenger never fails a request
-            self.metrics.shadow_errors.inc(len(feats))
+            self.metrics.shadow_errors.inc(n)
             log.warning("shadow v%s failed to score: %s", challenger.version, e)
             return None
         return challenger, scores, decisions, (time.perf_counter() - t) * 1000
@@ -342,6 +367,45 @@ class Service:
             )
         except Exception:
             log.exception("could not log the failed request %s", request_id)
+
+    # On the pool -------------------------------------------------------------------------------
+    async def run(self, fn: Callable[..., Response], *args: Any) -> Response:
+        """`fn(*args)` on the request pool; the event loop stays free meanwhile."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args))
+
+    def respond(
+        self,
+        body: bytes | None,
+        error: Exception | None,
+        explain: bool | None,
+        top: int,
+        request_id: str,
+        t0: float,
+        extensions: dict[str, Any],
+    ) -> Response:
+        """A /predict request's blocking work and its response (on the pool): predict, or
+        answer the `error` met before the body was read; either way, log it."""
+        extensions[STARTED] = time.perf_counter()
+        try:
+            if error is not None:
+                raise error
+            assert body is not None
+            status, payload = self.predict(body, explain, top, request_id, t0)
+        except BadRequest as e:
+            status, payload = self.reject(e, request_id, t0)
+        except Exception as e:
+            log.exception("request %s failed", request_id)
+            status, payload = (
+                500,
+                {
+                    "error": "internal_error",
+                    "message": "the service failed on this request; see its log",
+                    "request_id": request_id,
+                },
+            )
+            self.log_failure(request_id, t0, f"{type(e).__name__}: {e}")
+        return _json(status, payload, request_id)
 
     # Status ----------------------------------------------------------------------------------
     def not_ready_reason(self) -> str:
@@ -452,27 +516,35 @@ def _too_large(size: int, limit: int) -> BadRequest:
 
 
 class Guard:
-    """Pure ASGI middleware: bearer-token check (health stays open) and request metrics:
-    latency from the request's arrival at the server (serving.timing) and from here."""
+    """Pure ASGI middleware on the event loop: bearer-token check (health stays open), the
+    admission limit of /predict, and request metrics: latency from the request's arrival at
+    the server (serving.timing), and from when a thread took it (the handler's own time)."""
 
     def __init__(self, app: Any, service: Service):
         self.app, self.service = app, service
         token = service.token
         self.expected = f"Bearer {token}".encode() if token else None
+        self.limit = service.settings.max_inflight
+        self.inflight = 0  # admitted /predict requests: on the loop only, so no lock
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
+        extensions = scope.get("extensions")
+        if extensions is None:
+            extensions = scope["extensions"] = {}
         # The arrival at the server (serving.timing), so queueing counts; else the app's t0.
-        arrived = (scope.get("extensions") or {}).get(ARRIVAL, t0)
+        arrived = extensions.get(ARRIVAL, t0)
         path = scope["path"]
         status = [500]
+        metrics = self.service.metrics
 
         def observe(code: int) -> None:
             now = time.perf_counter()
-            self.service.metrics.observe_request(path, code, now - arrived, now - t0)
+            began = extensions.get(STARTED, t0)  # a thread took it (/predict), else t0
+            metrics.observe_request(path, code, now - arrived, now - began)
 
         async def send_status(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -482,7 +554,7 @@ class Guard:
         if self.expected is not None and not path.startswith("/health/"):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
-                self.service.metrics.rejections.labels("unauthorized").inc()
+                metrics.rejections.labels("unauthorized").inc()
                 resp = _json(
                     401,
                     {
@@ -494,10 +566,45 @@ class Guard:
                 await resp(scope, receive, send_status)
                 observe(401)
                 return
+        if path != "/predict":
+            try:
+                await self.app(scope, receive, send_status)
+            finally:
+                observe(status[0])
+            return
+        if self.inflight >= self.limit:
+            await self.shed(scope, receive, send)
+            return
+        self.inflight += 1
+        metrics.inflight.inc()
         try:
             await self.app(scope, receive, send_status)
         finally:
+            self.inflight -= 1
+            metrics.inflight.dec()
             observe(status[0])
+
+    async def shed(self, scope: dict, receive: Any, send: Any) -> None:
+        """503 at once: nothing read, nothing logged, counted; not in the latency histogram
+        (it measures the admitted requests)."""
+        self.service.metrics.shed.inc()
+        self.service.metrics.count_request(scope["path"], 503)
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if given and REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        resp = _json(
+            503,
+            {
+                "error": "overloaded",
+                "message": f"{self.limit} requests are already in progress in this worker "
+                f"(--max-inflight); retry after {RETRY_AFTER_S} s",
+                "detail": [],
+                "request_id": rid,
+            },
+            rid,
+        )
+        resp.headers["retry-after"] = str(RETRY_AFTER_S)
+        await resp(scope, receive, send)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -516,8 +623,9 @@ def _errors(*statuses: int) -> dict[int, dict[str, Any]]:
         422: "field problems, each with its record, field, code and reason; or no usable "
         "feature state (unknown_entity, stale_state, out_of_order)",
         500: "the service failed on this request (internal_error); see its log",
-        503: "no champion loaded (model_not_ready) or the feature store is down "
-        "(feature_store_unavailable); retry later",
+        503: "no champion loaded (model_not_ready), the feature store is down "
+        "(feature_store_unavailable), or too many requests in progress (overloaded, with "
+        "Retry-After); retry later",
     }
     return {s: _content(_ref("Error"), what[s]) for s in statuses}
 
@@ -725,29 +833,19 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @app.post("/predict", **doc["predict"])
     async def predict(request: Request) -> Response:
         """One reading, a list of readings, or {"records": [...], "explain": bool}."""
-        t0 = time.perf_counter()
+        extensions = request.scope.setdefault("extensions", {})
+        t0 = extensions.get(ARRIVAL) or time.perf_counter()  # from the request's arrival
         given = request.headers.get("x-request-id")
         rid = given if given and REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        body, error, explain, top = None, None, None, settings.explain_top
         try:
             q = request.query_params
             explain = _flag("explain", q.get("explain"))
             top = _top(q.get("top"), settings.explain_top)
             body = await _read_body(request, settings.max_body_bytes)
-            status, payload = service.predict(body, explain, top, rid, t0)
-        except BadRequest as e:
-            status, payload = service.reject(e, rid, t0)
-        except Exception as e:
-            log.exception("request %s failed", rid)
-            status, payload = (
-                500,
-                {
-                    "error": "internal_error",
-                    "message": "the service failed on this request; see its log",
-                    "request_id": rid,
-                },
-            )
-            service.log_failure(rid, t0, f"{type(e).__name__}: {e}")
-        return _json(status, payload, rid)
+        except Exception as e:  # answered (4xx, or 500 for the unexpected) on the pool
+            error = e
+        return await service.run(service.respond, body, error, explain, top, rid, t0, extensions)
 
     @app.get("/health/live", **doc["live"])
     async def live() -> Response:

@@ -52,16 +52,17 @@ class ServingMetrics:
         self.latency = Histogram(
             "mlops_serving_request_duration_seconds",
             "Time from the request's arrival at the server (its socket readable) to its "
-            "response, by endpoint: what clients wait, queueing for the event loop included.",
+            "response, by endpoint: what clients wait, queueing for the event loop and for a "
+            "thread included; admitted requests only (see mlops_serving_shed).",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.handler_latency = Histogram(
             "mlops_serving_handler_duration_seconds",
-            "Time from when the app starts handling a request to its response, by endpoint: "
-            "the request's own work, without the time it queued (compare with "
-            "mlops_serving_request_duration_seconds).",
+            "Time from when the app starts handling a request (for /predict: when a thread "
+            "takes it) to its response, by endpoint: the request's own work, without the "
+            "time it queued (compare with mlops_serving_request_duration_seconds).",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -124,6 +125,20 @@ class ServingMetrics:
             ["alias"],
             registry=r,
         )
+        self.shed = Counter(
+            "mlops_serving_shed",
+            "Requests to /predict answered 503 at once, with Retry-After, because the worker "
+            "already had --max-inflight requests in progress (load shed; not in the latency "
+            "histograms, not in the request log).",
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "mlops_serving_inflight",
+            "/predict requests admitted and not yet answered (running or waiting for a "
+            "thread), summed over the workers.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.shadow_errors = Counter(
             "mlops_serving_shadow_errors",
             "Records the challenger failed to score in shadow mode (the champion answered).",
@@ -145,12 +160,7 @@ class ServingMetrics:
     ) -> None:
         """`seconds` since the request arrived; `handler_seconds` since the app began on it
         (the same when the server gives no arrival time)."""
-        endpoint = path if path in ENDPOINTS else "other"
-        key = (endpoint, status)
-        child = self._req.get(key)
-        if child is None:
-            child = self._req[key] = self.requests.labels(endpoint, str(status))
-        child.inc()
+        endpoint = self.count_request(path, status)
         lat = self._lat.get(endpoint)
         if lat is None:
             lat = self._lat[endpoint] = self.latency.labels(endpoint)
@@ -159,6 +169,16 @@ class ServingMetrics:
         if hl is None:
             hl = self._hlat[endpoint] = self.handler_latency.labels(endpoint)
         hl.observe(seconds if handler_seconds is None else handler_seconds)
+
+    def count_request(self, path: str, status: int) -> str:
+        """Count one answered request in requests_total; returns its endpoint label."""
+        endpoint = path if path in ENDPOINTS else "other"
+        key = (endpoint, status)
+        child = self._req.get(key)
+        if child is None:
+            child = self._req[key] = self.requests.labels(endpoint, str(status))
+        child.inc()
+        return endpoint
 
     def render(self) -> bytes:
         if self.multiprocess:

@@ -159,6 +159,21 @@ class Scorer:
                     x[k] = 1.0
         return X
 
+    def matrix_from_columns(self, columns: dict[str, np.ndarray], n: int) -> np.ndarray:
+        """`matrix` of n rows from feature columns (the kernel's outputs, NaN = missing):
+        the same values, a column at a time instead of a row at a time."""
+        X = np.zeros((n, self.width), dtype="float64")
+        for j, c in enumerate(self.numeric):
+            v = columns.get(c)
+            X[:, j] = np.nan if v is None else v
+        for col, index in self.onehot:
+            v = columns.get(col)
+            if v is None:
+                continue
+            for category, k in index.items():  # an unknown category (or none) is all zeros
+                X[:, k] = v == category
+        return X
+
     def reference(self, X: np.ndarray) -> np.ndarray:
         import pandas as pd
 
