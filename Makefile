@@ -47,7 +47,7 @@ test: $(BIN)/.installed $(ACTIONLINT)
 	$(BIN)/ruff format --check .
 	DAGSTER_HOME=$$(mktemp -d) $(BIN)/dagster definitions validate -w workspace.yaml
 	$(MAKE) --no-print-directory compile
-	$(BIN)/pytest -n 2 --dist loadfile --durations=15 tests
+	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # Code-server requests (sensor and schedule ticks, run launches) may take 120 s before the
 # daemon or the UI gives up (Dagster's default, 60 s, was hit on a loaded 2-core machine);

@@ -414,35 +414,29 @@ class SQLiteOnlineStore:
         hit = found.fetchone()
         return None if hit is None else _decode_state(spec_name, entity, hit[1], hit[0])
 
-    def get_states(self, spec_name: str, entities: list[str]) -> dict[str, EntityState]:
-        """One query per request (an `IN` list; split only past SQLITE_MAX_IN entities)."""
+    def _select(self, spec_name: str, entities: list[str]):
+        """(entity, as_of_us, payload) of the stored ones: one query per request (an `IN`
+        list; split only past SQLITE_MAX_IN entities)."""
         conn = self._conn()
-        out: dict[str, EntityState] = {}
         for batch in _chunks(dict.fromkeys(entities), SQLITE_MAX_IN):
             marks = ",".join("?" * len(batch))
-            found = conn.execute(
+            yield from conn.execute(
                 "SELECT entity, as_of_us, payload FROM online_state "
                 f"WHERE spec = ? AND entity IN ({marks})",
                 (spec_name, *batch),
             )
-            for entity, as_of_us, payload in found:
-                out[entity] = _decode_state(spec_name, entity, payload, as_of_us)
-        return out
+
+    def get_states(self, spec_name: str, entities: list[str]) -> dict[str, EntityState]:
+        return {
+            entity: _decode_state(spec_name, entity, payload, as_of_us)
+            for entity, as_of_us, payload in self._select(spec_name, entities)
+        }
 
     def read_states(self, spec_name: str, entities: list[str]) -> dict[str, StoredState]:
-        """One query (an `IN` list; split only past SQLITE_MAX_IN entities)."""
-        conn = self._conn()
-        out: dict[str, StoredState] = {}
-        for batch in _chunks(dict.fromkeys(entities), SQLITE_MAX_IN):
-            marks = ",".join("?" * len(batch))
-            found = conn.execute(
-                "SELECT entity, as_of_us, payload FROM online_state "
-                f"WHERE spec = ? AND entity IN ({marks})",
-                (spec_name, *batch),
-            )
-            for entity, as_of_us, payload in found:
-                out[entity] = _stored(spec_name, entity, payload, as_of_us)
-        return out
+        return {
+            entity: _stored(spec_name, entity, payload, as_of_us)
+            for entity, as_of_us, payload in self._select(spec_name, entities)
+        }
 
     def append_rows(self, spec_name: str, appends: list[Append]) -> int:
         """One `BEGIN IMMEDIATE` transaction: each entity's state is replaced by the caller's
