@@ -242,7 +242,7 @@ def run(
         row = timeline_row(replay, spec, n, day, result, events)
         row["elapsed_s"] = round(time.perf_counter() - t0, 1)
         out.timeline.append(row)
-        out.retrainings += row.pop("retrainings")
+        out.retrainings += row["retrainings"]  # also kept on the day: the plot labels them
         echo(_fmt_row(row))
     out.days = [_day_summary(replay, r) for r in out.timeline]
     out.alerts = sum(1 for _ in alerts.open()) if alerts.exists() else 0

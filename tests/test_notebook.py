@@ -145,7 +145,7 @@ def test_the_notebook_logs_an_experiment_and_proposes_the_candidate(project: Pat
     assert f"{frame.height} rows x {frame.width} columns (0 left out)" in out
     assert f"label days {window.days[0]} to {window.days[-1]}" in out
     assert f"No champion of {NAME} yet: nothing to compare with, skipped." in out
-    client = MlflowClient(tracking_uri=_uri(project))
+    client = MlflowClient(tracking_uri=_uri(project), registry_uri=_uri(project))
     exp = client.get_experiment_by_name(EXPERIMENT)
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
@@ -204,7 +204,7 @@ def test_against_a_champion_the_notebook_compares_and_moves_nothing(project: Pat
     assert f"v{v} on these rows" in out
     assert f"{NAME}.yaml already holds this candidate: nothing to change" in out
     assert spec_file.read_text() == text
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert run.data.tags["mlops.spec_change"] == "unchanged"
     assert "champion_test_roc_auc" in run.data.metrics
