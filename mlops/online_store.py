@@ -559,53 +559,77 @@ class SQLiteOnlineStore:
 # boundary `},{"ts":` (which cannot occur inside a JSON string, where every quote is escaped,
 # nor elsewhere since values are scalars and "ts" is each row's first key) and reads each
 # row's ts digits. Rows are copied byte for byte; only the new row is inserted.
-APPEND_LUA = """
+# What both scripts share: a payload split into its rows (with each row's ts, as text and as
+# a number; nil when a row does not start with its ts), and one row merged in as
+# OnlineStore.append_row merges it (same ts: replaced; then the rows before `keep_from` cut
+# to the last `keep_last`).
+_ROWS_LUA = """
+local function parse_rows(payload)
+  local rows, ts_s, ts = {}, {}, {}
+  if payload and #payload > 2 then
+    local body = string.sub(payload, 2, -2)
+    local start = 1
+    while true do
+      local stop = string.find(body, '},{"ts":', start, true)
+      local row = stop and string.sub(body, start, stop) or string.sub(body, start)
+      local digits = string.match(row, '^{"ts":(%-?%d+)[,}]')
+      if not digits then return nil end
+      rows[#rows + 1] = row
+      ts_s[#ts_s + 1] = digits
+      ts[#ts + 1] = tonumber(digits)
+      if not stop then break end
+      start = stop + 2
+    end
+  end
+  return rows, ts_s, ts
+end
+
+local function merge_row(rows, ts_s, ts, new_row, new_ts_s, keep_from, keep_last)
+  local new_ts = tonumber(new_ts_s)
+  local i = #rows
+  while i > 0 and ts[i] > new_ts do i = i - 1 end
+  if i > 0 and ts[i] == new_ts then
+    rows[i] = new_row
+  else
+    table.insert(rows, i + 1, new_row)
+    table.insert(ts_s, i + 1, new_ts_s)
+    table.insert(ts, i + 1, new_ts)
+  end
+  local before = 0
+  for j = 1, #ts do
+    if ts[j] < keep_from then before = j else break end
+  end
+  local first = math.max(1, before - keep_last + 1)
+  local r2, s2, t2 = {}, {}, {}
+  for j = first, #rows do
+    r2[#r2 + 1] = rows[j]
+    s2[#s2 + 1] = ts_s[j]
+    t2[#t2 + 1] = ts[j]
+  end
+  return r2, s2, t2
+end
+"""
+
+APPEND_LUA = (
+    _ROWS_LUA
+    + """
 local key, set_key = KEYS[1], KEYS[2]
 local entity, new_row, new_ts_s = ARGV[1], ARGV[2], ARGV[3]
-local new_ts, keep_from, keep_last = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local rows, ts_s, ts = {}, {}, {}
-local payload = redis.call('HGET', key, 'rows')
-if payload and #payload > 2 then
-  local body = string.sub(payload, 2, -2)
-  local start = 1
-  while true do
-    local stop = string.find(body, '},{"ts":', start, true)
-    local row = stop and string.sub(body, start, stop) or string.sub(body, start)
-    local digits = string.match(row, '^{"ts":(%-?%d+)[,}]')
-    if not digits then return redis.error_reply('corrupt rows payload') end
-    rows[#rows + 1] = row
-    ts_s[#ts_s + 1] = digits
-    ts[#ts + 1] = tonumber(digits)
-    if not stop then break end
-    start = stop + 2
-  end
-end
-local i = #rows
-while i > 0 and ts[i] > new_ts do i = i - 1 end
-if i > 0 and ts[i] == new_ts then
-  rows[i] = new_row
-else
-  table.insert(rows, i + 1, new_row)
-  table.insert(ts_s, i + 1, new_ts_s)
-  table.insert(ts, i + 1, new_ts)
-end
-local before = 0
-for j = 1, #ts do
-  if ts[j] < keep_from then before = j else break end
-end
-local first = math.max(1, before - keep_last + 1)
-if first > #rows then
+local keep_from, keep_last = tonumber(ARGV[4]), tonumber(ARGV[5])
+local rows, ts_s, ts = parse_rows(redis.call('HGET', key, 'rows'))
+if not rows then return redis.error_reply('corrupt rows payload') end
+rows, ts_s, ts = merge_row(rows, ts_s, ts, new_row, new_ts_s, keep_from, keep_last)
+if #rows == 0 then
   redis.call('DEL', key)
   redis.call('SREM', set_key, entity)
   return '[]'
 end
-local kept = {}
-for j = first, #rows do kept[#kept + 1] = rows[j] end
-local out = '[' .. table.concat(kept, ',') .. ']'
+local out = '[' .. table.concat(rows, ',') .. ']'
 redis.call('HSET', key, 'as_of', ts_s[#ts_s], 'rows', out)
 redis.call('SADD', set_key, entity)
 return out
 """
+)
 
 
 # append_rows in one script (one round trip, atomic on the server). Per entity, ARGV holds:
@@ -613,7 +637,9 @@ return out
 # its as_of, keep_last, the number of rows n, then n times (row, ts, keep_from). A payload
 # still equal to the one read is replaced by the caller's; otherwise each row is merged into
 # the current payload as APPEND_LUA merges one. Returns how many entities were merged.
-APPEND_MANY_LUA = """
+APPEND_MANY_LUA = (
+    _ROWS_LUA
+    + """
 local set_key = KEYS[1]
 local p, merged = 1, 0
 for k = 2, #KEYS do
@@ -629,47 +655,13 @@ for k = 2, #KEYS do
     p = p + 3 * n
   else
     merged = merged + 1
-    local rows, ts_s, ts = {}, {}, {}
-    if payload and #payload > 2 then
-      local body = string.sub(payload, 2, -2)
-      local start = 1
-      while true do
-        local stop = string.find(body, '},{"ts":', start, true)
-        local row = stop and string.sub(body, start, stop) or string.sub(body, start)
-        local digits = string.match(row, '^{"ts":(%-?%d+)[,}]')
-        if not digits then return redis.error_reply('corrupt rows payload of ' .. entity) end
-        rows[#rows + 1] = row
-        ts_s[#ts_s + 1] = digits
-        ts[#ts + 1] = tonumber(digits)
-        if not stop then break end
-        start = stop + 2
-      end
-    end
+    local rows, ts_s, ts = parse_rows(payload)
+    if not rows then return redis.error_reply('corrupt rows payload of ' .. entity) end
     for _ = 1, n do
-      local new_row, new_ts_s = ARGV[p], ARGV[p + 1]
-      local new_ts, keep_from = tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
+      rows, ts_s, ts = merge_row(
+        rows, ts_s, ts, ARGV[p], ARGV[p + 1], tonumber(ARGV[p + 2]), keep_last
+      )
       p = p + 3
-      local i = #rows
-      while i > 0 and ts[i] > new_ts do i = i - 1 end
-      if i > 0 and ts[i] == new_ts then
-        rows[i] = new_row
-      else
-        table.insert(rows, i + 1, new_row)
-        table.insert(ts_s, i + 1, new_ts_s)
-        table.insert(ts, i + 1, new_ts)
-      end
-      local before = 0
-      for j = 1, #ts do
-        if ts[j] < keep_from then before = j else break end
-      end
-      local first = math.max(1, before - keep_last + 1)
-      local r2, s2, t2 = {}, {}, {}
-      for j = first, #rows do
-        r2[#r2 + 1] = rows[j]
-        s2[#s2 + 1] = ts_s[j]
-        t2[#t2 + 1] = ts[j]
-      end
-      rows, ts_s, ts = r2, s2, t2
     end
     if #rows == 0 then
       redis.call('DEL', key)
@@ -682,6 +674,7 @@ for k = 2, #KEYS do
 end
 return merged
 """
+)
 
 
 def _redact(url: str) -> str:

@@ -151,6 +151,15 @@ def embedded_spec_text(*edits: tuple[str, str]) -> str:
     return text
 
 
+# The embedded spec for a quick champion on a few small days: one trial, a threshold a small
+# sample clears, and a smoke-test budget a loaded CI machine meets.
+QUICK_TRAINING = (
+    ("latency_budget_ms: 50", "latency_budget_ms: 500"),
+    ("trials: 10", "trials: 1"),
+    ("thresholds: {roc_auc: 0.75, pr_auc: 0.2}", "thresholds: {roc_auc: 0.5}"),
+)
+
+
 def make_project(
     root: Path,
     spec_text: str | None = None,

@@ -303,14 +303,10 @@ def test_landed_days_are_built_scored_and_evaluated_by_the_daemon_alone(tmp_path
     from orchestration.replay import Replay
     from sensors.monitoring import monitoring_sensor_name
     from sensors.new_data import new_data_sensor_name
-    from tests.conftest import embedded_spec_text, make_project, small_data
+    from tests.conftest import QUICK_TRAINING, embedded_spec_text, make_project, small_data
 
     build, new, lag = 5, 2, 3  # lag: the event feed's maturity (72 h) in days
-    text = embedded_spec_text(
-        ("latency_budget_ms: 50", "latency_budget_ms: 500"),  # a loaded CI machine
-        ("trials: 10", "trials: 1"),
-        ("thresholds: {roc_auc: 0.75, pr_auc: 0.2}", "thresholds: {roc_auc: 0.5}"),
-    )
+    text = embedded_spec_text(*QUICK_TRAINING)
     p = make_project(tmp_path, text, with_mlflow=True)
     spec = p.spec
     small_data(p, days=build + new + lag, machines=24)

@@ -468,3 +468,54 @@ def test_admission_limit_answers_503_at_once_while_health_stays_200(world, monke
     (count,) = samples(final, "mlops_serving_request_duration_seconds_count", endpoint="/predict")
     assert count.value == 3  # the admitted ones: the refusal is not in the histogram
     assert samples(final, "mlops_serving_inflight")[0].value == 0
+
+
+# A user's own shape: column labels, no entity (every reading is the one series "all"), so
+# each reading of a batch is history for the next ones.
+NO_ENTITY_SPEC = """
+name: meter
+source: {path: incoming, format: csv, file_pattern: "m_{date}.csv", timestamp_column: ts,
+  start_date: 2026-05-01}
+schema:
+  columns:
+    - {name: ts, type: timestamp}
+    - {name: load, type: float}
+    - {name: temp, type: float}
+    - {name: y, type: int}
+labels: {kind: column, column: y, name: target, maturity: 0h}
+features:
+  lookback_days: 1
+  passthrough: [load, temp]
+  aggregates: [{columns: [load], functions: [mean, max], windows: [6h]}]
+  transforms: [{name: load_delta, kind: diff, column: load}]
+model:
+  candidates: [{estimator: logistic_regression}]
+"""
+
+
+def test_a_batch_without_an_entity_equals_one_request_per_reading(tmp_path):
+    from mlops.spec import load_spec
+
+    (tmp_path / "meter.yaml").write_text(NO_ENTITY_SPEC)
+    spec = load_spec(tmp_path / "meter.yaml")
+    rng = random.Random(5)
+    t0 = dt.datetime(2026, 5, 3, tzinfo=dt.UTC)
+
+    def reading(when: dt.datetime) -> dict[str, Any]:
+        return {"ts": when, "load": rng.uniform(0, 10), "temp": rng.uniform(10, 30)}
+
+    history = [online.state_row(spec, reading(t0 - dt.timedelta(hours=h))) for h in (9, 5, 2)]
+    steps = [0, 20, 20, -30, 0, 45, 400, -2000, 15]  # minutes: in order, late, same time
+    readings, t = [], t0
+    for step in steps:
+        t += dt.timedelta(minutes=step)
+        readings.append(("all", reading(t)))
+    one_by_one, batched = (SQLiteOnlineStore(tmp_path / f"{n}.db") for n in "ab")
+    for s in (one_by_one, batched):
+        s.write_states(spec.name, [EntityState("all", history[-1]["ts"], history)])
+    single = online.OnlineFeatures(spec, one_by_one, fallback="reading_only")
+    want = [single.get(e, r) for e, r in readings]
+    got = online.OnlineFeatures(spec, batched, fallback="reading_only").get_many(readings)
+    assert max(_same(w, g) for w, g in zip(want, got, strict=True)) <= 1e-9
+    assert one_by_one.get_state(spec.name, "all") == batched.get_state(spec.name, "all")
+    assert got[1].features["load_mean_6h"] != got[0].features["load_mean_6h"]  # history used

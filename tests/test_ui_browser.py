@@ -179,7 +179,7 @@ def test_a_refused_challenger_shows_as_refused_in_both_uis(tmp_path, monkeypatch
     from demo.ui_pages import free_port, mlflow_ui, model_version_url
     from mlops import registry
     from mlops.monitoring import RetrainDecision
-    from tests.conftest import embedded_spec_text
+    from tests.conftest import QUICK_TRAINING, embedded_spec_text
 
     exe = require_chromium()
     # Each UI's address is known before the runs, which record links to the other UI.
@@ -187,11 +187,7 @@ def test_a_refused_challenger_shows_as_refused_in_both_uis(tmp_path, monkeypatch
     dagster_base, mlflow_base = (f"http://127.0.0.1:{n}" for n in (dagster_port, mlflow_port))
     monkeypatch.setenv("MLOPS_DAGSTER_UI_URL", dagster_base)
     monkeypatch.setenv("MLOPS_MLFLOW_UI_URL", mlflow_base)
-    text = embedded_spec_text(
-        ("latency_budget_ms: 50", "latency_budget_ms: 500"),  # a loaded CI machine
-        ("trials: 10", "trials: 1"),
-        ("thresholds: {roc_auc: 0.75, pr_auc: 0.2}", "thresholds: {roc_auc: 0.5}"),
-    )
+    text = embedded_spec_text(*QUICK_TRAINING)
     p = make_project(tmp_path, text, with_mlflow=True)
     spec = p.spec
     small_data(p, days=8, machines=24)
