@@ -91,6 +91,8 @@ def build_data_assets(
             )
         )
         label_deps.append(key["label_events"])
+    if spec.labels.uses_feedback:
+        label_deps.append(dg.AssetKey([name, "label_feedback"]))
 
     @dg.asset(
         key=key["raw_data"],
@@ -222,12 +224,25 @@ def build_data_assets(
         **attrs("labels"),
     )
     def labels_asset(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
-        """Label per prediction point (event within the horizon), with label maturity."""
+        """Label per prediction point (a column, an event within the horizon, or field feedback), with maturity."""
         store = lake.get()
-        valid = store.read(name, "validated_data", context.partition_key)
+        part = context.partition_key
+        # Feedback alone labels readings that only the online service saw.
+        valid = (
+            store.read(name, "validated_data", part)
+            if spec.labels.kind != "feedback" or store.exists(name, "validated_data", part)
+            else pl.DataFrame()
+        )
         built = store.partitions(name, "validated_data")
         through = dt.date.fromisoformat(built[-1]) if built else None
-        rows, info = labels.build_labels(spec, valid, _day(context), data_through=through)
+        fed = (
+            store.read(name, "label_feedback", part)
+            if spec.labels.uses_feedback and store.exists(name, "label_feedback", part)
+            else None
+        )
+        rows, info = labels.build_labels(
+            spec, valid, _day(context), data_through=through, feedback=fed
+        )
         written = store.write(name, "labels", rows, context.partition_key)
         mature = int(rows[labels.MATURE].sum()) if rows.height else 0
         return dg.MaterializeResult(

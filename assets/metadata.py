@@ -22,6 +22,7 @@ STAGES = {
     "validated_data": "data",
     "quarantine": "data",
     "labels": "data",
+    "label_feedback": "data",
     "features": "features",
     "online_features": "features",
     "training_set": "features",

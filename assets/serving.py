@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from assets.metadata import asset_attrs, column_schema, md_table
+from assets.metadata import asset_attrs, column_schema, md_table, rounded
 from catalog.partitions import daily_partitions
+from mlops import feedback
 from mlops.inference_log import compare_routes, inference_log_dir, read_day
 from mlops.spec import Spec
 from resources.lake import LakeResource
@@ -65,4 +66,55 @@ def build_serving_assets(spec: Spec) -> list[dg.AssetsDefinition]:
             },
         )
 
-    return [inference_log]
+    if not spec.labels.uses_feedback:
+        return [inference_log]
+
+    @dg.asset(
+        key=dg.AssetKey([name, "label_feedback"]),
+        partitions_def=daily_partitions(spec),
+        deps=[dg.AssetKey([name, "inference_log"])],
+        kinds={"parquet"},
+        group_name=name,
+        code_version=spec.content_hash[:12],
+        **asset_attrs(spec, "label_feedback"),
+    )
+    def label_feedback(
+        context: dg.AssetExecutionContext, lake: LakeResource
+    ) -> dg.MaterializeResult:
+        """Field feedback on the day's readings (newest per reading), and what could not be used."""
+        folder = feedback.feedback_dir(name)
+        got = feedback.ingest_day(spec, folder, context.partition_key)
+        store = lake.get()
+        written = store.write(name, "label_feedback", got.accepted, context.partition_key)
+        rejected = store.write(name, "label_feedback_rejected", got.rejected, context.partition_key)
+        if got.rejected.height:
+            context.log.warning(
+                f"{got.rejected.height} feedback line(s) received {context.partition_key} "
+                f"cannot be used; kept with their reason in {rejected.path}"
+            )
+        acc = got.accepted
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(written.content_hash),
+            metadata={
+                "rows": acc.height,
+                "feedback_lines": got.lines,
+                "superseded": got.superseded,
+                "rejected": got.rejected.height,
+                "unreadable_lines": got.unreadable,
+                "positive_rate": rounded(acc["label"].mean()) if acc.height else None,
+                "by_source": dg.MetadataValue.json(
+                    dict(acc.group_by("source").len().sort("source").iter_rows())
+                ),
+                "files": dg.MetadataValue.json(got.files),
+                "log_dir": dg.MetadataValue.path(str(folder)),
+                "path": dg.MetadataValue.path(written.path),
+                "rejected_path": dg.MetadataValue.path(rejected.path),
+                **column_schema(acc),
+                "preview": md_table(
+                    acc.select("event_time", "entity", "label", "source", "score"), 5
+                ),
+                "rejected_preview": md_table(got.rejected.select("request_id", "reason"), 5),
+            },
+        )
+
+    return [inference_log, label_feedback]

@@ -290,11 +290,15 @@ def lineage(spec_arg: str, version: int, as_json: bool) -> None:
 def impact(spec_arg: str, partition: str, as_json: bool) -> None:
     """Model versions and prediction partitions that used one data partition."""
     from mlops import lineage as lin
+    from mlops import registry
     from mlops.registry_reader import open_registry
 
     s, lake, uri = _context(spec_arg)
-    with open_registry(uri) as reg:
-        d = lin.impact(s, lake, reg, partition)
+    try:
+        with open_registry(uri) as reg:
+            d = lin.impact(s, lake, reg, partition)
+    except registry.RegistryError as e:  # a version's lineage artifact unreadable or altered
+        _fail(f"impact: {e}")
     _print(d, as_json, lin.format_impact(d))
 
 
@@ -326,6 +330,85 @@ def reproduce(spec_arg: str, version: int, as_json: bool) -> None:
     _print(r, as_json, text)
     if not r["exact"]:
         sys.exit(1)
+
+
+# Labels from the field ---------------------------------------------------------------------
+
+
+@main.group()
+def labels() -> None:
+    """Active learning with a CSV: export readings worth labelling, import the labels."""
+
+
+@labels.command("export")
+@SPEC_OPTION
+@click.option("--day", required=True, help="the readings' day (YYYY-MM-DD), scored already")
+@click.option(
+    "--strategy",
+    type=click.Choice(["uncertainty", "random"]),
+    default="uncertainty",
+    show_default=True,
+    help="uncertainty: the scores nearest the decision threshold; random: a seeded sample",
+)
+@click.option("--n", "n", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="for --strategy random")
+@click.option("--out", "out_path", required=True, help="the CSV to write")
+def labels_export(spec_arg: str, day: str, strategy: str, n: int, seed: int, out_path: str) -> None:
+    """Write the day's readings most worth labelling (not labelled yet), with their features
+    and score and an empty `label` column to fill in."""
+    from mlops import feedback
+
+    s, lake, _ = _context(spec_arg)
+    try:
+        dt.date.fromisoformat(day)
+        frame, source = feedback.export_day(s, lake, day, strategy, n, seed)
+    except ValueError as e:
+        _fail(f"labels export: {e}")
+    frame.write_csv(out_path)
+    click.echo(
+        f"wrote {frame.height} reading(s) of {day} ({strategy}, scores from {source}) to "
+        f"{out_path}: fill in the label column, then `mlops labels import {out_path}`"
+    )
+
+
+@labels.command("import")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--spec", "spec_arg", default=None, help="spec name or path (default: the CSV's spec column)"
+)
+def labels_import(path: str, spec_arg: str | None) -> None:
+    """Land a filled-in export as field feedback (rows with an empty label are skipped); the
+    feedback sensor then relabels the days it names."""
+    import polars as pl
+
+    from mlops import feedback
+
+    try:
+        frame = pl.read_csv(path, infer_schema=False)  # every column as text: checked below
+    except (pl.exceptions.PolarsError, OSError) as e:
+        _fail(f"labels import: {path} is not a readable CSV: {e}")
+    names = frame["spec"].unique().to_list() if "spec" in frame.columns else []
+    if spec_arg is None:
+        if len(names) != 1:
+            _fail(f"labels import: {path} names no single spec (spec column: {names}); pass --spec")
+        spec_arg = names[0]
+    s, _, _ = _context(spec_arg)
+    if names and names != [s.name]:
+        _fail(f"labels import: {path} holds readings of {names}, not of spec {s.name}")
+    try:
+        items, skipped = feedback.import_rows(s, frame, path)
+    except feedback.FeedbackError as e:
+        lines = [f"  row {p['record']}: {p['field']}: {p['reason']}" for p in e.problems[:20]]
+        _fail("\n".join([f"labels import: {e}", *lines]))
+    writer = feedback.FeedbackWriter(feedback.feedback_dir(s.name))
+    try:
+        writer.append(items, "import")
+    finally:
+        writer.close()
+    click.echo(
+        f"recorded {len(items)} label(s) for {s.name} in {feedback.feedback_dir(s.name)} "
+        f"({skipped} row(s) without a label skipped)"
+    )
 
 
 # Feature store ---------------------------------------------------------------------------
@@ -473,6 +556,22 @@ def features_online_stats(spec_arg: str) -> None:
     help="/predict requests a worker admits at once (running or waiting for a thread); "
     "one more is answered 503 with Retry-After at once",
 )
+@click.option(
+    "--microbatch-max-size",
+    type=click.IntRange(1, 1000),
+    default=1,
+    show_default=True,
+    help="requests waiting for a thread are served together as one vectorized batch of at "
+    "most this many (1: one request at a time)",
+)
+@click.option(
+    "--microbatch-max-wait-ms",
+    type=click.FloatRange(0, 1000),
+    default=0.0,
+    show_default=True,
+    help="a thread that finds fewer than --microbatch-max-size requests waits up to this "
+    "long (from the first one's arrival) for more",
+)
 def serve(
     spec_arg: str,
     host: str,
@@ -489,6 +588,8 @@ def serve(
     load_retry_max: float,
     threads: int,
     max_inflight: int,
+    microbatch_max_size: int,
+    microbatch_max_wait_ms: float,
 ) -> None:
     """Serve models:/<name>@champion over HTTP: POST /predict, /health/*, /model, /metrics."""
     from mlops import config
@@ -513,6 +614,8 @@ def serve(
         load_retry_max_s=max(load_retry, load_retry_max),
         threads=threads,
         max_inflight=max_inflight,
+        microbatch_max_size=microbatch_max_size,
+        microbatch_max_wait_ms=microbatch_max_wait_ms,
     )
     click.echo(
         f"serving {s.registered_model_name}@champion ({mode}) on http://{host}:{port} with "

@@ -48,11 +48,17 @@ else:
 
 
 DEFAULT_MAX_BYTES = 128 * 1024 * 1024
-FILE_RE = re.compile(r"^inference-(\d{4}-\d{2}-\d{2})-(\d+)-(\d+)\.jsonl$")
 # Readings are logged when they are served, never before they happen: a day's records are
 # in files opened that day or later. One day of slack covers device clocks running ahead.
 CLOCK_SLACK = dt.timedelta(days=1)
 ROUTES = ("champion", "canary", "shadow")
+
+
+@functools.cache
+def file_re(prefix: str) -> re.Pattern[str]:
+    """`<prefix>-<day>-<pid>-<seq>.jsonl`: the request log (inference) and the field
+    feedback (mlops.feedback) share the writer and the naming."""
+    return re.compile(rf"^{re.escape(prefix)}-(\d{{4}}-\d{{2}}-\d{{2}})-(\d+)-(\d+)\.jsonl$")
 
 
 @functools.cache
@@ -101,8 +107,10 @@ class InferenceLogWriter:
         directory: str | Path,
         max_bytes: int = DEFAULT_MAX_BYTES,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        prefix: str = "inference",
     ):
         self.directory = Path(directory)
+        self.prefix = prefix
         self.max_bytes = max_bytes
         self.clock = clock
         self._lock = threading.Lock()
@@ -117,11 +125,11 @@ class InferenceLogWriter:
             self._file.close()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._pid = os.getpid()
-        prefix = f"inference-{day}-{self._pid}-"
+        prefix = f"{self.prefix}-{day}-{self._pid}-"
         seqs = [
             int(m.group(3))
             for p in self.directory.glob(prefix + "*.jsonl")
-            if (m := FILE_RE.match(p.name))
+            if (m := file_re(self.prefix).match(p.name))
         ]
         # Always a new file: a previous process with the same pid may have left a torn line.
         self.path = self.directory / f"{prefix}{max(seqs, default=-1) + 1:04d}.jsonl"
@@ -160,14 +168,17 @@ def now_iso() -> str:
 # Reading ---------------------------------------------------------------------------------------
 
 
-def log_files(directory: str | Path, since: dt.date | None = None) -> list[Path]:
+def log_files(
+    directory: str | Path, since: dt.date | None = None, prefix: str = "inference"
+) -> list[Path]:
     """The log's files, oldest first; with `since`, only files opened on or after that day."""
     d = Path(directory)
     if not d.is_dir():
         return []
     found = []
+    pattern = file_re(prefix)
     for p in d.iterdir():
-        m = FILE_RE.match(p.name)
+        m = pattern.match(p.name)
         if m and (since is None or dt.date.fromisoformat(m.group(1)) >= since):
             found.append((m.group(1), int(m.group(2)), int(m.group(3)), p))
     return [p for *_, p in sorted(found)]

@@ -153,32 +153,89 @@ def _finish(spec: Spec, rows: pl.DataFrame, as_of: dt.datetime | None) -> pl.Dat
     )
 
 
+# Field feedback (mlops.feedback's label_feedback rows) as labels -------------------------------
+
+
+def label_dtype(spec: Spec) -> pl.DataType:
+    return pl.Int64() if spec.model.task == "binary_classification" else pl.Float64()
+
+
+def feedback_rows(spec: Spec, feedback: pl.DataFrame | None) -> pl.DataFrame:
+    """label_feedback rows (entity, event_time, label) -> rows in the labels' layout."""
+    if feedback is None:
+        feedback = pl.DataFrame(
+            schema={"entity": pl.String, "event_time": pl.Datetime("us"), "label": pl.Float64}
+        )
+    return feedback.select(
+        pl.col("entity").alias(entity_column(spec)),
+        pl.col("event_time").alias(spec.source.timestamp_column),
+        pl.col("label").cast(label_dtype(spec)).alias(spec.labels.name),
+    )
+
+
+def override(
+    spec: Spec, labels: pl.DataFrame, feedback: pl.DataFrame
+) -> tuple[pl.DataFrame, int, int]:
+    """The labels with field feedback replacing the label of each reading it names; returns
+    (labels, rows overridden, feedback rows that name no labelled reading)."""
+    if feedback.height == 0:
+        return labels, 0, 0
+    ent, ts, name = entity_column(spec), spec.source.timestamp_column, spec.labels.name
+    fb = feedback_rows(spec, feedback).rename({name: "_feedback"})
+    joined = labels.join(fb, on=[ent, ts], how="left")
+    hit = joined["_feedback"].is_not_null()
+    out = joined.with_columns(
+        pl.coalesce(pl.col("_feedback").cast(labels.schema[name]), pl.col(name)).alias(name)
+    ).drop("_feedback")
+    n = int(hit.sum())
+    return out, n, fb.height - n
+
+
 def build_labels(
-    spec: Spec, valid: pl.DataFrame, day: dt.date, data_through: dt.date | None = None
+    spec: Spec,
+    valid: pl.DataFrame,
+    day: dt.date,
+    data_through: dt.date | None = None,
+    feedback: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, dict]:
     """Labels for one day's valid rows, plus metadata about where they came from.
 
-    `data_through`: the newest day whose data is in the lake (column labels only): the
-    clock of their maturity, so a label follows the data, never the wall clock, and a file
-    or a SQL source behave alike."""
-    valid = with_entity(spec, valid)
-    if spec.labels.kind == "column":
-        # The target is in the rows; rows are final once `maturity` has passed after the
-        # newest day in the lake (a re-delivered file can still correct them before that).
+    `data_through`: the newest day whose data is in the lake (column labels and feedback):
+    the clock of their maturity, so a label follows the data, never the wall clock, and a
+    file or a SQL source behave alike. `feedback`: the day's label_feedback rows (specs
+    that use field feedback): the labels themselves (kind feedback: a reading without
+    feedback has no label row), or overrides of the column's or the feed's labels."""
+    if spec.labels.kind in ("column", "feedback"):
+        # Final once `maturity` has passed after the newest day in the lake: a re-delivered
+        # file (or a technician's correction) can still change them before that.
         through = max(data_through or day, day)
         as_of = dt.datetime.combine(through + dt.timedelta(days=1), dt.time())
-        labels = column_labels(spec, valid, as_of)
-        return labels, {
+        if spec.labels.kind == "feedback":
+            rows = feedback_rows(spec, feedback)
+            return _finish(spec, rows, as_of), {
+                "source": "field feedback",
+                "data_through": through.isoformat(),
+                "readings_labelled": rows.height,
+                "readings_unlabelled": max(valid.height - rows.height, 0),
+                "data_version": None,
+            }
+        labels = column_labels(spec, with_entity(spec, valid), as_of)
+        info: dict = {
             "source": f"column {spec.labels.column}",
             "data_through": through.isoformat(),
             "data_version": None,
         }
-    batch = load_events(spec, day)
-    labels = event_labels(spec, valid, batch.events, batch.as_of)
-    return labels, {
-        "source": "event feed",
-        "event_files": [p.name for p in batch.files],
-        "events": batch.events.height,
-        "events_unparseable": batch.rows_unparseable,
-        "data_version": batch.content_hash,
-    }
+    else:
+        batch = load_events(spec, day)
+        labels = event_labels(spec, with_entity(spec, valid), batch.events, batch.as_of)
+        info = {
+            "source": "event feed",
+            "event_files": [p.name for p in batch.files],
+            "events": batch.events.height,
+            "events_unparseable": batch.rows_unparseable,
+            "data_version": batch.content_hash,
+        }
+    if spec.labels.feedback == "override" and feedback is not None:
+        labels, n, unmatched = override(spec, labels, feedback)
+        info |= {"feedback_overrides": n, "feedback_unmatched": unmatched}
+    return labels, info

@@ -26,7 +26,7 @@ PREDICTIONS = "batch_predictions"
 def changed_inputs(spec: Spec, lake: Lake, lin: dict[str, Any]) -> dict[str, str]:
     """Input partitions whose lake file no longer has the recorded data version."""
     changed = {}
-    for asset, parts in lin.get("data_versions", {}).items():
+    for asset, parts in lin["data_versions"].items():
         for part, recorded in parts.items():
             exists = lake.exists(spec.name, asset, part)
             now = lake.content_hash(spec.name, asset, part) if exists else None
@@ -45,7 +45,7 @@ def lineage(spec: Spec, lake: Lake, reg: RegistryReader, version: int) -> dict[s
     if mv is None:
         raise registry.RegistryError(f"model {name} has no version {version}")
     tags = mv.tags
-    lin = registry.lineage_from_tags(tags)
+    lin = registry.lineage_from_tags(tags, reg.data_versions(mv))
     aliases = sorted(mv.aliases)
     changed = changed_inputs(spec, lake, lin)
     evaluation = load_evaluation(lake, spec, version)
@@ -65,7 +65,9 @@ def lineage(spec: Spec, lake: Lake, reg: RegistryReader, version: int) -> dict[s
         "trials": lin.get("trials"),
         "training_partitions": lin.get("training_partitions", []),
         "training_set_hash": lin.get("training_set_hash"),
-        "data_versions": lin.get("data_versions", {}),
+        "data_versions": lin["data_versions"],
+        # sha256 of the data versions' canonical JSON (None: a version from before the digest)
+        "data_versions_digest": lin.get("data_versions_digest"),
         "data_changed_since": changed,
         "evaluation": (evaluation or {}).get("challenger", {}).get("metrics"),
         "gate_status": tags.get(GATE_STATUS_TAG),
@@ -77,6 +79,7 @@ def lineage(spec: Spec, lake: Lake, reg: RegistryReader, version: int) -> dict[s
 
 def format_lineage(d: dict[str, Any]) -> str:
     parts = d["training_partitions"]
+    digest = f", digest {d['data_versions_digest'][:16]}" if d.get("data_versions_digest") else ""
     lines = [
         f"{d['model']} v{d['version']}  {' '.join('@' + a for a in d['aliases'])}".rstrip(),
         f"  estimator        {d['estimator']}",
@@ -87,7 +90,7 @@ def format_lineage(d: dict[str, Any]) -> str:
         f"  training window  {parts[0] if parts else '-'} .. {parts[-1] if parts else '-'} "
         f"({len(parts)} partitions), seed {d['seed']}, {d['trials']} trials",
         f"  training set     {d['training_set_hash']}",
-        "  input partitions (data versions):",
+        f"  input partitions (data versions{digest}):",
     ]
     for asset, versions in d["data_versions"].items():
         for part, h in versions.items():
@@ -107,12 +110,12 @@ def format_lineage(d: dict[str, Any]) -> str:
 
 def impact(spec: Spec, lake: Lake, reg: RegistryReader, partition: str) -> dict[str, Any]:
     """Model versions trained on a partition's data, and the prediction partitions they (or
-    that partition's own features) produced."""
+    that partition's own features) produced. Each version's data versions come from its run's
+    lineage artifact (its tags for versions older than the digest): reg.data_versions."""
     name = spec.registered_model_name
     versions = []
     for mv in reg.versions(name):
-        lin = registry.lineage_from_tags(mv.tags)
-        used = sorted(a for a, parts in lin.get("data_versions", {}).items() if partition in parts)
+        used = sorted(a for a, parts in reg.data_versions(mv).items() if partition in parts)
         if used:
             versions.append(
                 {
@@ -181,9 +184,8 @@ def reproduce(spec: Spec, lake: Lake, tracking_uri: str, version: int) -> dict[s
     from mlops.model_loader import load_model
 
     name = spec.registered_model_name
-    tags = registry.version_tags(tracking_uri, name, version)
-    lin = registry.lineage_from_tags(tags)
-    run_id = tags.get(f"{registry.TAG}mlflow_run_id")
+    lin = registry.version_lineage(tracking_uri, name, version)
+    run_id = lin.get("mlflow_run_id")
     registry.client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         spec_dir = Path(tmp) / "specs"

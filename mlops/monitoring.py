@@ -514,7 +514,7 @@ def follow_ups(
     column labels are refreshed when the data clock passes their maturity (event feeds
     mature when their files arrive: the new-data sensor requests those)."""
     out: list[FollowUp] = []
-    if spec.labels.kind == "column":
+    if spec.labels.kind in ("column", "feedback"):  # both mature by the data clock
         for d in labelled:
             if d not in mature and d not in busy and label_due(spec, d, data_through):
                 perf = start is not None and d > start and d in scored
@@ -615,7 +615,8 @@ def performance_day(spec: Spec, lake: Lake, day: str) -> PerformanceDay:
         spec,
         preds,
         lake.read(spec.name, "labels", day),
-        lake.read(spec.name, "features", day),
+        # A day only the online service saw (feedback labels) has no lake features: no slices.
+        lake.read(spec.name, "features", day) if lake.exists(spec.name, "features", day) else None,
         baseline=block.get("metrics", {}).get(modeling.primary_metric(spec)),
         threshold=block.get("threshold"),
         baseline_rows=(doc or {}).get("test_rows"),

@@ -7,6 +7,7 @@ the CLI, and mlflow takes seconds to import.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,13 @@ HISTORY_LOG_ASSET = "deployment_log"  # one file per entry: appends never race
 MOVES = ("promote", "force_promote", "rollback", "force_rollback")
 PROMOTIONS = ("promote", "force_promote")
 REFUSED = "refused"
-# Lineage tags every model version carries (DESIGN §5); data versions are one tag per input
-# partition: mlops.data_version.<asset>.<partition>.
+# Lineage tags every model version carries (DESIGN §5). The data version of each input
+# partition is not a tag: the mapping {asset: {partition: content hash}} is the
+# `data_versions` entry of the training run's artifact LINEAGE_ARTIFACT, and the run and the
+# version carry two tags about it: DATA_VERSIONS_DIGEST_TAG (the sha256 of the mapping's
+# canonical JSON, data_versions_digest) and DATA_PARTITIONS_TAG (how many partitions).
+# Versions registered before that carry one tag per partition instead,
+# mlops.data_version.<asset>.<partition> (LEGACY_DATA_VERSION_TAG): still read.
 LINEAGE_TAGS = (
     "spec_name",
     "spec_hash",
@@ -47,6 +53,10 @@ LINEAGE_TAGS = (
 # Written when known: the partition whose evidence started it (sensor-started runs), and the
 # Dagster run's page (mlops.dagster_run_url: the MLflow UI's way back to Dagster).
 OPTIONAL_LINEAGE_TAGS = ("trigger_day", "dagster_run_url")
+LINEAGE_ARTIFACT = "lineage/lineage.json"  # the run's lineage dict, data versions included
+DATA_VERSIONS_DIGEST_TAG = f"{TAG}data_versions_digest"
+DATA_PARTITIONS_TAG = f"{TAG}data_partitions"
+LEGACY_DATA_VERSION_TAG = f"{TAG}data_version."  # + <asset>.<partition>: before the digest
 
 
 # The MLflow UI's experiment kind (MLflow 3): without it an experiment opens in GenAI mode.
@@ -202,32 +212,135 @@ def _tag_value(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v, sort_keys=True)
 
 
+def data_versions_digest(versions: dict[str, dict[str, str]]) -> str:
+    """The sha256 of the data versions' canonical JSON (sorted keys, no spaces): what
+    DATA_VERSIONS_DIGEST_TAG holds, whatever the layout the artifact was written with."""
+    text = json.dumps(versions, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
-    """Flatten a lineage dict into MLflow tags (one tag per input partition's data version)."""
+    """Flatten a lineage dict into MLflow tags. The input partitions' data versions are left
+    to the run's LINEAGE_ARTIFACT (written from the same dict): here only their digest and
+    count, so a version carries a fixed number of tags however long its training window."""
     tags = {f"{TAG}{k}": _tag_value(lineage[k]) for k in LINEAGE_TAGS if k in lineage}
     tags.update({f"{TAG}{k}": str(lineage[k]) for k in OPTIONAL_LINEAGE_TAGS if lineage.get(k)})
-    for asset, versions in lineage.get("data_versions", {}).items():
-        for part, h in versions.items():
-            tags[f"{TAG}data_version.{asset}.{part}"] = h
+    if "data_versions" in lineage:
+        versions = lineage["data_versions"]
+        tags[DATA_VERSIONS_DIGEST_TAG] = data_versions_digest(versions)
+        tags[DATA_PARTITIONS_TAG] = str(sum(len(p) for p in versions.values()))
     return tags
 
 
-def lineage_from_tags(tags: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _sorted_versions(versions: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    return {a: dict(sorted(p.items())) for a, p in sorted(versions.items())}
+
+
+def legacy_data_versions(tags: dict[str, str]) -> dict[str, dict[str, str]] | None:
+    """The data versions a version's own tags hold: the per-partition tags of a version
+    registered before the digest, or {} when it recorded none. None when the tags name a
+    digest: the mapping is in the run's artifact (data_versions_from_artifact)."""
+    if DATA_VERSIONS_DIGEST_TAG in tags:
+        return None
     versions: dict[str, dict[str, str]] = {}
     for k, v in tags.items():
-        if not k.startswith(TAG):
+        if k.startswith(LEGACY_DATA_VERSION_TAG):
+            asset, part = k.removeprefix(LEGACY_DATA_VERSION_TAG).split(".", 1)
+            versions.setdefault(asset, {})[part] = v
+    return _sorted_versions(versions)
+
+
+def lineage_from_tags(
+    tags: dict[str, str], data_versions: dict[str, dict[str, str]] | None = None
+) -> dict[str, Any]:
+    """The lineage dict back from a version's (or run's) tags. `data_versions` is the mapping
+    read from the run's artifact; without it, a version that records a digest has no
+    "data_versions" key (only "data_versions_digest" and "data_partitions"), so that a caller
+    who forgot the artifact fails instead of reading "no inputs"."""
+    out: dict[str, Any] = {}
+    for k, v in tags.items():
+        if not k.startswith(TAG) or k.startswith(LEGACY_DATA_VERSION_TAG):
             continue
         key = k.removeprefix(TAG)
-        if key.startswith("data_version."):
-            _, asset, part = key.split(".", 2)
-            versions.setdefault(asset, {})[part] = v
-        elif key in ("training_partitions", "seed", "trials"):
+        if key in ("training_partitions", "seed", "trials", "data_partitions"):
             out[key] = json.loads(v)
         else:
             out[key] = v
-    out["data_versions"] = {a: dict(sorted(p.items())) for a, p in sorted(versions.items())}
+    versions = data_versions if data_versions is not None else legacy_data_versions(tags)
+    if versions is not None:
+        out["data_versions"] = _sorted_versions(versions)
+        out.setdefault("data_partitions", sum(len(p) for p in versions.values()))
     return out
+
+
+def data_versions_from_artifact(text: str, digest: str, where: str) -> dict[str, dict[str, str]]:
+    """The `data_versions` of a LINEAGE_ARTIFACT's text, checked against the digest tag;
+    RegistryError when it lacks them or they are not the ones registered (`where` names the
+    file in the message)."""
+    try:
+        versions = json.loads(text)["data_versions"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RegistryError(
+            f"{where} holds no data_versions mapping ({type(e).__name__}: {e}); the lineage "
+            "of this version cannot be read: restore the artifact from a backup"
+        ) from None
+    got = data_versions_digest(versions)
+    if got != digest:
+        raise RegistryError(
+            f"{where}: its data_versions hash to {got[:16]}, but the version's "
+            f"{DATA_VERSIONS_DIGEST_TAG} tag says {digest[:16]}: the artifact was changed after "
+            "the version was registered; restore it from a backup"
+        )
+    return _sorted_versions(versions)
+
+
+def load_data_versions(
+    tracking_uri: str, run_id: str | None, digest: str
+) -> dict[str, dict[str, str]]:
+    """The data versions in run `run_id`'s LINEAGE_ARTIFACT, through MLflow (any artifact
+    store: the server's mlflow-artifacts:/, S3, a local folder), checked against `digest`."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    where = f"run {run_id}'s artifact {LINEAGE_ARTIFACT}"
+    if not run_id:
+        raise RegistryError(f"a version records {DATA_VERSIONS_DIGEST_TAG} but names no run")
+    c = client(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = c.download_artifacts(run_id, LINEAGE_ARTIFACT, tmp)
+            text = Path(path).read_text()
+        except (MlflowException, OSError) as e:
+            raise RegistryError(
+                f"cannot read {where} from {tracking_uri}: {getattr(e, 'message', e)}; check "
+                "that the artifact store is reachable and the run's artifacts were not deleted"
+            ) from e
+    return data_versions_from_artifact(text, digest, where)
+
+
+def run_id_of(tags: dict[str, str], run_id: str | None = None) -> str | None:
+    """The training run of a version: the one it records, else the one MLflow links."""
+    return tags.get(f"{TAG}mlflow_run_id") or run_id
+
+
+def version_lineage(tracking_uri: str, model_name: str, version: int) -> dict[str, Any]:
+    """A version's whole lineage through MLflow: its tags and, when they name a digest, the
+    data versions from its run's artifact (older versions: from their per-partition tags)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client(tracking_uri).get_model_version(model_name, str(version))
+    except MlflowException as e:
+        if not_found(e):
+            raise RegistryError(f"model {model_name} has no version {version}") from None
+        raise _unavailable(tracking_uri, f"{model_name} v{version}", e) from e
+    tags = dict(mv.tags)
+    versions = legacy_data_versions(tags)
+    if versions is None:
+        run_id = run_id_of(tags, mv.run_id)
+        versions = load_data_versions(tracking_uri, run_id, tags[DATA_VERSIONS_DIGEST_TAG])
+    return lineage_from_tags(tags, versions)
 
 
 def aliases(tracking_uri: str, model_name: str) -> dict[int, list[str]]:

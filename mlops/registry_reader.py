@@ -7,12 +7,22 @@ is read straight from its tables, read-only, and every other URI (the MLflow ser
 goes through MlflowClient: the same answers, only slower. A file whose tables are not the
 expected ones (another MLflow schema, workspaces in use) goes through the client too.
 
+Data versions (`lineage`, `impact`): a version records the data version of each input partition
+in its training run's artifact mlops/registry.LINEAGE_ARTIFACT, and only their digest as a tag
+(older versions: one tag per partition, read as before). `data_versions(v)` reads that artifact
+and checks it against the digest. SqliteRegistry finds the run's artifact folder in the same
+file (runs.artifact_uri) and, when it is local (a `file:` URI or a plain path: the default
+profile), reads the JSON straight from disk, still without MLflow: `impact` over every version
+is one SQL query for the tags plus one small file per version. An artifact store MLflow alone
+can reach (the server's mlflow-artifacts:/, S3, ...) is read through MlflowClient.
+
 Writes never come here: they go through mlops/registry.py and MLflow.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +53,26 @@ class RegistryReader(Protocol):
 
     def alias_version(self, model_name: str, alias: str) -> int | None: ...
 
+    def data_versions(self, v: VersionInfo) -> dict[str, dict[str, str]]:
+        """{asset: {partition: content hash}} of the version's inputs ({}: none recorded);
+        RegistryError when its artifact cannot be read or does not match the digest."""
+        ...
+
+
+def _data_versions(
+    v: VersionInfo, from_artifact: Callable[[str | None, str], dict[str, dict[str, str]]]
+) -> dict[str, dict[str, str]]:
+    """The version's own tags when they hold the data versions (older versions, or none
+    recorded), else from_artifact(run id, digest)."""
+    from mlops import registry
+
+    versions = registry.legacy_data_versions(v.tags)
+    if versions is not None:
+        return versions
+    return from_artifact(
+        registry.run_id_of(v.tags, v.run_id), v.tags[registry.DATA_VERSIONS_DIGEST_TAG]
+    )
+
 
 class _Closing:
     def close(self) -> None:
@@ -58,8 +88,10 @@ class _Closing:
 class SqliteRegistry(_Closing):
     """A `sqlite:///` MLflow backend store, opened read-only (a missing file: no models)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tracking_uri: str | None = None) -> None:
         self.path = path
+        # For the artifacts only MLflow can reach.
+        self.tracking_uri = tracking_uri or f"sqlite:///{path.resolve()}"
         self._conn: sqlite3.Connection | None = None
         if path.exists():
             self._conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
@@ -116,6 +148,37 @@ class SqliteRegistry(_Closing):
         ).fetchone()
         return int(row[0]) if row else None
 
+    def data_versions(self, v: VersionInfo) -> dict[str, dict[str, str]]:
+        return _data_versions(v, self._from_artifact)
+
+    def _from_artifact(self, run_id: str | None, digest: str) -> dict[str, dict[str, str]]:
+        from mlops import registry
+
+        root = self._artifact_uri(run_id)
+        folder = local_folder(root) if root else None
+        if folder is None:  # not on this disk (or not in this file): MLflow knows how
+            return registry.load_data_versions(self.tracking_uri, run_id, digest)
+        path = folder / registry.LINEAGE_ARTIFACT
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise registry.RegistryError(
+                f"cannot read run {run_id}'s lineage artifact {path}: {e.strerror or e}; the "
+                "version records its input data versions there: restore the run's artifacts"
+            ) from None
+        return registry.data_versions_from_artifact(text, digest, str(path))
+
+    def _artifact_uri(self, run_id: str | None) -> str | None:
+        if self._conn is None or not run_id:
+            return None
+        try:
+            row = self._conn.execute(
+                "SELECT artifact_uri FROM runs WHERE run_uuid = ?", (run_id,)
+            ).fetchone()
+        except sqlite3.Error:  # a schema without it: the client's turn
+            return None
+        return row[0] if row and row[0] else None
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -148,6 +211,24 @@ class ClientRegistry(_Closing):
 
         return registry.alias_version(self.tracking_uri, model_name, alias)
 
+    def data_versions(self, v: VersionInfo) -> dict[str, dict[str, str]]:
+        from mlops import registry
+
+        return _data_versions(
+            v, lambda run_id, digest: registry.load_data_versions(self.tracking_uri, run_id, digest)
+        )
+
+
+def local_folder(uri: str) -> Path | None:
+    """The folder of a `file:` URI (no host, or localhost) or a plain path; None for any
+    other scheme (the artifact store is elsewhere: s3://, mlflow-artifacts:/, ...)."""
+    parts = urlsplit(uri)
+    if parts.scheme == "file" and parts.netloc in ("", "localhost"):
+        return Path(unquote(parts.path))
+    if len(parts.scheme) <= 1:  # a path (a single letter: a Windows drive)
+        return Path(uri)
+    return None
+
 
 def sqlite_path(tracking_uri: str) -> Path | None:
     """The file of a `sqlite:///abs/path` (or `sqlite:///rel/path`) URI; None otherwise."""
@@ -167,7 +248,7 @@ def open_registry(tracking_uri: str) -> Any:
     path = sqlite_path(tracking_uri)
     if path is not None:
         try:
-            return SqliteRegistry(path)
+            return SqliteRegistry(path, tracking_uri)
         except (LookupError, sqlite3.Error):
             pass
     return ClientRegistry(tracking_uri)

@@ -386,14 +386,29 @@ class EventFeed(FileFeed):
 
 
 class LabelSpec(_Strict):
-    kind: Literal["column", "event_feed"]
+    kind: Literal["column", "event_feed", "feedback"] = Field(
+        description="column: a target column of the rows; event_feed: late-arriving events; "
+        "feedback: only what the field sends back (POST /feedback, `mlops labels import`)"
+    )
     name: str = Field("label", description="name of the label column in the training set")
     column: str | None = Field(None, description="kind=column: the target column of the rows")
     events: EventFeed | None = Field(None, description="kind=event_feed: where events land")
     horizon: Horizon = Field("24h", description="kind=event_feed: label = event within this")
     maturity: Maturity = Field(
-        "0h", description="how long after a row's time its label is final (horizon + lateness)"
+        "0h",
+        description="how long after a row's time its label is final (horizon + lateness; "
+        "for feedback, how long after a reading its feedback can still arrive)",
     )
+    feedback: Literal["none", "override"] = Field(
+        "none",
+        description="kind=column or event_feed: 'override' lets field feedback replace the "
+        "label of the readings it names",
+    )
+
+    @property
+    def uses_feedback(self) -> bool:
+        """Field feedback is (part of) the label source: the label_feedback asset exists."""
+        return self.kind == "feedback" or self.feedback == "override"
 
     @model_validator(mode="after")
     def _kind_fields(self) -> LabelSpec:
@@ -401,6 +416,11 @@ class LabelSpec(_Strict):
             raise ValueError("kind 'column' needs 'column': the target column of the rows")
         if self.kind == "event_feed" and self.events is None:
             raise ValueError("kind 'event_feed' needs 'events': the feed's landing directory")
+        if self.kind == "feedback" and (self.column or self.events or self.feedback != "none"):
+            raise ValueError(
+                "kind 'feedback' takes its labels from field feedback only: remove 'column', "
+                "'events' and 'feedback' (or use kind column/event_feed with feedback: override)"
+            )
         return self
 
 
@@ -938,11 +958,11 @@ def summary(spec: Spec) -> str:
     """One screen describing what the spec will build."""
     src, lab, feats, m = spec.source, spec.labels, spec.features, spec.model
     n_aggs = sum(len(a.columns) * len(a.functions) * len(a.windows) for a in feats.aggregates)
-    label_src = (
-        f"column '{lab.column}'"
-        if lab.kind == "column"
-        else f"event feed {lab.events.path} (event within {lab.horizon})"  # type: ignore[union-attr]
-    )
+    label_src = {
+        "column": lambda: f"column '{lab.column}'",
+        "event_feed": lambda: f"event feed {lab.events.path} (event within {lab.horizon})",  # type: ignore[union-attr]
+        "feedback": lambda: "field feedback (POST /feedback, `mlops labels import`)",
+    }[lab.kind]() + (", overridden by field feedback" if lab.feedback == "override" else "")
     where = (
         f"{src.format} files in {src.path} matching {src.file_pattern}"
         if isinstance(src, FileSource)
@@ -986,7 +1006,12 @@ def _automation_lines(spec: Spec) -> list[str]:
     )
     return [
         f"  automation new_data_sensor: new or corrected {'files' if isinstance(spec.source, FileSource) else 'rows'} -> the day's data run"
-        + ("; label feed arrived -> labels" if spec.labels.kind == "event_feed" else ""),
+        + ("; label feed arrived -> labels" if spec.labels.kind == "event_feed" else "")
+        + (
+            "; feedback of a past day -> label_feedback -> labels"
+            if spec.labels.uses_feedback
+            else ""
+        ),
         "             monitoring_sensor: every built day after the first champion's window "
         "-> scoring + drift report; mature labels -> model_performance",
         f"             drift_retrain_sensor: {m.drift_method} drift share > {m.drift_threshold} "

@@ -75,7 +75,14 @@ def build_jobs(spec: Spec) -> list[dg.UnresolvedAssetJobDefinition]:
         dg.define_asset_job(
             labels_job_name(spec),
             selection=dg.AssetSelection.assets(
-                *[dg.AssetKey([spec.name, a]) for a in ("labels", "model_performance")]
+                *[
+                    dg.AssetKey([spec.name, a])
+                    for a in (
+                        *(("label_feedback",) if spec.labels.uses_feedback else ()),
+                        "labels",
+                        "model_performance",
+                    )
+                ]
             ),
             partitions_def=daily_partitions(spec),
             description=f"{spec.name}: a day's labels once they mature, then realized performance.",

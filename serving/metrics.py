@@ -95,6 +95,12 @@ class ServingMetrics:
             ["reason"],
             registry=r,
         )
+        self.feedback = Counter(
+            "mlops_serving_feedback",
+            "Field feedback items recorded (POST /feedback), by label.",
+            ["label"],
+            registry=r,
+        )
         self.fallbacks = Counter(
             "mlops_serving_feature_fallbacks",
             "Readings scored without the entity's stored state (reading_only policy), by reason.",

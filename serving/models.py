@@ -362,7 +362,7 @@ class ServedModel:
 
 
 def lineage_summary(tags: dict[str, str]) -> dict[str, Any]:
-    from mlops.registry import lineage_from_tags
+    from mlops.registry import DATA_PARTITIONS_TAG, lineage_from_tags
 
     lin = lineage_from_tags(tags)
     parts = lin.get("training_partitions") or []
@@ -375,7 +375,11 @@ def lineage_summary(tags: dict[str, str]) -> dict[str, Any]:
         "training_days": len(parts),
         "training_set_hash": (lin.get("training_set_hash") or "")[:16] or None,
         "code_version": lin.get("code_version"),
-        "input_partitions": sum(len(v) for v in lin.get("data_versions", {}).values()),
+        # The count tag (the hashes are in the run's lineage artifact); older versions: a tag each.
+        "input_partitions": int(
+            tags.get(DATA_PARTITIONS_TAG)
+            or sum(len(v) for v in lin.get("data_versions", {}).values())
+        ),
         "deployed_at": lin.get("deployed_at"),
         "deployment_reason": lin.get("deployment_reason"),
     }

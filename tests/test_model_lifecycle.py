@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 import yaml
 from click.testing import CliRunner
+from mlflow import artifacts as mlflow_artifacts
 
 from cli.main import main
 from mlops import lineage, model_evaluation, promotion, registry, training
@@ -222,15 +223,36 @@ def test_every_version_carries_the_lineage_contract(life):
         .execute_in_process(instance=life.instance, run_config=QUIET),
         _key("training_set"),
     )
+    inputs = ts_meta["input_data_versions"]
+    assert sum(len(p) for p in inputs.values()) > DAYS  # more than one per training day
     for v in (1, 2, 3):
         tags = registry.version_tags(life.uri, NAME, v)
         for t in registry.LINEAGE_TAGS:
             assert tags.get(f"mlops.{t}"), f"v{v} lacks mlops.{t}"
-        lin = registry.lineage_from_tags(tags)
+        # The data versions are one artifact on the run, named by one digest tag: what training
+        # registers is a fixed set of tags however many partitions it read (the gate adds two
+        # per gate and the decision a few: 27-29 in all here, against ~50 with a tag each).
+        assert not [k for k in tags if "data_version." in k]
+        assert [k for k in tags if "digest" in k] == [registry.DATA_VERSIONS_DIGEST_TAG]
+        assert tags[registry.DATA_VERSIONS_DIGEST_TAG] == registry.data_versions_digest(inputs)
+        assert int(tags[registry.DATA_PARTITIONS_TAG]) == sum(len(p) for p in inputs.values())
+        decided = ("mlops.gate", "mlops.promotion", "mlops.decision_", "mlops.deploy")
+        assert len([k for k in tags if not k.startswith(decided)]) <= 20, sorted(tags)
+        assert len(tags) <= 30, sorted(tags)
+        lin = registry.version_lineage(life.uri, NAME, v)
         assert lin["training_partitions"] == ts_meta["window"]
-        assert lin["data_versions"] == ts_meta["input_data_versions"]
+        assert lin["data_versions"] == inputs
         assert lin["training_set_hash"] == ts_meta["training_set_hash"]
         run = registry.client(life.uri).get_run(tags["mlops.mlflow_run_id"])
+        artifact = mlflow_artifacts.load_dict(
+            f"{run.info.artifact_uri}/{registry.LINEAGE_ARTIFACT}"
+        )
+        assert artifact["data_versions"] == inputs
+        assert not [k for k in run.data.tags if "data_version." in k]
+        assert (
+            run.data.tags[registry.DATA_VERSIONS_DIGEST_TAG]
+            == tags[registry.DATA_VERSIONS_DIGEST_TAG]
+        )
         assert run.data.tags["mlops.training_set_hash"] == lin["training_set_hash"]
         assert run.data.tags["mlops.dagster_run_id"] == lin["dagster_run_id"]
         assert any(i.dataset.name == f"{NAME}/training_set" for i in run.inputs.dataset_inputs)
@@ -304,7 +326,7 @@ def _expected_impact(life: Lifecycle, partition: str) -> tuple[dict, list]:
     c = registry.client(life.uri)
     versions = {}
     for mv in c.search_model_versions(f"name = '{NAME}'"):
-        lin = registry.lineage_from_tags(mv.tags)
+        lin = registry.version_lineage(life.uri, NAME, int(mv.version))
         if partition in lin.get("training_partitions", []):
             # search_model_versions leaves the aliases out; get_model_version has them.
             aliases = c.get_model_version(NAME, mv.version).aliases

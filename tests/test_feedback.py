@@ -1,0 +1,437 @@
+"""Labels from the field: POST /feedback -> label_feedback -> labels -> realized performance,
+the feedback sensor, `mlops labels export/import`, and feedback overriding another source."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+
+from catalog.jobs import labels_job_name
+from cli.main import main as cli
+from mlops import evaluation, feedback, labels, modeling, registry, training
+from mlops.lake import Lake, read_json
+from mlops.spec import SpecError, load_spec
+from orchestration.definitions import build_definitions
+from orchestration.jobs import QUIET
+from resources.clock import ClockResource
+from resources.lake import LakeResource
+from sensors.feedback import feedback_sensor_name
+from serving.app import create_app
+from serving.settings import ServeSettings
+from tests.conftest import embedded_spec_text, make_project, small_data
+from tests.serving_support import reading, training_frame, variant, wait
+
+NAME = "machine_failure"
+DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
+DAY = "2026-01-04"  # served only: readings after every machine's state (day 3's end)
+AFTER = dt.datetime(2026, 1, 4, 0, 30)
+EVENT_LABELS = """labels:
+  kind: event_feed
+  name: failure_24h
+  horizon: 24h
+  maturity: 72h            # horizon + the feed's 48 h lateness
+  events:
+    path: .mlops/landing/machine_failure/events
+    format: csv
+    file_pattern: "failures_{date}.csv"   # {date} = the day the file arrived
+    timestamp_column: failure_time
+    entity_column: machine_id
+"""
+FEEDBACK_LABELS = """labels:
+  kind: feedback
+  name: failure_24h
+  maturity: 0h
+"""
+
+
+@dataclass
+class World:
+    root: Path
+    spec_path: Path
+    lake: Lake
+    defs: dg.Definitions
+    uri: str
+    logs: Path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    root = tmp_path_factory.mktemp("feedback")
+    p = make_project(root, with_mlflow=True)
+    small_data(p, days=3, machines=4, seed=5)
+    for day in DAYS:
+        p.run_day(day)  # features and the online state as of the day's end
+    spec = load_spec(variant(root, "xgboost", {"n_estimators": 20, "max_depth": 3}))
+    lineage = {"training_set_hash": "0" * 64, "training_partitions": [DAYS[0], DAYS[-1]]}
+    xgb = training.train_candidate(
+        spec,
+        training_frame(p.lake, DAYS),
+        lineage,
+        p.tracking_uri,
+        str(root / ".mlops" / "mlartifacts"),
+        trials=1,
+    )
+    registry.set_alias(p.tracking_uri, NAME, registry.CHAMPION, xgb.version)
+    # From here on the project's labels are field feedback only.
+    path = root / "specs" / f"{NAME}.yaml"
+    path.write_text(embedded_spec_text((EVENT_LABELS, FEEDBACK_LABELS)))
+    lake_url = str(root / ".mlops" / "lake")
+    defs = build_definitions(
+        root / "specs",
+        lake_url,
+        p.tracking_uri,
+        str(root / ".mlops" / "mlartifacts"),
+        f"sqlite:///{root / '.mlops' / 'online.db'}",
+    )
+    return World(root, path, Lake(lake_url), defs, p.tracking_uri, root / "logs")
+
+
+def _client(world: World, monkeypatch) -> TestClient:
+    store = world.root / "stores" / "online.db"
+    store.parent.mkdir(exist_ok=True)
+    shutil.copy(world.root / ".mlops" / "online.db", store)
+    s = ServeSettings(
+        spec_path=str(world.spec_path),
+        tracking_uri=world.uri,
+        store_url=f"sqlite:///{store}",
+        log_dir=str(world.logs / NAME),
+        poll_interval_s=0.2,
+    )
+    monkeypatch.delenv("MLOPS_SERVE_TOKEN", raising=False)
+    client = TestClient(create_app(s), raise_server_exceptions=False)
+    client.__enter__()
+    wait(lambda: client.get("/health/ready").status_code == 200, 60, "the champion to load")
+    return client
+
+
+@pytest.fixture(scope="module")
+def served(world: World) -> dict[str, Any]:
+    """Day 4 served through the real app, then labelled through POST /feedback: single
+    readings by request id, some by entity and timestamp, one record of a batch, one
+    correction, and two that cannot be used (an unknown request, an ambiguous batch)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLOPS_INFERENCE_LOG_DIR", str(world.logs))
+    client = _client(world, mp)
+    try:
+        singles = []
+        for k in range(10):
+            r = reading(
+                f"M000{1 + k % 4}", AFTER + dt.timedelta(minutes=7 * k), vibration=1.0 + k / 5
+            )
+            resp = client.post("/predict", json=r)
+            assert resp.status_code == 200, resp.text
+            singles.append((r, resp.json()))
+        batch_readings = [
+            reading(f"M000{1 + k}", AFTER + dt.timedelta(hours=3, minutes=k)) for k in range(3)
+        ]
+        resp = client.post("/predict", json=batch_readings)
+        assert resp.status_code == 200, resp.text
+        batch = resp.json()
+        truth: dict[tuple[str, str], int] = {}
+        items = []
+        for k, (r, out) in enumerate(singles[:6]):
+            items.append({"request_id": out["request_id"], "label": k % 2})
+            truth[(r["machine_id"], r["timestamp"])] = k % 2
+        for k, (r, _) in enumerate(singles[6:9]):
+            label = bool(k % 2 == 0)
+            items.append({"entity": r["machine_id"], "timestamp": r["timestamp"], "label": label})
+            truth[(r["machine_id"], r["timestamp"])] = int(label)
+        items.append({"request_id": batch["request_id"], "record": 1, "label": "1"})
+        truth[(batch_readings[1]["machine_id"], batch_readings[1]["timestamp"])] = 1
+        ok = client.post("/feedback", json=items)
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["recorded"] == len(items)
+        # A correction of the first one (newest wins), and two unusable lines.
+        first = singles[0]
+        fix = client.post("/feedback", json={"request_id": first[1]["request_id"], "label": 1})
+        assert fix.status_code == 200
+        truth[(first[0]["machine_id"], first[0]["timestamp"])] = 1
+        odd = [
+            {"request_id": "never-served-1", "label": 0},
+            {"request_id": batch["request_id"], "label": 0},  # 3 readings: which one?
+        ]
+        assert client.post("/feedback", json=odd).status_code == 200
+        # Refused outright, all or nothing: nothing of these lands.
+        bad = client.post(
+            "/feedback",
+            json=[
+                {"request_id": first[1]["request_id"], "label": 1},
+                {"request_id": "x", "label": 2},
+                {
+                    "request_id": "x",
+                    "entity": "M0001",
+                    "timestamp": "2026-01-04T00:00:00",
+                    "label": 1,
+                },
+                {"entity": "M0001", "label": 1, "note": "?"},
+            ],
+        )
+        metrics = client.get("/metrics").text
+    finally:
+        client.__exit__(None, None, None)
+        mp.undo()
+    return {
+        "singles": singles,
+        "batch": batch,
+        "truth": truth,
+        "bad": bad,
+        "metrics": metrics,
+    }
+
+
+def test_bad_feedback_is_refused_with_every_field_and_nothing_is_written(world, served):
+    bad = served["bad"]
+    assert bad.status_code == 422
+    detail = bad.json()["detail"]
+    got = {(p["record"], p["field"], p["code"]) for p in detail}
+    assert (1, "label", "type") in got
+    assert (2, "request_id", "form") in got
+    assert (3, "note", "extra") in got and (3, "timestamp", "missing") in got
+    lines, _ = feedback.read_lines(feedback.log_files(world.logs / NAME, prefix=feedback.PREFIX))
+    # 10 good items + 1 correction + 2 odd ones; the refused body's valid first item is not there.
+    assert len(lines) == 13
+    assert {ln["source"] for ln in lines} == {"api"}
+    assert 'mlops_serving_feedback_total{label="1"}' in served["metrics"]
+
+
+def test_feedback_round_trips_into_labels_and_realized_performance(world, served, monkeypatch):
+    monkeypatch.setenv("MLOPS_INFERENCE_LOG_DIR", str(world.logs))
+    spec = load_spec(world.spec_path)
+    resources = {"lake": LakeResource(base_url=str(world.lake.base_url))}
+    instance = dg.DagsterInstance.ephemeral()
+    log_asset = world.defs.get_assets_def(dg.AssetKey([NAME, "inference_log"]))
+    assert dg.materialize(
+        [log_asset], partition_key=DAY, resources=resources, instance=instance
+    ).success
+    result = world.defs.resolve_job_def(labels_job_name(spec)).execute_in_process(
+        partition_key=DAY, instance=instance, run_config=QUIET
+    )
+    assert result.success
+    truth = served["truth"]
+    fed = world.lake.read(NAME, "label_feedback", DAY)
+    assert fed.height == len(truth) == 10
+    got = {
+        (e, t.isoformat()): int(v)
+        for e, t, v in fed.select("entity", "event_time", "label").iter_rows()
+    }
+    assert got == truth
+    assert set(fed["source"].to_list()) == {"api"}
+    assert fed["model_version"].null_count() == 0  # every labelled reading was served
+    rejected = world.lake.read(NAME, "label_feedback_rejected", DAY)
+    assert rejected["reason"].to_list() == [
+        f"request {served['batch']['request_id']} has 3 readings that day: give 'record'"
+    ]
+    rows = world.lake.read(NAME, "labels", DAY)
+    assert rows.height == 10 and rows[labels.MATURE].all()
+    # Realized performance: what was served against what the technicians said.
+    doc = read_json(world.lake, NAME, "model_performance", DAY)
+    assert doc["source"] == "served" and doc["rows_labelled"] == 10
+    scores = {}
+    for r, out in served["singles"]:
+        scores[(r["machine_id"], r["timestamp"])] = out["predictions"][0]["score"]
+    b = served["batch"]["predictions"][1]
+    scores[(b["entity"], b["timestamp"])] = b["score"]
+    keys = sorted(truth)
+    expected = evaluation.metrics(
+        spec.model.task,
+        __import__("numpy").array([truth[k] for k in keys]),
+        __import__("numpy").array([scores[k] for k in keys]),
+        None,
+    )
+    metric = modeling.primary_metric(spec)
+    assert doc["realized"] == pytest.approx(expected[metric])
+
+
+def test_unknown_request_ids_are_kept_with_their_reason_on_their_arrival_day(world, served):
+    spec = load_spec(world.spec_path)
+    today = dt.datetime.now(dt.UTC).date()
+    got = feedback.ingest_day(spec, world.logs / NAME, today)
+    reasons = got.rejected.filter(pl.col("request_id") == "never-served-1")["reason"].to_list()
+    assert len(reasons) == 1 and "not in the request log" in reasons[0]
+
+
+def test_the_sensor_relabels_the_days_new_feedback_names_once(world, served, monkeypatch):
+    monkeypatch.setenv("MLOPS_INFERENCE_LOG_DIR", str(world.logs))
+    sensor = world.defs.get_repository_def().get_sensor_def(f"{NAME}_feedback_sensor")
+    assert sensor.name == feedback_sensor_name(load_spec(world.spec_path))
+    resources = {"lake": LakeResource(base_url=str(world.lake.base_url)), "clock": ClockResource()}
+
+    def tick(cursor: str | None):
+        ctx = dg.build_sensor_context(
+            instance=dg.DagsterInstance.ephemeral(),
+            cursor=cursor,
+            resources=resources,
+            definitions=world.defs,
+            sensor_name=sensor.name,
+        )
+        data = sensor.evaluate_tick(ctx)
+        return data.run_requests or [], data.cursor, data.skip_message
+
+    requests, cursor, _ = tick(None)
+    assert [r.partition_key for r in requests] == [DAY]
+    assert {k.path[-1] for k in requests[0].asset_selection} == {
+        "label_feedback",
+        "labels",
+        "model_performance",
+    }
+    # Nothing new: nothing requested; the unknown request's arrival day (today) waits.
+    again, cursor2, skip = tick(cursor)
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    assert again == [] and f"waits for its day's partition: {today}" in skip
+    # One more line for day 4 (a CLI import) -> day 4 again, under a new run key.
+    writer = feedback.FeedbackWriter(world.logs / NAME)
+    r, _ = served["singles"][9]
+    writer.append(
+        [{"request_id": None, "record": None, "entity": r["machine_id"],
+          "event_time": r["timestamp"], "label": 1.0}],
+        "import",
+    )  # fmt: skip
+    writer.close()
+    third, _, _ = tick(cursor2)
+    assert [x.partition_key for x in third] == [DAY]
+    assert third[0].run_key != requests[0].run_key
+
+
+def test_labels_export_picks_the_uncertain_unlabelled_and_import_lands_them(
+    world, served, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLOPS_INFERENCE_LOG_DIR", str(world.logs))
+    monkeypatch.setenv("MLOPS_LAKE_URL", str(world.lake.base_url))
+    monkeypatch.setenv("MLOPS_MLFLOW_TRACKING_URI", world.uri)
+    out = tmp_path / "to_label.csv"
+    runner = CliRunner()
+    res = runner.invoke(
+        cli,
+        [
+            "labels",
+            "export",
+            "--spec",
+            str(world.spec_path),
+            "--day",
+            DAY,
+            "--n",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    frame = pl.read_csv(out, infer_schema=False)
+    assert frame.height == 2 and frame["label"].null_count() == 2
+    assert {"entity", "timestamp", "score", "vibration", "spec"} <= set(frame.columns)
+    labelled = {
+        (e, t.isoformat())
+        for e, t in world.lake.read(NAME, "label_feedback", DAY)
+        .select("entity", "event_time")
+        .iter_rows()
+    }
+    picked = {
+        (e, dt.datetime.fromisoformat(t).isoformat())
+        for e, t in frame.select("entity", "timestamp").iter_rows()
+    }
+    assert not picked & labelled  # only readings without feedback yet
+    # The two nearest the threshold among the unlabelled served readings.
+    answers = [p for _, out_ in served["singles"] for p in out_["predictions"]]
+    answers += served["batch"]["predictions"]
+    unlabelled = [
+        p["score"]
+        for p in answers
+        if (p["entity"], dt.datetime.fromisoformat(p["timestamp"]).isoformat()) not in labelled
+    ]
+    assert len(unlabelled) == 3  # singles[9] and the batch's records 0 and 2
+    scores = sorted(float(s) for s in frame["score"])
+    assert max(abs(s - 0.5) for s in scores) <= sorted(abs(s - 0.5) for s in unlabelled)[1] + 1e-12
+    filled = frame.with_columns(pl.Series("label", ["1", ""]))
+    filled.write_csv(out)
+    res = runner.invoke(cli, ["labels", "import", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "recorded 1 label(s)" in res.output and "1 row(s) without a label skipped" in res.output
+    got = feedback.ingest_day(load_spec(world.spec_path), world.logs / NAME, DAY)
+    imported = got.accepted.filter(pl.col("source") == "import")
+    assert imported.height >= 1
+    # A bad label names its CSV row; nothing is recorded.
+    filled.with_columns(pl.Series("label", ["1", "maybe"])).write_csv(out)
+    res = runner.invoke(cli, ["labels", "import", str(out)])
+    assert res.exit_code == 1 and "row 2: label" in res.output
+
+
+def test_feedback_overrides_the_labels_it_names():
+    spec = load_spec(
+        _spec_file(embedded_spec_text((EVENT_LABELS, EVENT_LABELS + "  feedback: override\n")))
+    )
+    assert spec.labels.uses_feedback
+    base = pl.DataFrame(
+        {
+            "machine_id": ["A", "A", "B"],
+            "timestamp": [dt.datetime(2026, 1, 4, h) for h in (1, 2, 3)],
+            "failure_24h": pl.Series([0, 0, 1], dtype=pl.Int8),
+        }
+    )
+    fb = feedback._frame(
+        [
+            {"entity": "A", "event_time": "2026-01-04T02:00:00", "label": 1.0},
+            {"entity": "C", "event_time": "2026-01-04T02:00:00", "label": 1.0},
+        ],
+        feedback.feedback_schema(),
+    )
+    out, n, unmatched = labels.override(spec, base, fb)
+    assert out["failure_24h"].to_list() == [0, 1, 1] and out.schema["failure_24h"] == pl.Int8
+    assert (n, unmatched) == (1, 1)
+
+
+def test_feedback_items_are_checked_against_the_label_type():
+    spec = load_spec(_spec_file(embedded_spec_text((EVENT_LABELS, FEEDBACK_LABELS))))
+    ok = feedback.check_items(
+        spec,
+        [
+            {"request_id": "r1", "label": True},
+            {"entity": 7, "timestamp": "2026-01-04T01:00:00+01:00", "label": "0"},
+        ],
+    )
+    assert ok[0]["label"] == 1.0 and ok[1] == {
+        "request_id": None,
+        "record": None,
+        "entity": "7",
+        "event_time": "2026-01-04T00:00:00",
+        "label": 0.0,
+    }
+    with pytest.raises(feedback.FeedbackError) as e:
+        feedback.check_items(spec, [{"request_id": "r1", "label": 0.5}, {"label": 1}, "x"])
+    assert [(p["record"], p["field"]) for p in e.value.problems] == [
+        (0, "label"),
+        (1, "timestamp"),
+        (1, "entity"),
+        (2, None),
+    ]
+    regression = spec.model_copy(
+        update={"model": spec.model.model_copy(update={"task": "regression"})}
+    )
+    assert feedback.check_items(regression, [{"request_id": "r", "label": 2.5}])[0]["label"] == 2.5
+    for bad in (float("nan"), True, "high"):
+        with pytest.raises(feedback.FeedbackError):
+            feedback.check_items(regression, [{"request_id": "r", "label": bad}])
+
+
+def test_a_feedback_spec_names_no_other_label_source():
+    text = embedded_spec_text((EVENT_LABELS, FEEDBACK_LABELS + "  column: failure\n"))
+    with pytest.raises(SpecError, match="labels"):
+        load_spec(_spec_file(text))
+
+
+def _spec_file(text: str) -> Path:
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="feedback-spec-"))
+    (folder / "specs").mkdir()
+    path = folder / "specs" / f"{NAME}.yaml"
+    path.write_text(text)
+    return path
