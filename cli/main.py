@@ -486,10 +486,11 @@ def features_online_stats(spec_arg: str) -> None:
 )
 @click.option(
     "--mode",
-    type=click.Choice(["champion", "shadow", "canary"]),
+    type=click.Choice(["champion", "shadow", "canary", "bandit"]),
     default="champion",
     show_default=True,
-    help="shadow: also score the challenger and log it; canary: route a fraction to it",
+    help="shadow: also score the challenger and log it; canary: route a fraction to it; "
+    "bandit: route by Thompson sampling on the feedback reward",
 )
 @click.option(
     "--canary-fraction",
@@ -497,6 +498,25 @@ def features_online_stats(spec_arg: str) -> None:
     default=0.1,
     show_default=True,
     help="share of requests the challenger answers in canary mode",
+)
+@click.option(
+    "--bandit-floor",
+    type=click.FloatRange(0, 0.5),
+    default=0.05,
+    show_default=True,
+    help="bandit mode: the least share of requests each arm gets (exploration floor)",
+)
+@click.option(
+    "--bandit-reward",
+    default="tp=1,tn=1,fp=0,fn=0",
+    show_default=True,
+    help="bandit mode, binary classification: the reward in [0, 1] of each labelled decision",
+)
+@click.option(
+    "--bandit-tolerance",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="bandit mode, regression: a prediction within this of the label rewards 1 (required)",
 )
 @click.option(
     "--poll-interval",
@@ -579,6 +599,9 @@ def serve(
     workers: int,
     mode: str,
     canary_fraction: float,
+    bandit_floor: float,
+    bandit_reward: str,
+    bandit_tolerance: float | None,
     poll_interval: float,
     log_dir: str | None,
     max_body_bytes: int,
@@ -599,6 +622,10 @@ def serve(
 
     s = _load(str(config.spec_path(spec_arg)))
     folder = Path(log_dir) / s.name if log_dir else inference_log_dir(s.name)
+    reward = _reward_table(bandit_reward)
+    if mode == "bandit" and s.model.task == "regression" and bandit_tolerance is None:
+        _fail("serve: --mode bandit on a regression model needs --bandit-tolerance (how close "
+              "a prediction must be to the technician's label to count as right)")  # fmt: skip
     settings = ServeSettings(
         spec_path=str(s.path),
         tracking_uri=config.mlflow_tracking_uri(),
@@ -606,6 +633,9 @@ def serve(
         log_dir=str(folder.resolve()),
         mode=mode,  # type: ignore[arg-type]
         canary_fraction=canary_fraction,
+        bandit_floor=bandit_floor,
+        **{f"bandit_reward_{k}": v for k, v in reward.items()},
+        bandit_tolerance=bandit_tolerance,
         poll_interval_s=poll_interval,
         max_body_bytes=max_body_bytes,
         max_batch=max_batch,
@@ -623,6 +653,21 @@ def serve(
         err=True,
     )
     run(settings, host=host, port=port, workers=workers)
+
+
+def _reward_table(text: str) -> dict[str, float]:
+    """`tp=1,tn=1,fp=0,fn=0` -> {tp: 1.0, ...}; a wrong key or value says which."""
+    out = {"tp": 1.0, "tn": 1.0, "fp": 0.0, "fn": 0.0}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        try:
+            v = float(value)
+        except ValueError:
+            v = -1.0
+        if key.strip() not in out or not 0.0 <= v <= 1.0:
+            _fail(f"serve: --bandit-reward {part!r}: give tp, tn, fp or fn = a number in [0, 1]")
+        out[key.strip()] = v
+    return out
 
 
 @main.command()

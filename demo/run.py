@@ -5,6 +5,12 @@ champion, then replay days 31-60 one at a time through the real sensors and sche
 (orchestration/replay.py) and print the per-day timeline; the timeline is also written as
 .mlops/reports/<spec>/timeline.{json,png}.
 
+The loop runs on the demo's dated copy of the spec, .mlops/specs/<spec>.yaml: source.start_date
+on the first generated day, the same landing folders, no end. The code location loads that copy
+instead of specs/<spec>.yaml while the spec is unchanged (orchestration/definitions.py), so the
+UI's daily partitions begin where the data does, and a file dropped in the landing folder for a
+later day is built by the daemon's new-data sensor once that day has ended.
+
 Everything runs against the persistent Dagster instance in $DAGSTER_HOME (default
 .mlops/dagster), so `make ui` shows every run, materialization and check afterwards. With
 `--runs executor` (the default when MLOPS_EXECUTOR=celery, as in the production profile:
@@ -36,8 +42,8 @@ from mlops.lake import Lake, put_file
 from mlops.online_store import make_store
 from mlops.settings import settings
 from mlops.spec import FileSource, Spec, load_spec
-from orchestration.backtest import BacktestError, write_plot
-from orchestration.definitions import build_definitions
+from orchestration.backtest import BacktestError, dated_spec, write_plot
+from orchestration.definitions import build_definitions, dated_copy_path
 from orchestration.instance import write_default_instance
 from orchestration.replay import EXECUTOR, IN_PROCESS, RUN_MODES
 
@@ -158,10 +164,12 @@ def main(argv: list[str] | None = None) -> int:
 def fresh_start(
     spec: Spec, staging: Path, defs: dg.Definitions, instance: dg.DagsterInstance
 ) -> Lake:
-    """The demo regenerates everything: landing files, lake, registry, online store, and the
-    spec's runs and materializations in the Dagster instance (the regenerated files have the
-    same content, so their run keys would otherwise count as already run)."""
+    """The demo regenerates everything: landing files, lake, registry, online store, the
+    dated copy of the spec, and the spec's runs and materializations in the Dagster instance
+    (the regenerated files have the same content, so their run keys would otherwise count as
+    already run)."""
     _forget_runs(spec, defs, instance)
+    dated_copy_path(spec).unlink(missing_ok=True)
     events = [spec.resolve(spec.labels.events.path)] if spec.labels.events else []
     for folder in (spec.landing_dir, *events, staging):
         shutil.rmtree(folder, ignore_errors=True)
@@ -214,7 +222,8 @@ def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
         f"generated {args.days} days ({days[0]}..{days[-1]}): {report.rows} readings, "
         f"{report.events} failure events, {len(report.bad_rows)} bad rows (drift {args.drift} from day {args.drift_from})"
     )
-    feeds = feeds_of(staged, spec)  # from the staging folders into the live landing ones
+    live = dated(spec, days[0], args.runs)
+    feeds = feeds_of(staged, live)  # from the staging folders into the live landing ones
     opts = Options(
         build_days=args.build_days,
         runs=args.runs,
@@ -223,7 +232,7 @@ def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
         marker=args.drift_from,
     )
     try:
-        out = run(spec, feeds, days, opts, reports=spec.root / ".mlops" / "reports" / spec.name)
+        out = run(live, feeds, days, opts, reports=spec.root / ".mlops" / "reports" / spec.name)
     except BacktestError as e:
         print(f"error: {e}; see `make ui`", file=sys.stderr)
         return None
@@ -231,6 +240,24 @@ def run_demo(spec: Spec, args: argparse.Namespace) -> list[dict] | None:
         return None
     write_json(spec, out)
     return out.timeline
+
+
+def dated(spec: Spec, first: dt.date, runs: str) -> Spec:
+    """The spec the loop runs on, and the code location loads afterwards: the dated copy
+    whose partitions begin on `first` (orchestration/backtest.py `dated_spec`). Not with
+    `--runs executor`: the workers and the UI of the production profile loaded the spec
+    before the demo began, and a copy written now would reach only some of them."""
+    if runs == EXECUTOR:
+        print(
+            f"daily partitions from source.start_date {spec.source.start_date} ({spec.path}): "
+            "with --runs executor the demo runs on the spec the workers loaded"
+        )
+        return spec
+    live = dated_spec(spec, first)
+    print(
+        f"daily partitions from {live.source.start_date}: {live.path}, a dated copy of {spec.path}"
+    )
+    return live
 
 
 def write_json(spec: Spec, out) -> Path:

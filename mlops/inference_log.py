@@ -22,6 +22,8 @@ worker, so workers never share a file. A line (the log record schema):
     features     object  the feature vector the model scored (online feature store)
     outputs      object  {"score": float, "decision": int | float}
     fallback     str     why the entity's stored state was not used (reading_only), or null
+    bandit       object  bandit mode: {"explore": bool, "arms": {version: [alpha, beta]}},
+                         the posteriors the route was chosen on; absent in other modes
     error        object  a rejected request's {"code", "detail": [...]}, else absent
     pid          int     the worker process
 
@@ -81,6 +83,7 @@ def log_schema() -> dict[str, pl.DataType]:
         "inputs": pl.String(),  # JSON text: the schema's columns, as sent
         "features": pl.String(),  # JSON text: feature name -> value
         "pid": pl.Int64(),
+        "bandit": pl.String(),  # JSON text: bandit mode's route decision, else null
     }
 
 
@@ -228,6 +231,7 @@ def to_frame(lines: list[dict[str, Any]]) -> pl.DataFrame:
         cols["inputs"].append(_json_text(rec.get("inputs")))
         cols["features"].append(_json_text(rec.get("features")))
         cols["pid"].append(rec.get("pid"))
+        cols["bandit"].append(_json_text(rec.get("bandit")))
     text = {k: pl.String() for k in ("time", "event_time")}
     frame = pl.DataFrame(
         {k: cols[k] for k in log_schema()},
@@ -271,6 +275,10 @@ def comparison_schema() -> dict[str, pl.DataType]:
         "agreement": pl.Float64(),  # shadow: share of paired records with the same decision
         "mean_abs_score_diff": pl.Float64(),  # shadow: |shadow - champion| over paired records
         "max_abs_score_diff": pl.Float64(),
+        "explored": pl.Int64(),  # bandit: requests routed by the exploration floor
+        "posterior_alpha": pl.Float64(),  # bandit: the version's Beta posterior, as of the
+        "posterior_beta": pl.Float64(),  # newest request of the log
+        "posterior_mean": pl.Float64(),
     }
 
 
@@ -304,4 +312,38 @@ def compare_routes(log: pl.DataFrame) -> pl.DataFrame:
         (pl.col("score") - pl.col("c_score")).abs().max().alias("max_abs_score_diff"),
     )
     out = stats.join(paired, on=["route", "model_version"], how="left")
+    out = out.join(_posteriors(log), on=["route", "model_version"], how="left")
     return out.select([pl.col(k).cast(t) for k, t in comparison_schema().items()])
+
+
+def _posteriors(log: pl.DataFrame) -> pl.DataFrame:
+    """Bandit mode: per route and version, the requests that explored, and the version's
+    posterior as the newest routed request saw it."""
+    schema = {
+        "route": pl.String(),
+        "model_version": pl.Int64(),
+        "explored": pl.Int64(),
+        "posterior_alpha": pl.Float64(),
+        "posterior_beta": pl.Float64(),
+        "posterior_mean": pl.Float64(),
+    }
+    routed = log.filter(pl.col("bandit").is_not_null()) if "bandit" in log.columns else log.clear()
+    if routed.height == 0:
+        return pl.DataFrame(schema=schema)
+    explored = routed.group_by("route", "model_version").agg(
+        pl.col("bandit")
+        .str.contains('"explore":true', literal=True)
+        .sum()
+        .cast(pl.Int64)
+        .alias("explored")
+    )
+    newest = json.loads(routed.sort("time")["bandit"][-1]).get("arms") or {}
+    post = pl.DataFrame(
+        [
+            {"model_version": int(v), "posterior_alpha": float(a), "posterior_beta": float(b),
+             "posterior_mean": float(a) / (float(a) + float(b))}
+            for v, (a, b) in newest.items()
+        ],
+        schema={k: schema[k] for k in ("model_version", "posterior_alpha", "posterior_beta", "posterior_mean")},
+    )  # fmt: skip
+    return explored.join(post, on="model_version", how="left").select(list(schema))

@@ -100,21 +100,53 @@ def staged_spec(
     (the backtest lands the user's files there one day at a time). `start` and `end` (the
     history's first and last days) bound its daily partitions, so the backtest's UI lists
     the replayed days and no empty ones (a SQL source is polled from `start`)."""
-    data = yaml.load(spec.path.read_text(), Loader=_Loader)
     landing = state / "landing"
-    if isinstance(spec.source, FileSource):
-        data["source"]["path"] = str(landing / SOURCE_DIR)
-    if spec.labels.events is not None:
-        data["labels"]["events"]["path"] = str(landing / EVENTS_DIR)
+    folders = {"source": landing / SOURCE_DIR, "labels.events": landing / EVENTS_DIR}
+    header = f"# backtest copy of {spec.path}: landing folders moved under {landing}"
+    return _spec_copy(spec, state / "specs" / spec.path.name, header, folders, start, end)
+
+
+def dated_spec(spec: Spec, start: dt.date) -> Spec:
+    """`make demo`'s dated copy of `spec`: its daily partitions begin on `start`, the first
+    day of the generated data, so the Dagster UI lists no empty day before it. Written to
+    <project root>/.mlops/specs/, where the code location loads it instead of `spec` for as
+    long as `spec` is unchanged (orchestration/definitions.py `load_specs`). It keeps the
+    spec's landing folders (as absolute paths: the copy's root is .mlops/) and its end, none
+    for the embedded spec: a file the user drops there for a later day is the new-data
+    sensor's as soon as that day has ended."""
+    from orchestration.definitions import dated_copy_path, dated_header
+
+    folders = {where: spec.resolve(feed.path) for where, feed in spec.feeds()}
+    header = (
+        f"{dated_header(spec)}, written by `make demo`:\n# source.start_date is the first "
+        "day of its data; the code location loads this file while that spec is unchanged."
+    )
+    return _spec_copy(spec, dated_copy_path(spec), header, folders, start, None)
+
+
+def _spec_copy(
+    spec: Spec,
+    out: Path,
+    header: str,
+    folders: dict[str, Path],
+    start: dt.date | None,
+    end: dt.date | None,
+) -> Spec:
+    """The spec's text at `out` with its landing folders moved to `folders` (by field path:
+    source, labels.events) and its partitions narrowed to [start, end]; loaded back."""
+    data = yaml.load(spec.path.read_text(), Loader=_Loader)
+    root = out.resolve().parent.parent
+    for where, _ in spec.feeds():
+        node = data["source"] if where == "source" else data["labels"]["events"]
+        node["path"] = str(folders[where])
+        if not folders[where].resolve().is_relative_to(root):
+            node["allow_outside_project"] = True  # the spec's own folder, outside the copy's root
     if start is not None and start > spec.source.start_date:
         data["source"]["start_date"] = start.isoformat()
     if end is not None and (spec.source.end_date is None or end < spec.source.end_date):
         data["source"]["end_date"] = end.isoformat()
-    folder = state / "specs"
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / spec.path.name
-    header = f"# backtest copy of {spec.path}: landing folders moved under {landing}\n"
-    put_file(out, header + yaml.safe_dump(data, sort_keys=False))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    put_file(out, f"{header}\n{yaml.safe_dump(data, sort_keys=False)}")
     return load_spec(out)
 
 

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 SETTINGS_ENV = "MLOPS_SERVE_SETTINGS"
 TOKEN_ENV = "MLOPS_SERVE_TOKEN"  # read through mlops.settings (serve_token); named in 401s
-Mode = Literal["champion", "shadow", "canary"]
-MODES = ("champion", "shadow", "canary")
+Mode = Literal["champion", "shadow", "canary", "bandit"]
+MODES = ("champion", "shadow", "canary", "bandit")
 
 
 class ServeSettings(BaseModel):
@@ -26,8 +26,21 @@ class ServeSettings(BaseModel):
     tracking_uri: str
     store_url: str
     log_dir: str = Field(description="this spec's folder: <base>/<spec>")
-    mode: Mode = Field("champion", description="champion, shadow or canary")
+    mode: Mode = Field("champion", description="champion, shadow, canary or bandit")
     canary_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    # Bandit mode (serving.bandit): Thompson sampling between champion and challenger on the
+    # feedback reward; each arm keeps at least bandit_floor of the traffic. The reward of a
+    # labelled decision (binary: true/false positive/negative) is in [0, 1]; regression
+    # rewards |score - label| <= bandit_tolerance. Posteriors are read from the request log
+    # and the feedback files of the last bandit_window_days, every bandit_refresh_s.
+    bandit_floor: float = Field(0.05, ge=0.0, le=0.5)
+    bandit_reward_tp: float = Field(1.0, ge=0.0, le=1.0)
+    bandit_reward_tn: float = Field(1.0, ge=0.0, le=1.0)
+    bandit_reward_fp: float = Field(0.0, ge=0.0, le=1.0)
+    bandit_reward_fn: float = Field(0.0, ge=0.0, le=1.0)
+    bandit_tolerance: float | None = Field(None, gt=0)
+    bandit_window_days: int = Field(7, ge=1)
+    bandit_refresh_s: float = Field(1.0, gt=0)
     poll_interval_s: float = Field(10.0, gt=0)
     max_body_bytes: int = Field(1_000_000, ge=1)
     max_batch: int = Field(1000, ge=1)
@@ -46,6 +59,12 @@ class ServeSettings(BaseModel):
     # under ~100 ms at this machine's ~2-3 ms per request, yet absorbs bursts.
     threads: int = Field(1, ge=1, le=64)
     max_inflight: int = Field(32, ge=1)
+    # Micro-batching (serving.microbatch): /predict requests that wait for a thread are
+    # served together as one vectorized batch of at most microbatch_max_size requests; a
+    # thread that finds fewer waits up to microbatch_max_wait_ms (from the first one's
+    # arrival) for more. microbatch_max_size 1 turns it off: one request at a time.
+    microbatch_max_size: int = Field(1, ge=1, le=1000)
+    microbatch_max_wait_ms: float = Field(0.0, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _retry_order(self) -> ServeSettings:

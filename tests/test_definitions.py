@@ -131,6 +131,74 @@ def test_a_spec_with_an_end_date_has_no_partition_after_it(tmp_path):
 _DATES = "  start_date: 2026-10-08\n  end_date: 2026-10-31\n"  # long before yesterday
 
 
+def test_the_demos_dated_copy_stands_in_for_the_spec_it_was_made_from(tmp_path):
+    """`make demo` writes .mlops/specs/<spec>.yaml, the spec with its partitions beginning on
+    the first generated day: the code location loads it instead of specs/<spec>.yaml, with
+    the same landing folders and no end, so the new-data sensor builds a day the user drops
+    there once it has ended. An edit to the spec, or a copy made from another file, and the
+    spec is loaded as written (with a warning)."""
+    import datetime as dt
+    import shutil
+
+    import pytest
+
+    from demo.generate import generate
+    from mlops.spec import load_spec
+    from orchestration.backtest import dated_spec
+    from orchestration.definitions import build_definitions
+    from orchestration.replay import backdate
+    from resources.clock import ClockResource
+    from resources.lake import LakeResource
+    from sensors.new_data import new_data_sensor_name
+
+    p = make_project(tmp_path)
+    yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+    first = yesterday - dt.timedelta(days=2)
+    copy = dated_spec(p.spec, first)
+    assert copy.path == tmp_path.resolve() / ".mlops" / "specs" / "machine_failure.yaml"
+    assert copy.source.start_date == first and copy.source.end_date is None
+    assert copy.landing_dir == p.spec.landing_dir
+    assert copy.labels.events.path == str(p.spec.resolve(p.spec.labels.events.path))
+    assert load_spec(p.spec.path).content_hash == p.spec.content_hash  # the spec is untouched
+
+    def first_and_last(defs: dg.Definitions) -> set[tuple[str, str]]:
+        graph = defs.resolve_asset_graph()
+        daily = [graph.get(k).partitions_def for k in graph.get_all_asset_keys()]
+        return {(d.get_first_partition_key(), d.get_last_partition_key()) for d in daily if d}
+
+    defs = build_definitions(tmp_path / "specs", str(tmp_path / "lake"))
+    assert first_and_last(defs) == {(first.isoformat(), yesterday.isoformat())}
+
+    # The next day's file, dropped into the landing folder: its day's data run.
+    generate(copy, days=1, start=yesterday, machines=2, seed=1)
+    backdate(p.spec.landing_dir.iterdir(), p.spec.source.settle_seconds)
+    ctx = dg.build_sensor_context(
+        instance=p.instance,
+        resources={"lake": LakeResource(base_url=str(tmp_path / "lake")), "clock": ClockResource()},
+        definitions=defs,
+    )
+    sensor = defs.get_repository_def().get_sensor_def(new_data_sensor_name(p.spec))
+    requests = sensor.evaluate_tick(ctx).run_requests or []
+    assert [(r.job_name, r.partition_key) for r in requests] == [
+        ("machine_failure_data_job", yesterday.isoformat())
+    ]
+
+    # Copied to another project, the copy names a spec file that is not there: not used.
+    other = make_project(tmp_path / "other")
+    (tmp_path / "other" / ".mlops" / "specs").mkdir(parents=True)
+    shutil.copy(copy.path, tmp_path / "other" / ".mlops" / "specs")
+    with pytest.warns(UserWarning, match="not `make demo`'s dated copy"):
+        moved = build_definitions(tmp_path / "other" / "specs", str(tmp_path / "lake"))
+    assert first_and_last(moved) == {("2026-01-01", yesterday.isoformat())}
+    assert other.spec.source.start_date == dt.date(2026, 1, 1)
+
+    # The spec edited after the demo: loaded as written, until `make demo` dates it again.
+    p.spec.path.write_text(p.spec.path.read_text().replace("trials: 10", "trials: 4"))
+    with pytest.warns(UserWarning, match=str(copy.path)):
+        edited = build_definitions(tmp_path / "specs", str(tmp_path / "lake"))
+    assert first_and_last(edited) == {("2026-01-01", yesterday.isoformat())}
+
+
 def _env(tmp_path: Path) -> dict[str, str]:
     home = tmp_path / "dagster_home"
     home.mkdir(exist_ok=True)

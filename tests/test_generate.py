@@ -404,9 +404,11 @@ def _demo_days(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> 
     for key, value in _env(tmp_path).items():
         monkeypatch.setenv(key, value)
     handed: list[list[dt.date]] = []
+    specs: list[Spec] = []
 
     def loop(spec, feeds, days, opts, reports):
         handed.append(days)
+        specs.append(spec)
         return None  # the demo stops here: "error", exit 1
 
     monkeypatch.setattr(backtest, "run", loop)
@@ -417,6 +419,10 @@ def _demo_days(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> 
         dt.date.fromisoformat(f.stem.removeprefix("readings_")) for f in staged.iterdir()
     )
     assert handed == [written], (handed, written)
+    # The loop runs on the dated copy that the code location loads afterwards.
+    (spec,) = specs
+    assert spec.path == tmp_path.resolve() / ".mlops" / "specs" / p.spec.path.name
+    assert spec.source.start_date == written[0] and spec.landing_dir == p.spec.landing_dir
     return written
 
 
@@ -424,6 +430,26 @@ def test_the_demo_ends_yesterday_by_default(tmp_path, monkeypatch):
     yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
     days = _demo_days(tmp_path, monkeypatch)
     assert days == [yesterday - dt.timedelta(days=i) for i in (2, 1, 0)]
+
+
+def test_after_the_demo_the_ui_lists_partitions_from_its_first_day(tmp_path, monkeypatch):
+    """`make demo` then `make ui`: the code location, built as the UI's is (from
+    MLOPS_SPECS_DIR), loads the demo's dated copy, so every daily asset's partitions begin
+    on the first generated day, not at the checked-in spec's start_date, and run on to
+    yesterday; the checked-in spec is untouched."""
+    from orchestration.definitions import build_definitions
+    from tests.conftest import forget_defs_state_storage
+
+    days = _demo_days(tmp_path, monkeypatch)
+    forget_defs_state_storage()
+    defs = build_definitions()  # what `defs` in orchestration/definitions.py is
+    graph = defs.resolve_asset_graph()
+    daily = [graph.get(k).partitions_def for k in graph.get_all_asset_keys()]
+    bounds = {(d.get_first_partition_key(), d.get_last_partition_key()) for d in daily if d}
+    assert bounds == {(days[0].isoformat(), days[-1].isoformat())}
+    assert load_spec(tmp_path / "specs" / "machine_failure.yaml").source.start_date == dt.date(
+        2026, 1, 1
+    )
 
 
 def test_the_demos_start_overrides_the_default(tmp_path, monkeypatch):

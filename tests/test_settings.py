@@ -135,7 +135,7 @@ def _serve(**kw) -> ServeSettings:
 @pytest.mark.parametrize(
     ("kw", "says"),
     [
-        ({"mode": "blue"}, r"mode\n.*'champion', 'shadow' or 'canary'.*input_value='blue'"),
+        ({"mode": "blue"}, r"mode\n.*'champion', 'shadow'.*'canary'.*input_value='blue'"),
         ({"canary_fraction": 1.5}, r"canary_fraction\n.*less than or equal to 1.*1\.5"),
         ({"poll_interval_s": 0}, r"poll_interval_s\n.*greater than 0"),
         ({"max_batch": 0}, r"max_batch\n.*greater than or equal to 1"),
