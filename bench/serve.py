@@ -1,30 +1,42 @@
-"""Serving benchmark: this service vs `mlflow models serve`, the same registered model.
+"""Serving benchmark: this service against a floor and `mlflow models serve`, one model.
 
 One run on one machine: a throwaway project (generated fleet, 3 days), an xgboost model
 trained and registered in a temporary MLflow registry as champion, the online store filled
-with the state as of day 2's end. Then, one server at a time:
+with the state as of day 2's end. Then every server is started, and loaded one at a time:
 
-1. closed loop, `--concurrency` connections each sending single-record requests back to
-   back for `--duration` s (after a warm-up):
-   - ours: `mlops serve` gets day 3's raw readings in time order, validates each, computes
-     its features through the online store (reading appended) and scores; every request is
-     written to the request log and counted in the metrics (the full production path);
-   - mlflow: `mlflow models serve -m models:/<name>/<v> --env-manager local` gets the same
-     readings' feature vectors (the model matrix rows, `dataframe_split`).
-2. fixed rate: `--rate` requests/s to our service for `--rate-duration` s; latency is
-   measured from each request's scheduled send time (queueing behind a slow one counts);
-   `--rate 0` skips it.
+- floor: a bare Starlette endpoint (uvicorn, httptools, one worker) that decodes the feature
+  rows (`dataframe_split` JSON), predicts with the same xgboost booster in place and encodes
+  the scores: what any Python HTTP model server costs, with nothing else;
+- ours: `mlops serve` (one worker) one request at a time (`--microbatch-max-size 1`), and
+  ours, micro-batched (`--microbatch-max-size`, `--microbatch-max-wait-ms`), each over its own
+  copy of the online store: day 3's raw readings in time order, each validated, its features
+  computed through the online store (reading appended), scored, logged to the request log
+  and counted in the metrics (the full production path);
+- mlflow: `mlflow models serve -m models:/<name>/<v> --env-manager local` on the same feature
+  rows as the floor (skipped with `--skip-mlflow`).
 
-`--batch N` sends N readings per request (`{"records": [...]}`; N feature rows per MLflow
-request), consecutive in time order, and reports rows/s beside req/s; `--skip-mlflow` runs
-ours only.
+Scenarios, in this order, each run against every server back to back (a round), so the
+ratios to the floor compare figures taken minutes apart on the same machine:
 
-The load generator runs in its own process (asyncio over raw keep-alive sockets, so the
-client costs little next to the servers). Both servers get `--workers` uvicorn workers.
+- single rows in a closed loop at each `--concurrency` (connections sending back to back for
+  `--duration` s after `--warmup` s);
+- single rows at a fixed `--rate` req/s for `--duration` s (latency from each request's
+  scheduled send, so queueing behind a slow one counts; the request log's own latency, from
+  arrival to response, beside it); `--rate 0` skips it;
+- `--batch`-row requests in a closed loop at `--batch-concurrency` (`{"records": [...]}` for
+  ours, `--batch` feature rows for the others); `--batch 0` skips it.
 
-    .venv/bin/python bench/serve.py [--machines 1000] [--duration 10] [--concurrency 8]
-        [--workers 1] [--rate 200] [--rate-duration 10] [--batch 1] [--skip-mlflow]
-        [--out bench/results/serve.json]
+Each scenario gets its own slice of day 3's readings (a closed loop that sends more requests
+than its slice holds starts over: those readings are then older than the entity's newest
+row, which costs the same). `--rounds N` repeats the scenarios; the summary holds each
+figure's median over the rounds and the median of the per-round ratios. The load generator
+runs in its own process (asyncio over raw keep-alive sockets, so the client costs little
+next to the servers).
+
+    .venv/bin/python bench/serve.py [--machines 1000] [--duration 10] [--warmup 2]
+        [--concurrency 1,8,64] [--rate 200] [--batch 100] [--batch-concurrency 4]
+        [--microbatch-max-size 32] [--microbatch-max-wait-ms 2] [--max-inflight 64]
+        [--rounds 1] [--skip-mlflow] [--out bench/results/serve.json]
 """
 
 from __future__ import annotations
@@ -36,10 +48,12 @@ import itertools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,6 +171,48 @@ def loadgen(argv: list[str]) -> int:
     return 0
 
 
+# The floor (its own process) -------------------------------------------------------------------
+
+
+def floor_server(argv: list[str]) -> int:
+    """A bare Starlette endpoint over the xgboost booster: JSON rows in, scores out."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--model", required=True, help="the booster (xgboost's own format)")
+    ap.add_argument("--iterations", type=int, default=0, help="trees to use (0: all)")
+    args = ap.parse_args(argv)
+    import numpy as np
+    import uvicorn
+    import xgboost as xgb
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    booster = xgb.Booster()
+    booster.load_model(args.model)
+    booster.set_param({"nthread": 1})
+    trees = (0, args.iterations)
+
+    async def invocations(request: Request) -> Response:
+        rows = json.loads(await request.body())["dataframe_split"]["data"]
+        X = np.array(rows, dtype="float64")  # null -> NaN
+        scores = booster.inplace_predict(X, iteration_range=trees, validate_features=False)
+        return Response(json.dumps({"predictions": scores.tolist()}), media_type="application/json")
+
+    async def health(request: Request) -> Response:
+        return Response("ok")
+
+    app = Starlette(
+        routes=[Route("/invocations", invocations, methods=["POST"]), Route("/health", health)]
+    )
+    uvicorn.run(
+        app, host="127.0.0.1", port=args.port, http="httptools", access_log=False,
+        log_level="warning",
+    )  # fmt: skip
+    return 0
+
+
 # The benchmark -------------------------------------------------------------------------------------
 
 
@@ -171,37 +227,65 @@ def _pct(lat: list[float]) -> dict[str, float]:
     }
 
 
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    processes.wait_until(lambda: processes.http_ok(url), url, log, timeout, proc=proc, interval=0.2)
+@dataclass
+class Server:
+    name: str
+    label: str
+    port: int
+    path: str  # the scoring endpoint
+    readings: bool  # raw readings (ours), else feature rows (floor, mlflow)
+    log_dir: Path | None = None  # our request log
+    proc: subprocess.Popen | None = None
 
 
-def _load(port: int, path: str, bodies: Path, args, rate: float | None = None) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--loadgen",
-        "--port",
-        str(port),
-        "--path",
-        path,
-        "--bodies",
-        str(bodies),
-        "--concurrency",
-        str(args.concurrency),
-        "--duration",
-        str(args.rate_duration if rate else args.duration),
-        "--warmup",
-        str(args.warmup),
+@dataclass
+class Scenario:
+    name: str
+    label: str
+    batch: int  # readings per request
+    concurrency: int  # connections (a pool for the fixed rate)
+    rate: float | None = None  # req/s; None: closed loop
+
+
+def _scenarios(args) -> list[Scenario]:
+    out = [
+        Scenario(f"c{c}", f"single rows, {c} connection(s), closed loop", 1, c)
+        for c in args.concurrency
     ]
-    if rate:
-        cmd += ["--rate", str(rate)]
+    if args.rate:
+        pool = max(args.concurrency)
+        out.append(
+            Scenario(
+                f"rate{args.rate:g}", f"single rows at {args.rate:g} req/s", 1, pool, args.rate
+            )
+        )
+    if args.batch > 1:
+        out.append(
+            Scenario(
+                f"batch{args.batch}",
+                f"{args.batch}-row requests, {args.batch_concurrency} connection(s), closed loop",
+                args.batch,
+                args.batch_concurrency,
+            )
+        )
+    return out
+
+
+def _load(server: Server, bodies: Path, scenario: Scenario, args) -> dict:
+    cmd = [
+        sys.executable, __file__, "--loadgen", "--port", str(server.port), "--path", server.path,
+        "--bodies", str(bodies), "--concurrency", str(scenario.concurrency),
+        "--duration", str(args.duration), "--warmup", str(args.warmup),
+    ]  # fmt: skip
+    if scenario.rate:
+        cmd += ["--rate", str(scenario.rate)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     raw = json.loads(out.stdout)
     return {
         "requests": raw["requests"],
         "errors": raw["errors"],
         "requests_per_s": round(raw["requests"] / raw["seconds"], 1),
-        "rows_per_s": round(raw["requests"] * args.batch / raw["seconds"], 1),
+        "rows_per_s": round(raw["requests"] * scenario.batch / raw["seconds"], 1),
         **_pct(raw["latencies"]),
     }
 
@@ -218,14 +302,144 @@ def _our_batch(readings: list[dict]) -> bytes:
     return json.dumps({"records": readings}).encode()
 
 
-def _mlflow_batch(bodies: list[dict]) -> bytes:
+def _rows_batch(bodies: list[dict]) -> bytes:
     first = bodies[0]["dataframe_split"]
     data = [row for b in bodies for row in b["dataframe_split"]["data"]]
     return json.dumps({"dataframe_split": {"columns": first["columns"], "data": data}}).encode()
 
 
+def _bodies(root: Path, ours: Path, theirs: Path, scenarios: list[Scenario]) -> dict:
+    """(scenario, readings?) -> a file of request bodies: each scenario its own consecutive
+    slice of day 3 (in time order), as raw readings (ours) and feature rows (the others)."""
+    mine, rows = ours.read_bytes().splitlines(), theirs.read_bytes().splitlines()
+    size = len(mine) // len(scenarios)
+    out = {}
+    for k, sc in enumerate(scenarios):
+        part = slice(k * size, (k + 1) * size)
+        for readings, lines, wrap in ((True, mine, _our_batch), (False, rows, _rows_batch)):
+            path = root / f"bodies_{sc.name}_{'readings' if readings else 'rows'}.jsonl"
+            path.write_bytes(_batched(lines[part], sc.batch, wrap))
+            out[sc.name, readings] = path
+    return out
+
+
+def _server_side(server: Server, measured: int) -> dict | None:
+    """The request log's latency (arrival at the server to response) of the last
+    `measured` requests."""
+    from mlops.inference_log import log_files, read_lines
+
+    assert server.log_dir is not None
+    lines = read_lines(log_files(server.log_dir / NAME))[0]
+    last = [ln["latency_ms"] / 1000 for ln in lines[-measured:] if ln.get("status") == 200]
+    return _pct(last) if last else None
+
+
+def _start(servers: list[Server], root: Path, env: dict, spec_path: Path, version: int, args):
+    """Start every server (ours each over a copy of the online store) and wait for them."""
+    import shutil
+
+    for s in servers:
+        log = root / f"{s.name}.log"
+        if s.name == "floor":
+            cmd = [
+                sys.executable, __file__, "--floor-server", "--port", str(s.port),
+                "--model", str(root / "floor.ubj"), "--iterations", str(args.iterations),
+            ]  # fmt: skip
+            s.proc = processes.start(cmd, log, env, root)
+            ready = f"http://127.0.0.1:{s.port}/health"
+        elif s.name == "mlflow":
+            cmd = [
+                str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/{version}",
+                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(s.port),
+                "--workers", str(args.workers),
+            ]  # fmt: skip
+            s.proc = processes.start(cmd, log, env, root, stdout=False)
+            ready = f"http://127.0.0.1:{s.port}/health"
+        else:
+            store = root / ".mlops" / f"online_{s.name}.db"
+            shutil.copy(root / ".mlops" / "online.db", store)
+            s.log_dir = root / f"log_{s.name}"
+            size, wait = (args.microbatch_max_size, args.microbatch_max_wait_ms)
+            if s.name == "ours":
+                size, wait = 1, 0
+            cmd = [
+                str(BIN / "mlops"), "serve", "--spec", str(spec_path), "--port", str(s.port),
+                "--workers", str(args.workers), "--poll-interval", "30",
+                "--log-dir", str(s.log_dir), "--max-inflight", str(args.max_inflight),
+                "--microbatch-max-size", str(size), "--microbatch-max-wait-ms", str(wait),
+            ]  # fmt: skip
+            s.proc = processes.start(
+                cmd, log, {**env, "MLOPS_ONLINE_STORE_URL": f"sqlite:///{store}"}, root,
+                stdout=False,
+            )  # fmt: skip
+            ready = f"http://127.0.0.1:{s.port}/health/ready"
+        processes.wait_until(
+            lambda url=ready: processes.http_ok(url), ready, log, 180, proc=s.proc, interval=0.2
+        )
+
+
+def _summary(rounds: list[dict], scenarios: list[Scenario], servers: list[Server]) -> dict:
+    """Per scenario and server: the median of each figure over the rounds, and the median
+    of the per-round ratios to the floor (req/s, p99) and of ours to mlflow (req/s)."""
+    out: dict = {}
+    for sc in scenarios:
+        out[sc.name] = {}
+        for s in servers:
+            runs = [r[sc.name][s.name] for r in rounds]
+            row = {
+                k: statistics.median(run[k] for run in runs)
+                for k in runs[0]
+                if isinstance(runs[0][k], int | float)
+            }
+            ratios = {
+                "req_per_s_vs_floor": [
+                    run["requests_per_s"] / r[sc.name]["floor"]["requests_per_s"]
+                    for run, r in zip(runs, rounds, strict=True)
+                ],
+                "p99_vs_floor": [
+                    run["p99_ms"] / r[sc.name]["floor"]["p99_ms"]
+                    for run, r in zip(runs, rounds, strict=True)
+                ],
+            }
+            if "mlflow" in rounds[0][sc.name] and s.name != "mlflow":
+                ratios["req_per_s_vs_mlflow"] = [
+                    run["requests_per_s"] / r[sc.name]["mlflow"]["requests_per_s"]
+                    for run, r in zip(runs, rounds, strict=True)
+                ]
+            row.update({k: round(statistics.median(v), 3) for k, v in ratios.items()})
+            if "server_side" in runs[0]:
+                row["server_side_p99_ms"] = statistics.median(
+                    run["server_side"]["p99_ms"] for run in runs if run.get("server_side")
+                )
+            out[sc.name][s.name] = row
+    return out
+
+
+def _print(summary: dict, scenarios: list[Scenario], servers: list[Server]) -> None:
+    head = (
+        f"  {'server':<28} {'req/s':>8} {'rows/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+        f" {'req/s/floor':>12} {'p99/floor':>10}"
+    )
+    for sc in scenarios:
+        print(f"\n{sc.label}")
+        print(head)
+        for s in servers:
+            r = summary[sc.name][s.name]
+            line = (
+                f"  {s.label:<28} {r['requests_per_s']:>8.1f} {r['rows_per_s']:>9.1f} "
+                f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {int(r['errors']):>7d} "
+                f"{r['req_per_s_vs_floor']:>12.2f} {r['p99_vs_floor']:>10.2f}"
+            )
+            if "req_per_s_vs_mlflow" in r:
+                line += f"  {r['req_per_s_vs_mlflow']:.1f}x mlflow"
+            if "server_side_p99_ms" in r:
+                line += f"  (server side p99 {r['server_side_p99_ms']:.2f} ms)"
+            print(line)
+
+
 def _build(root: Path, machines: int):
-    """Project, data, model (champion), online state as of day 2, and request bodies."""
+    """Project, data, model (champion), online state as of day 2, the floor's booster, and
+    request bodies: day 3's readings (ours) and their model-matrix rows (the others)."""
     import polars as pl
     import yaml
 
@@ -268,11 +482,18 @@ def _build(root: Path, machines: int):
     history = lake.read_many(NAME, "validated_data", [d.isoformat() for d in days[:2]])
     store.write_states(NAME, online.states_from_rows(spec, history))
     store.close()
-    # Day 3 in time order: raw readings for us, their model-matrix rows for MLflow.
+    # Day 3 in time order: raw readings for us, their model-matrix rows for the others.
     day3 = lake.read(NAME, "validated_data", days[2].isoformat()).sort("timestamp", "machine_id")
     model = load_model(uri, NAME, version=cand.version)
+    # The floor's booster: the same trees the service predicts with (early stopping's best).
+    booster = model.model.get_booster()
+    booster.save_model(str(root / "floor.ubj"))
+    best = getattr(model.model, "best_iteration", None)
+    iterations = 0 if best is None else int(best) + 1
     keyed = day3.select("machine_id", "timestamp").join(
-        lake.read(NAME, "features", days[2].isoformat()), on=["machine_id", "timestamp"]
+        lake.read(NAME, "features", days[2].isoformat()),
+        on=["machine_id", "timestamp"],
+        maintain_order="left",
     )
     matrix = model.matrix(keyed)
     ours, theirs = root / "ours.jsonl", root / "mlflow.jsonl"
@@ -286,22 +507,42 @@ def _build(root: Path, machines: int):
         for row in matrix.itertuples(index=False):
             values = [None if v != v else float(v) for v in row]
             f.write(json.dumps({"dataframe_split": {"columns": columns, "data": [values]}}) + "\n")
-    return spec, uri, cand.version, ours, theirs, day3.height
+    return spec, uri, cand.version, ours, theirs, day3.height, iterations
 
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--loadgen":
         return loadgen(sys.argv[2:])
-    ap = argparse.ArgumentParser(description=__doc__)
+    if len(sys.argv) > 1 and sys.argv[1] == "--floor-server":
+        return floor_server(sys.argv[2:])
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--machines", type=int, default=1000)
-    ap.add_argument("--duration", type=float, default=10.0)
-    ap.add_argument("--warmup", type=float, default=2.0)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--rate", type=float, default=200.0)
-    ap.add_argument("--rate-duration", type=float, default=10.0)
-    ap.add_argument("--batch", type=int, default=1, help="readings per request")
-    ap.add_argument("--skip-mlflow", action="store_true", help="run our service only")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per run")
+    ap.add_argument("--warmup", type=float, default=2.0, help="seconds before each run")
+    ap.add_argument(
+        "--concurrency",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1, 8, 64],
+        help="closed-loop connections for single rows, comma-separated",
+    )
+    ap.add_argument(
+        "--rate", type=float, default=200.0, help="fixed req/s of single rows (0: skip)"
+    )
+    ap.add_argument("--batch", type=int, default=100, help="readings per batch request (0: skip)")
+    ap.add_argument("--batch-concurrency", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn workers of ours and mlflow")
+    ap.add_argument("--microbatch-max-size", type=int, default=32)
+    ap.add_argument("--microbatch-max-wait-ms", type=float, default=2.0)
+    ap.add_argument(
+        "--max-inflight",
+        type=int,
+        default=64,
+        help="ours: admitted requests per worker (at least the connections, or some are shed)",
+    )
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--skip-mlflow", action="store_true", help="no mlflow models serve")
     ap.add_argument(
         "--nice",
         type=int,
@@ -313,6 +554,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.nice:
         os.nice(args.nice)  # inherited by the servers and the load generator
+    scenarios = _scenarios(args)
     result: dict = {
         "benchmark": "serve",
         "machine": {
@@ -322,10 +564,21 @@ def main() -> int:
         },
         "params": {k: v for k, v in vars(args).items() if k != "out"},
     }
+    servers = [
+        Server("floor", "floor (Starlette + xgboost)", services.free_port(), "/invocations", False),
+        Server("ours", "ours, one at a time", services.free_port(), "/predict", True),
+        Server("ours_mb", "ours, micro-batched", services.free_port(), "/predict", True),
+    ]
+    if not args.skip_mlflow:
+        servers.append(
+            Server("mlflow", "mlflow models serve", services.free_port(), "/invocations", False)
+        )
+    result["servers"] = {s.name: s.label for s in servers}
     with tempfile.TemporaryDirectory(prefix="mlops-bench-serve-") as tmp:
         root = Path(tmp)
         t = time.perf_counter()
-        spec, uri, version, ours, theirs, readings = _build(root, args.machines)
+        spec, uri, version, ours, theirs, readings, iterations = _build(root, args.machines)
+        args.iterations = iterations
         print(
             f"built project, model v{version}, {readings} readings in {time.perf_counter() - t:.0f} s"
         )
@@ -334,103 +587,57 @@ def main() -> int:
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "MLOPS_MLFLOW_TRACKING_URI": uri,
             "MLFLOW_TRACKING_URI": uri,
-            "MLOPS_ONLINE_STORE_URL": f"sqlite:///{root / '.mlops' / 'online.db'}",
-            "MLOPS_INFERENCE_LOG_DIR": str(root / "inference_log"),
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         }
         env.pop("MLOPS_SERVE_TOKEN", None)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-
-        # Ours.
-        port = services.free_port()
-        proc = processes.start(
-            [str(BIN / "mlops"), "serve", "--spec", str(spec.path), "--port", str(port),
-             "--workers", str(args.workers), "--poll-interval", "30"],
-            root / "ours.log", env, root, stdout=False,
-        )  # fmt: skip
+        bodies = _bodies(root, ours, theirs, scenarios)
+        rounds: list[dict] = []
         try:
-            _wait_http(f"http://127.0.0.1:{port}/health/ready", proc, root / "ours.log")
-            # Split the readings: the closed loop takes the first ones, the fixed-rate run
-            # the rest (each reading is served once, in time order).
-            lines = ours.read_bytes().splitlines()
-            n_closed = int(len(lines) * 0.7)
-            first, rest = root / "ours_closed.jsonl", root / "ours_rate.jsonl"
-            first.write_bytes(_batched(lines[:n_closed], args.batch, _our_batch))
-            rest.write_bytes(_batched(lines[n_closed:], args.batch, _our_batch))
-            result["ours"] = _load(port, "/predict", first, args)
-            if args.rate:
-                result["ours_fixed_rate"] = {
-                    "rate": args.rate,
-                    **_load(port, "/predict", rest, args, rate=args.rate),
-                }
+            _start(servers, root, env, spec.path, version, args)
+            for k in range(args.rounds):
+                rnd: dict = {}
+                for sc in scenarios:
+                    rnd[sc.name] = {}
+                    for s in servers:
+                        r = _load(s, bodies[sc.name, s.readings], sc, args)
+                        if sc.rate and s.log_dir is not None:
+                            r["server_side"] = _server_side(s, r["requests"])
+                        rnd[sc.name][s.name] = r
+                        print(
+                            f"round {k + 1} {sc.name:<9} {s.name:<8} {r['requests_per_s']:>8.1f} "
+                            f"req/s  p99 {r['p99_ms']:.2f} ms  errors {r['errors']}",
+                            flush=True,
+                        )
+                rounds.append(rnd)
         finally:
-            processes.stop(proc, grace=30)
-        from mlops.inference_log import log_files, read_lines
-
-        lines = read_lines(log_files(root / "inference_log" / NAME))[0]
-        result["ours"]["logged_lines"] = len(lines)
-        # Server side (the request log's latency: from the request's arrival at the server
-        # to its response built) of the fixed-rate run's measured requests, the last ones
-        # served: the rest of the end-to-end time is the client and the network stack.
-        if args.rate:
-            measured = int(args.rate * args.rate_duration) * args.batch
-            last = [ln["latency_ms"] for ln in lines[-measured:]]
-            result["ours_fixed_rate"]["server_side"] = _pct([x / 1000 for x in last])
-
-        # MLflow.
-        if args.batch > 1:
-            grouped = root / "mlflow_batched.jsonl"
-            grouped.write_bytes(
-                _batched(theirs.read_bytes().splitlines(), args.batch, _mlflow_batch)
-            )
-            theirs = grouped
-        port = services.free_port()
-        proc = None if args.skip_mlflow else processes.start(
-            [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/{version}",
-             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
-             "--workers", str(args.workers)],
-            root / "mlflow.log", env, root, stdout=False,
-        )  # fmt: skip
-        if proc is not None:
-            try:
-                _wait_http(f"http://127.0.0.1:{port}/health", proc, root / "mlflow.log")
-                result["mlflow"] = _load(port, "/invocations", theirs, args)
-            finally:
-                processes.stop(proc, grace=30)
+            for s in servers:
+                if s.proc is not None:
+                    processes.stop(s.proc, grace=30)
     result["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    ours_r, ml_r = result["ours"], result.get("mlflow")
-    fixed = result.get("ours_fixed_rate")
+    result["rounds"] = rounds
+    summary = result["summary"] = _summary(rounds, scenarios, servers)
     goals = result["goals"] = {}
-    if ml_r is not None:
-        ratio = ours_r["rows_per_s"] / ml_r["rows_per_s"]
-        result["throughput_ratio"] = round(ratio, 2)
-        goals["throughput_ratio_at_least_5"] = ratio >= 5
-    if fixed is not None:
-        goals["p99_under_10ms_at_rate"] = fixed["p99_ms"] < 10
-    print(f"{args.batch} reading(s) per request, {args.concurrency} connection(s)")
-    for name, r in (
-        ("ours (readings -> features -> score)", ours_r),
-        ("mlflow models serve (matrix rows)", ml_r),
-    ):
-        if r is None:
-            continue
-        print(
-            f"{name:<40} {r['requests_per_s']:>8.1f} req/s {r['rows_per_s']:>9.1f} rows/s  "
-            f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  errors {r['errors']}"
+    by = {sc.name: sc for sc in scenarios}
+    if "c8" in by:
+        for name in ("ours", "ours_mb"):
+            goals[f"{name}_c8_at_least_half_the_floor"] = (
+                summary["c8"][name]["req_per_s_vs_floor"] >= 0.5
+            )
+    rate = next((sc for sc in scenarios if sc.rate), None)
+    if rate is not None:
+        for name in ("ours", "ours_mb"):
+            goals[f"{name}_p99_under_10ms_at_{rate.rate:g}"] = (
+                summary[rate.name][name]["p99_ms"] < 10
+            )
+    if "c64" in by:
+        goals["microbatching_pays_at_c64"] = (
+            summary["c64"]["ours_mb"]["requests_per_s"] > summary["c64"]["ours"]["requests_per_s"]
         )
-    if ml_r is not None:
-        print(f"throughput ratio ours/mlflow (rows/s): {ratio:.1f}x (goal >= 5x)")
-    if fixed is not None:
-        print(
-            f"ours at {fixed['rate']:.0f} req/s for {args.rate_duration:.0f} s: p50 "
-            f"{fixed['p50_ms']:.2f} ms p99 {fixed['p99_ms']:.2f} ms max {fixed['max_ms']:.2f} ms "
-            f"errors {fixed['errors']} (goal p99 < 10 ms)"
-        )
-        side = fixed["server_side"]
-        print(
-            f"  of which in the server (request log latency): p50 {side['p50_ms']:.2f} ms "
-            f"p99 {side['p99_ms']:.2f} ms max {side['max_ms']:.2f} ms"
-        )
+    _print(summary, scenarios, servers)
+    print()
+    for k, v in goals.items():
+        print(f"goal {k}: {'met' if v else 'NOT met'}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from dataclasses import dataclass
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from mlops import features as feats
@@ -70,8 +71,11 @@ def staleness_limit(spec: Spec) -> dt.timedelta:
     return max(dt.timedelta(days=max(spec.features.lookback_days, 1)), feats.max_window(spec))
 
 
-def state_row(spec: Spec, reading: dict[str, Any]) -> dict[str, Any]:
-    """A validated reading -> the stored row: its timestamp and the feature inputs."""
+def state_row(
+    spec: Spec, reading: dict[str, Any], columns: list[str] | None = None
+) -> dict[str, Any]:
+    """A validated reading -> the stored row: its timestamp and the feature inputs
+    (`columns`: feats.state_columns(spec), when the caller has them)."""
     ts_col = spec.source.timestamp_column
     ts = reading[ts_col]
     if isinstance(ts, str):
@@ -79,9 +83,9 @@ def state_row(spec: Spec, reading: dict[str, Any]) -> dict[str, Any]:
     if ts.tzinfo is not None:
         ts = ts.astimezone(dt.UTC).replace(tzinfo=None)
     row = {TS: ts}
-    for c in feats.state_columns(spec):
+    for c in feats.state_columns(spec) if columns is None else columns:
         v = reading.get(c)
-        row[c] = None if v is None or (isinstance(v, float) and np.isnan(v)) else v
+        row[c] = None if v is None or (isinstance(v, float) and v != v) else v  # NaN: None
     return row
 
 
@@ -164,7 +168,8 @@ class OnlineFeatures:
         self.fallback = fallback or spec.features.online_fallback
         self.counts: Counter[str] = Counter()
         self._names = feats.feature_names(spec)
-        self._numeric = [c for c in feats.state_columns(spec) if c not in spec.features.categorical]
+        self._columns = feats.state_columns(spec)
+        self._numeric = [c for c in self._columns if c not in spec.features.categorical]
         self._window_us = _us(retention(spec))
         self._stale_us = _us(staleness_limit(spec))
 
@@ -193,7 +198,7 @@ class OnlineFeatures:
         self, readings: list[tuple[str, dict[str, Any]]], append: bool, all_or_nothing: bool
     ) -> tuple[list[OnlineResult | FeatureRejected], dict[str, np.ndarray]]:
         spec = self.spec
-        rows = [raw_row(state_row(spec, reading)) for _, reading in readings]
+        rows = [raw_row(state_row(spec, reading, self._columns)) for _, reading in readings]
         stored = self.store.read_states(spec.name, list(dict.fromkeys(e for e, _ in readings)))
         entities: dict[str, _Entity] = {}
         segments: list[list[dict[str, Any]]] = []
@@ -315,17 +320,18 @@ class OnlineFeatures:
             starts.append(len(rows))
             rows.extend(seg)
         gap = self._window_us + 1
-        ts = np.fromiter((r.get(TS, 0) for r in rows), dtype="int64", count=len(rows))
+        get = dict.get  # map(get, rows, repeat(c)): a column of the row dicts, None if absent
+        ts = np.fromiter(map(get, rows, repeat(TS), repeat(0)), "int64", len(rows))
         step = np.minimum(np.diff(ts, prepend=ts[:1]), gap)
         first = np.asarray(starts, dtype="int64")
         step[first - 1] = gap  # the separators
         step[first] = gap  # each segment's first row
         ts = np.cumsum(step)
-        num = {c: np.array([r.get(c) for r in rows], dtype="float64") for c in self._numeric}
+        num = {c: np.array(list(map(get, rows, repeat(c))), "float64") for c in self._numeric}
         cat = {}
         for c in self.spec.features.categorical:
             a = np.empty(len(rows), dtype=object)
-            a[:] = [r.get(c) for r in rows]
+            a[:] = list(map(get, rows, repeat(c)))
             cat[c] = a
         at = np.fromiter((starts[s] + k for s, k in where), dtype="int64", count=len(where))
         return feats.entity_features(self.spec, ts, num, cat, at)

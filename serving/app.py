@@ -2,6 +2,7 @@
 and the request log.
 
     POST /predict        readings -> score, decision, model version, route, request id
+    POST /feedback       field labels for served readings -> appended beside the request log
     GET  /health/live    the process answers
     GET  /health/ready   503 until a champion is loaded
     GET  /model          served versions, aliases, lineage summary, refusals, retries
@@ -14,7 +15,9 @@ a bounded pool of `threads` threads per worker (default 1: the work is CPU-bound
 so more threads mostly take turns on the GIL). That work is the same for one reading or a
 thousand: one validation pass over the body, one feature-store read, one call of the
 feature kernel over every reading, one model call, one feature-store append (atomic) and
-one request-log write.
+one request-log write. Requests that wait for a thread together are served as one such
+batch (serving.microbatch, `microbatch_max_size`), each still validated, answered and
+logged on its own.
 
 Admission: at most `max_inflight` /predict requests per worker are admitted (running or
 waiting for a thread); one more is answered 503 at once, with `Retry-After` and a JSON
@@ -34,6 +37,7 @@ import os
 import random
 import re
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -43,6 +47,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
+from mlops.feedback import FeedbackError, FeedbackWriter, parse_body
 from mlops.inference_log import InferenceLogWriter, now_iso
 from mlops.online import (
     OUT_OF_ORDER,
@@ -56,7 +61,9 @@ from mlops.online_store import StoreUnavailable, make_store
 from mlops.registry import CHALLENGER, CHAMPION
 from mlops.settings import settings as platform_settings
 from mlops.spec import load_spec
+from serving.bandit import Bandit, Reward
 from serving.metrics import ServingMetrics
+from serving.microbatch import Job, MicroBatcher
 from serving.models import ModelManager, ServedModel, Snapshot, bound_registry_requests
 from serving.requests import (
     BadRequest,
@@ -76,6 +83,7 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 MAX_TOP = 100
 RETRY_AFTER_S = 1  # what a request refused by the admission limit is told to wait
 STARTED = "mlops.started"  # scope extension: perf_counter() when a thread took the request
+STORE_DOWN = "feature_store_unavailable"
 _dumps = __import__("json").JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
@@ -100,6 +108,25 @@ class Service:
             on_retry=lambda alias, v, why: self.metrics.load_retries.labels(alias).inc(),
         )
         self.log = InferenceLogWriter(settings.log_dir, settings.log_max_bytes)
+        self.feedback_log = FeedbackWriter(settings.log_dir, settings.log_max_bytes)
+        self.bandit = (
+            Bandit(
+                settings.log_dir,
+                spec.model.task,
+                Reward(
+                    settings.bandit_reward_tp,
+                    settings.bandit_reward_tn,
+                    settings.bandit_reward_fp,
+                    settings.bandit_reward_fn,
+                    settings.bandit_tolerance,
+                ),
+                settings.bandit_floor,
+                settings.bandit_window_days,
+            )
+            if settings.mode == "bandit"
+            else None
+        )
+        self._stop = threading.Event()
         token = platform_settings().serve_token  # MLOPS_SERVE_TOKEN
         self.token = token.get_secret_value() if token else None
         self.pid = os.getpid()
@@ -110,6 +137,14 @@ class Service:
         # The request path's blocking work runs here, never on the event loop; the
         # admission limit (Guard) bounds what waits for it.
         self.pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="predict")
+        # /predict requests queue here for the pool; those that wait together are one batch.
+        self.batcher = MicroBatcher(
+            self.respond,
+            self.pool,
+            settings.threads,
+            settings.microbatch_max_size,
+            settings.microbatch_max_wait_ms / 1000,
+        )
 
     def _on_swap(self, alias: str, version: int) -> None:
         self.metrics.model_version.labels(alias).set(version)
@@ -117,11 +152,26 @@ class Service:
 
     def start(self) -> None:
         self.manager.start()
+        if self.bandit is not None:
+            threading.Thread(target=self._learn, name="bandit", daemon=True).start()
+
+    def _learn(self) -> None:
+        """Bandit mode: fold new log and feedback lines into the posteriors, every
+        bandit_refresh_s (every worker reads all workers' files, so all agree)."""
+        assert self.bandit is not None
+        while not self._stop.is_set():
+            try:
+                self.bandit.refresh()
+            except Exception:  # a torn file or a full disk must not stop the routing
+                log.exception("bandit: could not read the log and feedback files")
+            self._stop.wait(self.settings.bandit_refresh_s)
 
     def close(self) -> None:
+        self._stop.set()
         self.pool.shutdown(wait=True)  # requests in flight finish and log first
         self.manager.stop()
         self.log.close()
+        self.feedback_log.close()
         self.features.store.close()
         ServingMetrics.worker_exit()
 
@@ -129,93 +179,195 @@ class Service:
     def predict(
         self, body: bytes, explain: bool | None, top: int, request_id: str, t0: float
     ) -> tuple[int, dict[str, Any]]:
-        snap: Snapshot = self.manager.snapshot  # read once: one version per request
-        try:
-            parsed = self.parser.parse(body)
-        except BadRequest as e:
-            return self.reject(e, request_id, t0)
-        if snap.champion is None:
-            return self.reject(
-                BadRequest(503, "model_not_ready", self.not_ready_reason()), request_id, t0, parsed
-            )
-        route, model = CHAMPION, snap.champion
+        """One request: a batch of one."""
+        return self.predict_batch([Job(body, None, explain, top, request_id, t0, {})])[0]
+
+    def predict_batch(self, jobs: list[Job]) -> list[tuple[int, dict[str, Any]]]:
+        """(status, body) of each request of a micro-batch. Each is validated on its own (a
+        bad one is answered alone); the valid ones are one vectorized batch (one store read,
+        one kernel call, one predict per model, one append, one log write), their readings
+        in request order, so each gets what it would get alone."""
+        snap: Snapshot = self.manager.snapshot  # read once: one version per batch
+        out: list[tuple[int, dict[str, Any]] | None] = [None] * len(jobs)
+        valid: list[tuple[int, Job, Parsed]] = []
+        for i, job in enumerate(jobs):
+            try:
+                parsed = self.parser.parse(job.body or b"")
+            except BadRequest as e:
+                out[i] = self.reject(e, job.request_id, job.t0)
+                continue
+            except Exception as e:
+                out[i] = self.failed(job, e)
+                continue
+            if snap.champion is None:
+                why = BadRequest(503, "model_not_ready", self.not_ready_reason())
+                out[i] = self.reject(why, job.request_id, job.t0, parsed)
+                continue
+            valid.append((i, job, parsed))
+        if valid:
+            try:
+                self._serve(snap, valid, out)
+            except Exception as e:
+                for i, job, _ in valid:
+                    if out[i] is None:
+                        out[i] = self.failed(job, e)
+        return out  # type: ignore[return-value]
+
+    def _route(self, snap: Snapshot) -> tuple[str, ServedModel, dict[str, Any] | None]:
+        """The route and model of one request, and bandit mode's decision for its log."""
+        assert snap.champion is not None
+        if self.bandit is not None and snap.challenger is not None:
+            version, how = self.bandit.choose(snap.champion.version, snap.challenger.version)
+            if version == snap.challenger.version != snap.champion.version:
+                return "canary", snap.challenger, how
+            return CHAMPION, snap.champion, how
         if (
             self.settings.mode == "canary"
             and snap.challenger is not None
             and random.random() < self.settings.canary_fraction
         ):
-            route, model = "canary", snap.challenger
+            return "canary", snap.challenger, None
+        return CHAMPION, snap.champion, None
+
+    def _serve(
+        self,
+        snap: Snapshot,
+        valid: list[tuple[int, Job, Parsed]],
+        out: list[tuple[int, dict[str, Any]] | None],
+    ) -> None:
+        """Valid requests -> out[i]: their readings' features in one batch, one predict per
+        route, one log write. When the feature step fails for a batch of several requests
+        (a reading without state under the `reject` policy, the store failing; nothing was
+        appended), each request is served again on its own, so each gets its own answer."""
+        records = [rec for _, _, parsed in valid for rec in parsed.records]
         try:
-            batch = self._features(parsed.records)
-        except BadRequest as e:
-            return self.reject(e, request_id, t0, parsed)
+            batch = self.features.serve_batch([(r.entity, r.reading) for r in records])
+        except Exception as e:
+            if len(valid) > 1:
+                self._one_by_one(snap, valid, out)
+                return
+            i, job, parsed = valid[0]
+            out[i] = self.reject(self._feature_error(e), job.request_id, job.t0, parsed)
+            return
         results = batch.results
-        feats = [r.features for r in results]
-        n = len(results)
-        t1 = time.perf_counter()
-        X = model.scorer.matrix_from_columns(batch.columns, n)
-        scores = model.scorer.score(X)
-        decisions = model.scorer.decide(scores)
-        score_ms = (time.perf_counter() - t1) * 1000
-        explain = explain if explain is not None else bool(parsed.explain)
-        explanations = self._explain(model, X, top) if explain else None
-        preds = []
-        for i, rec in enumerate(parsed.records):
-            p = {
-                "record": i,
-                "entity": rec.entity,
-                "timestamp": rec.reading[self.ts_col].isoformat(),
-                "score": float(scores[i]),
-                "decision": decisions[i],
+        spans, k = [], 0  # each request's rows in the batch
+        for _, _, parsed in valid:
+            spans.append((k, k + len(parsed.records)))
+            k += len(parsed.records)
+        routes = [self._route(snap) for _ in valid]
+        groups: dict[str, list[int]] = {}
+        for j, (route, _, _) in enumerate(routes):
+            groups.setdefault(route, []).append(j)
+        scored: list[Any] = [None] * len(valid)  # per request: scores, decisions, X, score_ms
+        counts = []
+        for route, members in groups.items():
+            model = routes[members[0]][1]
+            t1 = time.perf_counter()
+            if len(members) == len(valid):  # every request: the batch's columns as they are
+                X = model.scorer.matrix_from_columns(batch.columns, len(results))
+            else:
+                rows = [r for j in members for r in range(*spans[j])]
+                cols = {c: v[rows] for c, v in batch.columns.items()}
+                X = model.scorer.matrix_from_columns(cols, len(rows))
+            scores = model.scorer.score(X)
+            decisions = model.scorer.decide(scores)
+            score_ms = (time.perf_counter() - t1) * 1000
+            counts.append((model.version, route, scores, decisions))
+            at = 0
+            for j in members:
+                m = spans[j][1] - spans[j][0]
+                scored[j] = (scores[at : at + m], decisions[at : at + m], X[at : at + m], score_ms)
+                at += m
+        shadow = self._shadow(snap, batch) if self.settings.mode == "shadow" else None
+        now = now_iso()
+        lines: list[dict[str, Any]] = []
+        answers = []
+        for j, (i, job, parsed) in enumerate(valid):
+            route, model, how = routes[j]
+            scores, decisions, X, score_ms = scored[j]
+            lo = spans[j][0]
+            rid = job.request_id
+            explain = job.explain if job.explain is not None else bool(parsed.explain)
+            explanations = self._explain(model, X, job.top) if explain else None
+            preds = []
+            for r, rec in enumerate(parsed.records):
+                p = {
+                    "record": r,
+                    "entity": rec.entity,
+                    "timestamp": rec.reading[self.ts_col].isoformat(),
+                    "score": float(scores[r]),
+                    "decision": decisions[r],
+                    "model_version": model.version,
+                    "route": route,
+                    "request_id": rid,
+                    "fallback": results[lo + r].fallback,
+                }
+                if explanations is not None:
+                    p["explanation"] = explanations[r]
+                preds.append(p)
+            latency_ms = (time.perf_counter() - job.t0) * 1000
+            for r, rec in enumerate(parsed.records):
+                res = results[lo + r]
+                lines.append(
+                    self._line(
+                        rid, now, r, rec, res, res.features, preds[r], route, model.version,
+                        latency_ms, score_ms,
+                    )
+                )  # fmt: skip
+                if how is not None:
+                    lines[-1]["bandit"] = how  # the route decision and the posteriors it used
+            if shadow is not None:
+                s_model, s_scores, s_decisions, s_ms = shadow
+                for r, rec in enumerate(parsed.records):
+                    res = results[lo + r]
+                    pred = {"score": float(s_scores[lo + r]), "decision": s_decisions[lo + r]}
+                    lines.append(
+                        self._line(
+                            rid, now, r, rec, res, res.features, pred, "shadow",
+                            s_model.version, latency_ms, s_ms,
+                        )
+                    )  # fmt: skip
+            payload = {
+                "request_id": rid,
                 "model_version": model.version,
                 "route": route,
-                "request_id": request_id,
-                "fallback": results[i].fallback,
+                "predictions": preds,
             }
-            if explanations is not None:
-                p["explanation"] = explanations[i]
-            preds.append(p)
-        shadow = self._shadow(snap, batch) if self.settings.mode == "shadow" else None
-        latency_ms = (time.perf_counter() - t0) * 1000
-        now = now_iso()
-        lines = [
-            self._line(
-                request_id,
-                now,
-                i,
-                rec,
-                results[i],
-                feats[i],
-                preds[i],
-                route,
-                model.version,
-                latency_ms,
-                score_ms,
-            )
-            for i, rec in enumerate(parsed.records)
-        ]
+            answers.append((i, payload))
+        self.log.write(lines)  # flushed before the responses leave
+        for count in counts:
+            self._count(*count)
         if shadow is not None:
-            s_model, s_scores, s_decisions, s_ms = shadow
-            lines += [
-                self._line(
-                    request_id, now, i, rec, results[i], feats[i],
-                    {"score": float(s_scores[i]), "decision": s_decisions[i]},
-                    "shadow", s_model.version, latency_ms, s_ms,
-                )
-                for i, rec in enumerate(parsed.records)
-            ]  # fmt: skip
+            s_model, s_scores, s_decisions, _ = shadow
             self._count(s_model.version, "shadow", s_scores, s_decisions)
-        self.log.write(lines)  # flushed before the response leaves
-        self._count(model.version, route, scores, decisions)
-        for r in results:
-            if r.fallback_code:
-                self.metrics.fallbacks.labels(r.fallback_code).inc()
-        return 200, {
-            "request_id": request_id,
-            "model_version": model.version,
-            "route": route,
-            "predictions": preds,
-        }
+        for res in results:
+            if res.fallback_code:
+                self.metrics.fallbacks.labels(res.fallback_code).inc()
+        for i, payload in answers:
+            out[i] = (200, payload)
+
+    def _one_by_one(
+        self,
+        snap: Snapshot,
+        valid: list[tuple[int, Job, Parsed]],
+        out: list[tuple[int, dict[str, Any]] | None],
+    ) -> None:
+        """Each request of a refused batch on its own, in order. Once the store fails again,
+        the requests left are answered 503 at once rather than each waiting for it."""
+        down: BadRequest | None = None
+        for item in valid:
+            i, job, parsed = item
+            if down is not None:
+                self.metrics.store_unavailable.inc()
+                out[i] = self.reject(down, job.request_id, job.t0, parsed)
+                continue
+            try:
+                self._serve(snap, [item], out)
+            except Exception as e:
+                out[i] = self.failed(job, e)
+            answer = out[i]
+            if answer is not None and answer[1].get("error") == STORE_DOWN:
+                down = BadRequest(503, STORE_DOWN, answer[1]["message"])
 
     def _line(
         self,
@@ -249,24 +401,20 @@ class Service:
             "pid": self.pid,
         }
 
-    def _features(self, records: list[Record]) -> OnlineBatch:
-        """Features of every reading, each appended to its entity's state: one store read,
-        one kernel call and one atomic append for the whole batch. A batch is all or
-        nothing: a reading without a usable state under the `reject` policy refuses it
-        before anything is appended."""
-        items = [(r.entity, r.reading) for r in records]
-        try:
-            return self.features.serve_batch(items)
-        except BatchRejected as e:
-            raise self._rejected(e.rejected) from None
-        except (StoreUnavailable, sqlite3.Error, OSError) as e:
+    def _feature_error(self, e: Exception) -> BadRequest:
+        """The answer to a request whose feature step failed with `e` (re-raised when it is
+        not the store's or the fallback policy's)."""
+        if isinstance(e, BatchRejected):
+            return self._rejected(e.rejected)
+        if isinstance(e, StoreUnavailable | sqlite3.Error | OSError):
             self.metrics.store_unavailable.inc()
             log.error("online feature store unavailable: %s", e)
-            raise BadRequest(
+            return BadRequest(
                 503,
-                "feature_store_unavailable",
+                STORE_DOWN,
                 f"the online feature store is unavailable: {e}; nothing was scored, retry later",
-            ) from None
+            )
+        raise e
 
     def _rejected(self, rejected: list[tuple[int, FeatureRejected]]) -> BadRequest:
         field = self.spec.source.entity_column
@@ -368,44 +516,100 @@ class Service:
         except Exception:
             log.exception("could not log the failed request %s", request_id)
 
+    # On the event loop -------------------------------------------------------------------------
+    async def accept(self, scope: dict[str, Any], receive: Any) -> Response:
+        """A POST /predict (admitted by Guard): its query, request id and body, then its
+        answer from the pool, where it is served with the requests queued beside it."""
+        request = Request(scope, receive)
+        extensions = scope.setdefault("extensions", {})
+        t0 = extensions.get(ARRIVAL) or time.perf_counter()  # from the request's arrival
+        given = request.headers.get("x-request-id")
+        rid = given if given and REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        body, error, explain, top = None, None, None, self.settings.explain_top
+        try:
+            q = request.query_params
+            explain = _flag("explain", q.get("explain"))
+            top = _top(q.get("top"), self.settings.explain_top)
+            body = await _read_body(request, self.settings.max_body_bytes)
+        except Exception as e:  # answered (4xx, or 500 for the unexpected) on the pool
+            error = e
+        return await self.batcher.submit(Job(body, error, explain, top, rid, t0, extensions))
+
     # On the pool -------------------------------------------------------------------------------
     async def run(self, fn: Callable[..., Response], *args: Any) -> Response:
         """`fn(*args)` on the request pool; the event loop stays free meanwhile."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, functools.partial(fn, *args))
 
-    def respond(
-        self,
-        body: bytes | None,
-        error: Exception | None,
-        explain: bool | None,
-        top: int,
-        request_id: str,
-        t0: float,
-        extensions: dict[str, Any],
-    ) -> Response:
-        """A /predict request's blocking work and its response (on the pool): predict, or
-        answer the `error` met before the body was read; either way, log it."""
-        extensions[STARTED] = time.perf_counter()
+    def respond(self, jobs: list[Job]) -> list[Response]:
+        """A micro-batch of /predict requests' work and responses (on the pool; see
+        serving.microbatch): predict, or answer the error met before a body was read; either
+        way, logged. One request's failure is its own 500, not its batch's."""
+        started = time.perf_counter()
+        answers: list[tuple[int, dict[str, Any]] | None] = [None] * len(jobs)
+        ready = []
+        for k, job in enumerate(jobs):
+            job.extensions[STARTED] = started
+            if job.error is None:
+                ready.append(k)
+                continue
+            try:
+                raise job.error
+            except BadRequest as e:
+                answers[k] = self.reject(e, job.request_id, job.t0)
+            except Exception as e:
+                answers[k] = self.failed(job, e)
         try:
-            if error is not None:
-                raise error
-            assert body is not None
-            status, payload = self.predict(body, explain, top, request_id, t0)
-        except BadRequest as e:
-            status, payload = self.reject(e, request_id, t0)
+            for k, answer in zip(ready, self.predict_batch([jobs[k] for k in ready]), strict=True):
+                answers[k] = answer
         except Exception as e:
-            log.exception("request %s failed", request_id)
-            status, payload = (
-                500,
-                {
-                    "error": "internal_error",
-                    "message": "the service failed on this request; see its log",
-                    "request_id": request_id,
-                },
-            )
-            self.log_failure(request_id, t0, f"{type(e).__name__}: {e}")
-        return _json(status, payload, request_id)
+            for k in ready:
+                if answers[k] is None:
+                    answers[k] = self.failed(jobs[k], e)
+        return [
+            _json(status, payload, job.request_id)
+            for (status, payload), job in zip(answers, jobs, strict=True)  # type: ignore[misc]
+        ]
+
+    def failed(self, job: Job, e: Exception) -> tuple[int, dict[str, Any]]:
+        """A request the service itself failed on: a 500, its log line, the traceback."""
+        log.error("request %s failed", job.request_id, exc_info=e)
+        self.log_failure(job.request_id, job.t0, f"{type(e).__name__}: {e}")
+        return 500, {
+            "error": "internal_error",
+            "message": "the service failed on this request; see its log",
+            "request_id": job.request_id,
+        }
+
+    # Feedback --------------------------------------------------------------------------------
+    def feedback(self, body: bytes, request_id: str) -> Response:
+        """Checked against the spec's label type, then appended durably (flushed before the
+        answer); all or nothing. On the pool: it writes a file."""
+        try:
+            items = parse_body(self.spec, body, self.settings.max_batch)
+        except FeedbackError as e:
+            for p in e.problems or [{"code": "invalid_feedback"}]:
+                self.metrics.rejections.labels(p["code"]).inc()
+            payload = {
+                "error": "invalid_feedback",
+                "message": str(e),
+                "detail": e.problems[:50],
+                "request_id": request_id,
+            }
+            return _json(422 if e.problems else 400, payload, request_id)
+        ids = self.feedback_log.append(items, "api")
+        for it in items:
+            self.metrics.feedback.labels(_label_text(it["label"])).inc()
+        self.on_feedback(items)
+        return _json(
+            200, {"request_id": request_id, "recorded": len(ids), "feedback_ids": ids}, request_id
+        )
+
+    def on_feedback(self, items: list[dict[str, Any]]) -> None:
+        """Bandit mode: the reward counts at once in this worker (the others read it from
+        the files within bandit_refresh_s)."""
+        if self.bandit is not None:
+            self.bandit.refresh()
 
     # Status ----------------------------------------------------------------------------------
     def not_ready_reason(self) -> str:
@@ -438,6 +642,7 @@ class Service:
             "canary_fraction": self.settings.canary_fraction
             if self.settings.mode == "canary"
             else None,
+            "bandit": self.bandit.state() if self.bandit is not None else None,
             "champion": champ,
             CHALLENGER: snap.challenger.info if snap.challenger else None,
             "refused": [
@@ -455,6 +660,10 @@ class Service:
 def _json(status: int, payload: dict[str, Any], request_id: str | None = None) -> Response:
     headers = {"x-request-id": request_id} if request_id else None
     return Response(_dumps(payload), status_code=status, media_type=JSON, headers=headers)
+
+
+def _label_text(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else "value"
 
 
 def _flag(name: str, value: str | None) -> bool | None:
@@ -578,7 +787,14 @@ class Guard:
         self.inflight += 1
         metrics.inflight.inc()
         try:
-            await self.app(scope, receive, send_status)
+            if scope["method"] == "POST":
+                # Served here rather than through FastAPI's middleware, routing and
+                # dependency layers, which cost more than a micro-batched reading's own work;
+                # the route exists for the OpenAPI document (and answers other methods 405).
+                response = await self.service.accept(scope, receive)
+                await response(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
         finally:
             self.inflight -= 1
             metrics.inflight.dec()
@@ -738,6 +954,40 @@ def _openapi_routes(settings: ServeSettings, example: dict[str, Any]) -> dict[st
                 },
             },
         },
+        "feedback": {
+            "response_class": Response,
+            "responses": {
+                200: _content(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "request_id": {"type": "string"},
+                            "recorded": {"type": "integer"},
+                            "feedback_ids": {"type": "array", "items": {"type": "string"}},
+                        },
+                        "required": ["request_id", "recorded", "feedback_ids"],
+                    },
+                    "the feedback is recorded (flushed to the feedback log)",
+                ),
+                **_errors(400, 401, 413, 422),
+            },
+            "openapi_extra": {
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        JSON: {
+                            "schema": {"oneOf": [obj, {"type": "array", "items": obj}]},
+                            "example": [
+                                {"request_id": "3f2a...", "record": 0, "label": 1},
+                                {"entity": "M0007", "timestamp": "2026-01-04T05:00:00", "label": 0},
+                            ],
+                        }
+                    },
+                    "description": "{request_id, record?, label} or {entity, timestamp, "
+                    f"label}}; one object or a list of at most {settings.max_batch}",
+                },
+            },
+        },
         "live": {
             "response_class": Response,
             "responses": {200: _content(obj, "the process answers")},
@@ -833,19 +1083,19 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @app.post("/predict", **doc["predict"])
     async def predict(request: Request) -> Response:
         """One reading, a list of readings, or {"records": [...], "explain": bool}."""
-        extensions = request.scope.setdefault("extensions", {})
-        t0 = extensions.get(ARRIVAL) or time.perf_counter()  # from the request's arrival
+        return await service.accept(request.scope, request.receive)
+
+    @app.post("/feedback", **doc["feedback"])
+    async def feedback(request: Request) -> Response:
+        """Labels for served readings: {request_id, record?, label} or {entity, timestamp,
+        label}, one object or a list."""
         given = request.headers.get("x-request-id")
         rid = given if given and REQUEST_ID_RE.match(given) else uuid.uuid4().hex
-        body, error, explain, top = None, None, None, settings.explain_top
         try:
-            q = request.query_params
-            explain = _flag("explain", q.get("explain"))
-            top = _top(q.get("top"), settings.explain_top)
             body = await _read_body(request, settings.max_body_bytes)
-        except Exception as e:  # answered (4xx, or 500 for the unexpected) on the pool
-            error = e
-        return await service.run(service.respond, body, error, explain, top, rid, t0, extensions)
+        except BadRequest as e:
+            return _json(e.status, e.body(rid), rid)
+        return await service.run(service.feedback, body, rid)
 
     @app.get("/health/live", **doc["live"])
     async def live() -> Response:

@@ -95,16 +95,17 @@ def world(tmp_path_factory) -> World:
     return World(root, path, Lake(lake_url), defs, p.tracking_uri, root / "logs")
 
 
-def _client(world: World, monkeypatch) -> TestClient:
-    store = world.root / "stores" / "online.db"
+def _client(world: World, monkeypatch, log_dir: Path | None = None, **kw: Any) -> TestClient:
+    store = world.root / "stores" / f"online-{len(list(world.root.glob('stores/*')))}.db"
     store.parent.mkdir(exist_ok=True)
     shutil.copy(world.root / ".mlops" / "online.db", store)
     s = ServeSettings(
         spec_path=str(world.spec_path),
         tracking_uri=world.uri,
         store_url=f"sqlite:///{store}",
-        log_dir=str(world.logs / NAME),
+        log_dir=str((log_dir or world.logs) / NAME),
         poll_interval_s=0.2,
+        **kw,
     )
     monkeypatch.delenv("MLOPS_SERVE_TOKEN", raising=False)
     client = TestClient(create_app(s), raise_server_exceptions=False)
@@ -435,3 +436,53 @@ def _spec_file(text: str) -> Path:
     path = folder / "specs" / f"{NAME}.yaml"
     path.write_text(text)
     return path
+
+
+def test_bandit_mode_routes_logs_its_decision_and_learns_from_feedback(world, monkeypatch):
+    """The wiring of serving.bandit (its convergence: tests/test_bandit.py): each request is
+    routed to an arm, its log lines carry the decision, and POST /feedback moves the
+    posteriors /model reports at once."""
+    spec = load_spec(variant(world.root / "v2", "xgboost", {"n_estimators": 5, "max_depth": 2}))
+    lineage = {"training_set_hash": "1" * 64, "training_partitions": [DAYS[0], DAYS[-1]]}
+    lake = Lake(str(world.root / ".mlops" / "lake"))
+    v2 = training.train_candidate(
+        spec, training_frame(lake, DAYS), lineage, world.uri,
+        str(world.root / ".mlops" / "mlartifacts"), trials=1,
+    )  # fmt: skip
+    registry.set_alias(world.uri, NAME, registry.CHALLENGER, v2.version)
+    champion = registry.alias_version(world.uri, NAME, registry.CHAMPION)
+    logs = world.root / "bandit-logs"
+    client = _client(world, monkeypatch, log_dir=logs, mode="bandit", bandit_floor=0.5)
+    try:
+        wait(
+            lambda: (
+                (client.get("/model").json().get("challenger") or {}).get("version") == v2.version
+            ),
+            60,
+            "the challenger to load",
+        )
+        answers = []
+        for k in range(20):
+            r = reading(f"M000{1 + k % 4}", AFTER + dt.timedelta(hours=6, minutes=5 * k))
+            resp = client.post("/predict", json=r)
+            assert resp.status_code == 200, resp.text
+            answers.append(resp.json())
+        by_route = {a["route"] for a in answers}
+        assert by_route == {"champion", "canary"}
+        for a in answers:
+            p = a["predictions"][0]
+            right = a["route"] == "champion"  # the champion is always right, the challenger never
+            label = p["decision"] if right else 1 - p["decision"]
+            ok = client.post("/feedback", json={"request_id": a["request_id"], "label": label})
+            assert ok.status_code == 200, ok.text
+        arms = client.get("/model").json()["bandit"]["arms"]
+    finally:
+        client.__exit__(None, None, None)
+    n_champion = sum(a["route"] == "champion" for a in answers)
+    assert arms[str(champion)]["alpha"] == 1 + n_champion and arms[str(champion)]["beta"] == 1
+    assert arms[str(v2.version)]["alpha"] == 1
+    assert arms[str(v2.version)]["beta"] == 1 + 20 - n_champion
+    lines, _ = feedback.read_lines(feedback.log_files(logs / NAME))
+    routed = [ln for ln in lines if ln.get("status") == 200]
+    assert len(routed) == 20 and all("bandit" in ln for ln in routed)
+    assert {ln["model_version"] for ln in routed} == {champion, v2.version}

@@ -401,13 +401,13 @@ def test_admission_limit_answers_503_at_once_while_health_stays_200(world, monke
     release = threading.Event()
     with ThreadServer(settings(world, "admission", threads=1, max_inflight=2)) as srv:
         service = srv.app.state.service
-        original = service.predict
+        original = service.predict_batch
 
         def blocked(*args: Any) -> Any:  # the worker's thread is busy until released
             release.wait(30)
             return original(*args)
 
-        service.predict = blocked
+        service.predict_batch = blocked
         answers: list[httpx.Response] = []
 
         def post(minute: int) -> None:
