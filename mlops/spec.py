@@ -1006,11 +1006,14 @@ def _automation_lines(spec: Spec) -> list[str]:
     )
     return [
         f"  automation new_data_sensor: new or corrected {'files' if isinstance(spec.source, FileSource) else 'rows'} -> the day's data run"
-        + ("; label feed arrived -> labels" if spec.labels.kind == "event_feed" else "")
-        + (
-            "; feedback of a past day -> label_feedback -> labels"
+        + ("; label feed arrived -> labels" if spec.labels.kind == "event_feed" else ""),
+        *(
+            [
+                "             feedback_sensor: field feedback (POST /feedback, labels import) "
+                "-> label_feedback -> labels -> model_performance of the days it names"
+            ]
             if spec.labels.uses_feedback
-            else ""
+            else []
         ),
         "             monitoring_sensor: every built day after the first champion's window "
         "-> scoring + drift report; mature labels -> model_performance",
