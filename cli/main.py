@@ -579,7 +579,7 @@ def features_online_stats(spec_arg: str) -> None:
 @click.option(
     "--microbatch-max-size",
     type=click.IntRange(1, 1000),
-    default=1,
+    default=32,
     show_default=True,
     help="requests waiting for a thread are served together as one vectorized batch of at "
     "most this many (1: one request at a time)",
@@ -587,9 +587,9 @@ def features_online_stats(spec_arg: str) -> None:
 @click.option(
     "--microbatch-max-wait-ms",
     type=click.FloatRange(0, 1000),
-    default=0.0,
+    default=2.0,
     show_default=True,
-    help="a thread that finds fewer than --microbatch-max-size requests waits up to this "
+    help="a thread that finds fewer requests than the last batches held waits up to this "
     "long (from the first one's arrival) for more",
 )
 def serve(

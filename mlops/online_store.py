@@ -449,17 +449,20 @@ class SQLiteOnlineStore:
         hit = found.fetchone()
         return None if hit is None else _decode_state(spec_name, entity, hit[1], hit[0])
 
-    def _select(self, spec_name: str, entities: list[str]):
+    def _select(self, spec_name: str, entities: list[str]) -> list[tuple[str, int, bytes]]:
         """(entity, as_of_us, payload) of the stored ones: one query per request (an `IN`
-        list; split only past SQLITE_MAX_IN entities)."""
+        list; split only past SQLITE_MAX_IN entities). Fetched whole, so a state that
+        fails to decode leaves no cursor open behind it."""
         conn = self._conn()
+        found: list[tuple[str, int, bytes]] = []
         for batch in _chunks(dict.fromkeys(entities), SQLITE_MAX_IN):
             marks = ",".join("?" * len(batch))
-            yield from conn.execute(
+            found += conn.execute(
                 "SELECT entity, as_of_us, payload FROM online_state "
                 f"WHERE spec = ? AND entity IN ({marks})",
                 (spec_name, *batch),
-            )
+            ).fetchall()
+        return found
 
     def get_states(self, spec_name: str, entities: list[str]) -> dict[str, EntityState]:
         return {

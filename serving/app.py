@@ -566,10 +566,15 @@ class Service:
             for k in ready:
                 if answers[k] is None:
                     answers[k] = self.failed(jobs[k], e)
-        return [
-            _json(status, payload, job.request_id)
-            for (status, payload), job in zip(answers, jobs, strict=True)  # type: ignore[misc]
-        ]
+        done: list[tuple[int, dict[str, Any]]] = answers  # type: ignore[assignment]
+        return [self._encode(job, answer) for job, answer in zip(jobs, done, strict=True)]
+
+    def _encode(self, job: Job, answer: tuple[int, dict[str, Any]]) -> Response:
+        """The response of one request of a batch; one that cannot be encoded is its 500."""
+        try:
+            return _json(answer[0], answer[1], job.request_id)
+        except Exception as e:
+            return _json(*self.failed(job, e), job.request_id)
 
     def failed(self, job: Job, e: Exception) -> tuple[int, dict[str, Any]]:
         """A request the service itself failed on: a 500, its log line, the traceback."""
@@ -726,8 +731,9 @@ def _too_large(size: int, limit: int) -> BadRequest:
 
 class Guard:
     """Pure ASGI middleware on the event loop: bearer-token check (health stays open), the
-    admission limit of /predict, and request metrics: latency from the request's arrival at
-    the server (serving.timing), and from when a thread took it (the handler's own time)."""
+    admission limit of /predict, POST /predict itself (Service.accept), and request
+    metrics: latency from the request's arrival at the server (serving.timing), and from
+    when a thread took it (the handler's own time)."""
 
     def __init__(self, app: Any, service: Service):
         self.app, self.service = app, service

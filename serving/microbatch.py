@@ -1,17 +1,18 @@
 """Micro-batching: concurrent /predict requests served as one vectorized batch.
 
 A worker's /predict requests queue here for its threads. A thread that is free takes every
-waiting request, up to `max_size`, and serves them together (Service.respond_batch: one
-store read, one feature-kernel call, one predict, one append and one log write for all of
-them); a thread that finds fewer than `max_size` waits up to `max_wait_s` after the first
-one's arrival for more. So the batch follows the load: a request that arrives at an idle
-worker is served at once (unless the worker is told to wait for company), requests that
-pile up while the threads are busy go together.
+waiting request, up to `max_size`, and serves them together (Service.respond: one store
+read, one feature-kernel call, one predict, one append and one log write for all of them).
+A thread that finds fewer requests than the last batches held waits up to `max_wait_s`
+(from the first one's arrival) for as many: the clients answered by those batches are
+likely to send their next request within that time. So the batch follows the load: one
+request at a time when they come one at a time (nothing is waited for), as many as are
+in flight when many clients keep the worker busy.
 
-Each request keeps its own request id, response, log lines and error: Service.respond_batch
+Each request keeps its own request id, response, log lines and error: Service.predict_batch
 validates each on its own before the batch, and serves the batch again one request at a
-time when the batch as a whole is refused (a reading without state under the `reject`
-policy, or the feature store failing).
+time when the feature step refuses it as a whole (a reading without state under the
+`reject` policy, the feature store failing; nothing was appended then).
 
 The event loop only queues a request and awaits its future; the threads take batches, and
 hand all of a batch's responses back to the loop in one callback.
@@ -66,6 +67,11 @@ class MicroBatcher:
         self._recent: deque[int] = deque([1], maxlen=2)  # the last batches' sizes
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a thread."""
+        return len(self._queue)
+
     async def submit(self, job: Job) -> Any:
         """Queue `job` and wait for its answer (on the event loop)."""
         loop = self._loop = asyncio.get_running_loop()
@@ -96,8 +102,6 @@ class MicroBatcher:
                 if not batch:
                     self._draining -= 1
                     return
-            _DEBUG_SIZES[len(batch)] = _DEBUG_SIZES.get(len(batch), 0) + 1  # DEBUG
-            if sum(_DEBUG_SIZES.values()) % 500 == 0: print("BATCH SIZES", sorted(_DEBUG_SIZES.items()), file=sys.stderr, flush=True)  # DEBUG
             try:
                 answers: list[Any] = self.serve(batch)
             except BaseException as e:  # serve answers errors itself; this is a bug
@@ -129,12 +133,6 @@ class MicroBatcher:
                     batch.append(queue.popleft())
             self._recent[-1] = len(batch)
         return batch
-
-
-_DEBUG_SIZES: dict = {}  # DEBUG
-import atexit, os, sys  # DEBUG
-if os.environ.get("MB_DEBUG"):  # DEBUG
-    atexit.register(lambda: print("BATCH SIZES", sorted(_DEBUG_SIZES.items()), file=sys.stderr, flush=True))  # DEBUG
 
 
 def _deliver(batch: list[Job], answers: list[Any]) -> None:

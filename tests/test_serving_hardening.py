@@ -346,7 +346,8 @@ def test_latency_histogram_includes_the_time_requests_queue(world, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     stderr = tmp_path / "server.stderr"
-    s = serve_settings(world, "latency", store_url=f"sqlite:///{store}")
+    # One request at a time, so they queue (micro-batched, they would share one batch).
+    s = serve_settings(world, "latency", store_url=f"sqlite:///{store}", microbatch_max_size=1)
     launch = (
         "import json, sys; from serving.server import run; from serving.settings import "
         f"ServeSettings; run(ServeSettings(**json.loads(sys.argv[1])), port={port})"
