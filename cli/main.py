@@ -571,7 +571,7 @@ def features_online_stats(spec_arg: str) -> None:
 @click.option(
     "--max-inflight",
     type=click.IntRange(min=1),
-    default=32,
+    default=64,
     show_default=True,
     help="/predict requests a worker admits at once (running or waiting for a thread); "
     "one more is answered 503 with Retry-After at once",

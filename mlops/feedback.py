@@ -98,8 +98,11 @@ def label_value(spec: Spec, v: Any) -> tuple[float | None, str | None]:
             v = float(v)
         except ValueError:
             return None, f"{_shown(v)} is not a number: a regression label is a finite number"
-    if isinstance(v, int | float) and math.isfinite(v):
-        return float(v), None
+    try:
+        if isinstance(v, int | float) and math.isfinite(v):
+            return float(v), None
+    except OverflowError:  # an integer too large for a float
+        pass
     return None, f"{_shown(v)} is not a finite number: a regression label is a finite number"
 
 
@@ -222,8 +225,10 @@ def parse_body(spec: Spec, body: bytes, max_items: int) -> list[dict[str, Any]]:
         raise FeedbackError("the body is empty: send JSON", [])
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FeedbackError(f"the body is not valid JSON: {e}", []) from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
+        raise FeedbackError(
+            f"the body is not valid JSON: {type(e).__name__}: {e}"[:300], []
+        ) from None
     if isinstance(data, dict) and set(data) == {"records"}:
         data = data["records"]
     items = data if isinstance(data, list) else [data]

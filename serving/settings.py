@@ -55,10 +55,11 @@ class ServeSettings(BaseModel):
     load_retry_max_s: float = Field(60.0, gt=0)
     # Per worker: threads that run the requests' work (the event loop never does), and the
     # /predict requests admitted at once (running or waiting for a thread); one more is
-    # answered 503 with Retry-After at once. 32 keeps an admitted single reading's wait
-    # under ~100 ms at this machine's ~2-3 ms per request, yet absorbs bursts.
+    # answered 503 with Retry-After at once. 64: micro-batched, an admitted single reading
+    # costs ~0.35 ms of a 2-core machine, so 64 waiting is ~25 ms, and 64 connections
+    # (bench/serve.py's c=64) are all admitted.
     threads: int = Field(1, ge=1, le=64)
-    max_inflight: int = Field(32, ge=1)
+    max_inflight: int = Field(64, ge=1)
     # Micro-batching (serving.microbatch): /predict requests that wait for a thread are
     # served together as one vectorized batch of at most microbatch_max_size requests; a
     # thread that finds fewer than the last batches held waits up to microbatch_max_wait_ms

@@ -262,7 +262,15 @@ def test_openapi_document_carries_the_spec_schema(world):
         "$ref": "#/components/schemas/PredictBody"
     }
     assert {"200", "400", "413", "422", "503"} <= set(predict["responses"])
-    assert set(d["paths"]) == {"/predict", "/health/live", "/health/ready", "/model", "/metrics"}
+    assert set(d["paths"]) == {
+        "/predict",
+        "/feedback",
+        "/health/live",
+        "/health/ready",
+        "/model",
+        "/metrics",
+    }
+    assert {"200", "400", "413", "422"} <= set(d["paths"]["/feedback"]["post"]["responses"])
 
 
 @pytest.fixture(scope="module")
