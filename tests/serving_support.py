@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,75 @@ def reading(machine: str, when: dt.datetime | str, **values: Any) -> dict[str, A
         "voltage": 230.0,
     }
     return {**base, **values}
+
+
+# A small served project: the world of the batch, micro-batch and feedback tests -----------------
+
+SERVED_DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
+
+
+@dataclass
+class ServedWorld:
+    root: Path
+    uri: str
+
+
+def served_world(root: Path) -> ServedWorld:
+    """The embedded spec over three small days (4 machines) built through the data job (so
+    the online store holds every machine's state as of day 3's end), with an xgboost
+    champion trained on them."""
+    from mlops import registry, training
+    from mlops.spec import load_spec
+    from tests.conftest import make_project, small_data
+
+    p = make_project(root, with_mlflow=True)
+    small_data(p, days=len(SERVED_DAYS), machines=4, seed=5)
+    for day in SERVED_DAYS:
+        p.run_day(day)
+    spec = load_spec(variant(root, "xgboost", {"n_estimators": 20, "max_depth": 3}))
+    lineage = {
+        "training_set_hash": "0" * 64,
+        "training_partitions": [SERVED_DAYS[0], SERVED_DAYS[-1]],
+    }
+    xgb = training.train_candidate(
+        spec,
+        training_frame(p.lake, SERVED_DAYS),
+        lineage,
+        p.tracking_uri,
+        str(root / ".mlops" / "mlartifacts"),
+        trials=1,
+    )
+    registry.set_alias(p.tracking_uri, NAME, registry.CHAMPION, xgb.version)
+    return ServedWorld(root, p.tracking_uri)
+
+
+def settings(world: ServedWorld, name: str, **kw: Any):
+    """A server of its own over a copy of the online store (as of day 3's end)."""
+    import shutil
+
+    from serving.settings import ServeSettings
+
+    store = world.root / "stores" / f"{name}.db"
+    store.parent.mkdir(exist_ok=True)
+    shutil.copy(world.root / ".mlops" / "online.db", store)
+    base = {
+        "spec_path": str(world.root / "specs" / f"{NAME}.yaml"),
+        "tracking_uri": world.uri,
+        "store_url": f"sqlite:///{store}",
+        "log_dir": str(world.root / "logs" / name),
+        "poll_interval_s": 0.2,
+    }
+    return ServeSettings(**{**base, **kw})
+
+
+def ready_client(s: Any, monkeypatch: Any):
+    """A TestClient of the app (its lifespan entered) once its champion is loaded."""
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+
+    monkeypatch.delenv("MLOPS_SERVE_TOKEN", raising=False)
+    client = TestClient(create_app(s), raise_server_exceptions=False)
+    client.__enter__()
+    wait(lambda: client.get("/health/ready").status_code == 200, 60, "the champion to load")
+    return client

@@ -27,8 +27,8 @@ from resources.lake import LakeResource
 from sensors.feedback import feedback_sensor_name
 from serving.app import create_app
 from serving.settings import ServeSettings
-from tests.conftest import embedded_spec_text, make_project, small_data
-from tests.serving_support import reading, training_frame, variant, wait
+from tests.conftest import embedded_spec_text
+from tests.serving_support import reading, served_world, training_frame, variant, wait
 
 NAME = "machine_failure"
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
@@ -65,22 +65,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
-    root = tmp_path_factory.mktemp("feedback")
-    p = make_project(root, with_mlflow=True)
-    small_data(p, days=3, machines=4, seed=5)
-    for day in DAYS:
-        p.run_day(day)  # features and the online state as of the day's end
-    spec = load_spec(variant(root, "xgboost", {"n_estimators": 20, "max_depth": 3}))
-    lineage = {"training_set_hash": "0" * 64, "training_partitions": [DAYS[0], DAYS[-1]]}
-    xgb = training.train_candidate(
-        spec,
-        training_frame(p.lake, DAYS),
-        lineage,
-        p.tracking_uri,
-        str(root / ".mlops" / "mlartifacts"),
-        trials=1,
-    )
-    registry.set_alias(p.tracking_uri, NAME, registry.CHAMPION, xgb.version)
+    served = served_world(tmp_path_factory.mktemp("feedback"))
+    root = served.root
     # From here on the project's labels are field feedback only.
     path = root / "specs" / f"{NAME}.yaml"
     path.write_text(embedded_spec_text((EVENT_LABELS, FEEDBACK_LABELS)))
@@ -88,11 +74,11 @@ def world(tmp_path_factory) -> World:
     defs = build_definitions(
         root / "specs",
         lake_url,
-        p.tracking_uri,
+        served.uri,
         str(root / ".mlops" / "mlartifacts"),
         f"sqlite:///{root / '.mlops' / 'online.db'}",
     )
-    return World(root, path, Lake(lake_url), defs, p.tracking_uri, root / "logs")
+    return World(root, path, Lake(lake_url), defs, served.uri, root / "logs")
 
 
 def _client(world: World, monkeypatch, log_dir: Path | None = None, **kw: Any) -> TestClient:
@@ -204,19 +190,28 @@ def test_bad_feedback_is_refused_with_every_field_and_nothing_is_written(world, 
     assert 'mlops_serving_feedback_total{label="1"}' in served["metrics"]
 
 
-def test_feedback_round_trips_into_labels_and_realized_performance(world, served, monkeypatch):
-    monkeypatch.setenv("MLOPS_INFERENCE_LOG_DIR", str(world.logs))
+@pytest.fixture(scope="module")
+def ingested(world: World, served: dict[str, Any]) -> dg.ExecuteInProcessResult:
+    """Day 4's request log into the lake, then the labels job: label_feedback -> labels ->
+    model_performance (what the feedback sensor requests)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLOPS_INFERENCE_LOG_DIR", str(world.logs))
+    try:
+        resources = {"lake": LakeResource(base_url=str(world.lake.base_url))}
+        instance = dg.DagsterInstance.ephemeral()
+        log_asset = world.defs.get_assets_def(dg.AssetKey([NAME, "inference_log"]))
+        assert dg.materialize(
+            [log_asset], partition_key=DAY, resources=resources, instance=instance
+        ).success
+        job = world.defs.resolve_job_def(labels_job_name(load_spec(world.spec_path)))
+        return job.execute_in_process(partition_key=DAY, instance=instance, run_config=QUIET)
+    finally:
+        mp.undo()
+
+
+def test_feedback_round_trips_into_labels_and_realized_performance(world, served, ingested):
     spec = load_spec(world.spec_path)
-    resources = {"lake": LakeResource(base_url=str(world.lake.base_url))}
-    instance = dg.DagsterInstance.ephemeral()
-    log_asset = world.defs.get_assets_def(dg.AssetKey([NAME, "inference_log"]))
-    assert dg.materialize(
-        [log_asset], partition_key=DAY, resources=resources, instance=instance
-    ).success
-    result = world.defs.resolve_job_def(labels_job_name(spec)).execute_in_process(
-        partition_key=DAY, instance=instance, run_config=QUIET
-    )
-    assert result.success
+    assert ingested.success
     truth = served["truth"]
     fed = world.lake.read(NAME, "label_feedback", DAY)
     assert fed.height == len(truth) == 10
@@ -260,7 +255,7 @@ def test_unknown_request_ids_are_kept_with_their_reason_on_their_arrival_day(wor
     assert len(reasons) == 1 and "not in the request log" in reasons[0]
 
 
-def test_the_sensor_relabels_the_days_new_feedback_names_once(world, served, monkeypatch):
+def test_the_sensor_relabels_the_days_new_feedback_names_once(world, ingested, served, monkeypatch):
     monkeypatch.setenv("MLOPS_INFERENCE_LOG_DIR", str(world.logs))
     sensor = world.defs.get_repository_def().get_sensor_def(f"{NAME}_feedback_sensor")
     assert sensor.name == feedback_sensor_name(load_spec(world.spec_path))
@@ -303,7 +298,7 @@ def test_the_sensor_relabels_the_days_new_feedback_names_once(world, served, mon
 
 
 def test_labels_export_picks_the_uncertain_unlabelled_and_import_lands_them(
-    world, served, tmp_path, monkeypatch
+    world, served, ingested, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("MLOPS_INFERENCE_LOG_DIR", str(world.logs))
     monkeypatch.setenv("MLOPS_LAKE_URL", str(world.lake.base_url))

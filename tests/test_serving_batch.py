@@ -19,20 +19,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
-import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
 from deploy.services import free_port
-from mlops import online, registry, training
+from mlops import online
 from mlops.inference_log import log_files, read_lines
 from mlops.online_store import (
     Append,
@@ -48,8 +45,16 @@ from mlops.online_store import (
 from mlops.spec import load_spec
 from serving.app import create_app
 from serving.settings import ServeSettings
-from tests.conftest import REPO, make_project, require_redis, small_data
-from tests.serving_support import reading, samples, training_frame, variant, wait
+from tests.conftest import REPO, require_redis
+from tests.serving_support import (
+    ServedWorld,
+    reading,
+    ready_client,
+    samples,
+    served_world,
+    settings,
+    wait,
+)
 
 NAME = "machine_failure"
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
@@ -261,50 +266,12 @@ def raw_json(rows: list[dict[str, Any]]) -> bytes:
 # The service -----------------------------------------------------------------------------------
 
 
-@dataclass
-class World:
-    root: Path
-    uri: str
+World = ServedWorld
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
-    root = tmp_path_factory.mktemp("batch")
-    p = make_project(root, with_mlflow=True)
-    small_data(p, days=3, machines=4, seed=5)
-    for day in DAYS:
-        p.run_day(day)  # features and the online state as of the day's end
-    frame = training_frame(p.lake, DAYS)
-    spec = load_spec(variant(root, "xgboost", {"n_estimators": 20, "max_depth": 3}))
-    lineage = {"training_set_hash": "0" * 64, "training_partitions": [DAYS[0], DAYS[-1]]}
-    xgb = training.train_candidate(
-        spec, frame, lineage, p.tracking_uri, str(root / ".mlops" / "mlartifacts"), trials=1
-    )
-    registry.set_alias(p.tracking_uri, NAME, registry.CHAMPION, xgb.version)
-    return World(root, p.tracking_uri)
-
-
-def settings(world: World, name: str, **kw: Any) -> ServeSettings:
-    """A server of its own over a copy of the online store (as of day 3's end)."""
-    store = world.root / "stores" / f"{name}.db"
-    store.parent.mkdir(exist_ok=True)
-    shutil.copy(world.root / ".mlops" / "online.db", store)
-    base = {
-        "spec_path": str(world.root / "specs" / f"{NAME}.yaml"),
-        "tracking_uri": world.uri,
-        "store_url": f"sqlite:///{store}",
-        "log_dir": str(world.root / "logs" / name),
-        "poll_interval_s": 0.2,
-    }
-    return ServeSettings(**{**base, **kw})
-
-
-def ready_client(s: ServeSettings, monkeypatch) -> TestClient:
-    monkeypatch.delenv("MLOPS_SERVE_TOKEN", raising=False)
-    client = TestClient(create_app(s), raise_server_exceptions=False)
-    client.__enter__()
-    wait(lambda: client.get("/health/ready").status_code == 200, 60, "the champion to load")
-    return client
+    return served_world(tmp_path_factory.mktemp("batch"))
 
 
 def _readings() -> list[dict[str, Any]]:

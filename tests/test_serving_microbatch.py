@@ -22,27 +22,28 @@ import asyncio
 import datetime as dt
 import json
 import random
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
-from mlops import registry, training
 from mlops.inference_log import log_files, read_lines
 from mlops.online_store import SQLiteOnlineStore, StoreUnavailable
-from mlops.spec import load_spec
 from serving.app import Service, create_app
 from serving.microbatch import Job, MicroBatcher
 from serving.settings import ServeSettings
-from tests.conftest import make_project, small_data
-from tests.serving_support import reading, samples, training_frame, variant, wait
+from tests.serving_support import (
+    ServedWorld,
+    reading,
+    ready_client,
+    samples,
+    served_world,
+    settings,
+    wait,
+)
 
 NAME = "machine_failure"
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
@@ -50,50 +51,12 @@ AFTER = dt.datetime(2026, 1, 4, 0, 30)  # just after every machine's state (day 
 MACHINES = ["M0001", "M0002", "M0003", "M0004"]
 
 
-@dataclass
-class World:
-    root: Path
-    uri: str
+World = ServedWorld
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
-    root = tmp_path_factory.mktemp("microbatch")
-    p = make_project(root, with_mlflow=True)
-    small_data(p, days=3, machines=4, seed=5)
-    for day in DAYS:
-        p.run_day(day)  # features and the online state as of the day's end
-    frame = training_frame(p.lake, DAYS)
-    spec = load_spec(variant(root, "xgboost", {"n_estimators": 20, "max_depth": 3}))
-    lineage = {"training_set_hash": "0" * 64, "training_partitions": [DAYS[0], DAYS[-1]]}
-    xgb = training.train_candidate(
-        spec, frame, lineage, p.tracking_uri, str(root / ".mlops" / "mlartifacts"), trials=1
-    )
-    registry.set_alias(p.tracking_uri, NAME, registry.CHAMPION, xgb.version)
-    return World(root, p.tracking_uri)
-
-
-def settings(world: World, name: str, **kw: Any) -> ServeSettings:
-    """A server of its own over a copy of the online store (as of day 3's end)."""
-    store = world.root / "stores" / f"{name}.db"
-    store.parent.mkdir(exist_ok=True)
-    shutil.copy(world.root / ".mlops" / "online.db", store)
-    base = {
-        "spec_path": str(world.root / "specs" / f"{NAME}.yaml"),
-        "tracking_uri": world.uri,
-        "store_url": f"sqlite:///{store}",
-        "log_dir": str(world.root / "logs" / name),
-        "poll_interval_s": 0.2,
-    }
-    return ServeSettings(**{**base, **kw})
-
-
-def ready_client(s: ServeSettings, monkeypatch) -> TestClient:
-    monkeypatch.delenv("MLOPS_SERVE_TOKEN", raising=False)
-    client = TestClient(create_app(s), raise_server_exceptions=False)
-    client.__enter__()
-    wait(lambda: client.get("/health/ready").status_code == 200, 60, "the champion to load")
-    return client
+    return served_world(tmp_path_factory.mktemp("microbatch"))
 
 
 def logged(world: World, name: str) -> list[dict[str, Any]]:
