@@ -96,6 +96,7 @@ async def _connect(host: str, port: int, path: str) -> Conn:
 async def _closed_loop(args, bodies: list[bytes]) -> dict:
     it = itertools.cycle(bodies)  # runs out only on a much faster server: then repeats
     lat: list[float] = []
+    codes: list[int] = []
     errors = 0
     conns = [await _connect(args.host, args.port, args.path) for _ in range(args.concurrency)]
 
@@ -107,6 +108,7 @@ async def _closed_loop(args, bodies: list[bytes]) -> dict:
             status = await conn.post(body)
             if record:
                 lat.append(time.perf_counter() - t)
+                codes.append(status)
                 errors += status != 200
 
     warm = time.perf_counter() + args.warmup
@@ -114,7 +116,10 @@ async def _closed_loop(args, bodies: list[bytes]) -> dict:
     t0 = time.perf_counter()
     await asyncio.gather(*(run(c, t0 + args.duration, True) for c in conns))
     elapsed = time.perf_counter() - t0
-    return {"requests": len(lat), "errors": errors, "seconds": elapsed, "latencies": lat}
+    return {
+        "requests": len(lat), "errors": errors, "seconds": elapsed, "latencies": lat,
+        "codes": codes,
+    }  # fmt: skip
 
 
 async def _fixed_rate(args, bodies: list[bytes]) -> dict:
@@ -122,6 +127,7 @@ async def _fixed_rate(args, bodies: list[bytes]) -> dict:
     for _ in range(args.concurrency):
         pool.put_nowait(await _connect(args.host, args.port, args.path))
     lat: list[float] = []
+    codes: list[int] = []
     errors = 0
     n = int(args.rate * args.duration)
     warm = int(args.rate * args.warmup)
@@ -135,6 +141,7 @@ async def _fixed_rate(args, bodies: list[bytes]) -> dict:
             now = time.perf_counter()
             done[0] = max(done[0], now)
             lat.append(now - due)
+            codes.append(status)
             errors += status != 200
         pool.put_nowait(conn)
 
@@ -150,7 +157,10 @@ async def _fixed_rate(args, bodies: list[bytes]) -> dict:
     # From the first measured request's scheduled send to the last answer: a server that
     # cannot keep up shows its own rate, not the one offered.
     seconds = max(args.duration, done[0] - (t0 + warm / args.rate))
-    return {"requests": len(lat), "errors": errors, "seconds": seconds, "latencies": lat}
+    return {
+        "requests": len(lat), "errors": errors, "seconds": seconds, "latencies": lat,
+        "codes": codes,
+    }  # fmt: skip
 
 
 def loadgen(argv: list[str]) -> int:
@@ -287,13 +297,23 @@ def _load(server: Server, bodies: Path, scenario: Scenario, args) -> dict:
         cmd += ["--rate", str(scenario.rate)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     raw = json.loads(out.stdout)
-    return {
+    result = {
         "requests": raw["requests"],
         "errors": raw["errors"],
         "requests_per_s": round(raw["requests"] / raw["seconds"], 1),
         "rows_per_s": round(raw["requests"] * scenario.batch / raw["seconds"], 1),
         **_pct(raw["latencies"]),
     }
+    if raw["errors"]:  # overload: the admitted requests' latency apart from the refused
+        ok = [t for t, c in zip(raw["latencies"], raw["codes"], strict=True) if c == 200]
+        shed = [t for t, c in zip(raw["latencies"], raw["codes"], strict=True) if c == 503]
+        result["accepted_per_s"] = round(len(ok) / raw["seconds"], 1)
+        result["shed_per_s"] = round(len(shed) / raw["seconds"], 1)
+        if ok:
+            result["accepted_p99_ms"] = _pct(ok)["p99_ms"]
+        if shed:
+            result["shed_p99_ms"] = _pct(shed)["p99_ms"]
+    return result
 
 
 def _batched(lines: list[bytes], n: int, wrap) -> bytes:
