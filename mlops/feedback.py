@@ -6,7 +6,9 @@ Feedback names a reading in one of two ways and gives its label:
                                                         reading's index in it; optional
                                                         when the request had one reading)
     {"entity": "M0007", "timestamp": "...", "label": 0} the reading itself (entity only
-                                                        when the spec has an entity key)
+                                                        when the spec has an entity key;
+                                                        the spec's own column names, as
+                                                        /predict takes them, work too)
 
 The label is checked against the spec's label type (binary: 0/1 or true/false; regression:
 a finite number). `POST /feedback` (serving/) and `mlops labels import` append it durably
@@ -140,6 +142,7 @@ def check_items(spec: Spec, items: list[Any], iso: bool = False) -> list[dict[st
         if not isinstance(item, dict):
             problems.append(problem(i, None, "type", f"{_shown(item)} is not a JSON object"))
             continue
+        item = _named_as_the_spec(spec, item)
         extra = sorted(set(item) - set(FIELDS))
         for k in extra:
             problems.append(
@@ -217,6 +220,14 @@ def check_items(spec: Spec, items: list[Any], iso: bool = False) -> list[dict[st
             problems,
         )
     return out
+
+
+def _named_as_the_spec(spec: Spec, item: dict[str, Any]) -> dict[str, Any]:
+    """The reading's own column names (as /predict takes them: `machine_id`, `timestamp`)
+    stand for `entity` and `timestamp`."""
+    aliases = {spec.source.entity_column: "entity", spec.source.timestamp_column: "timestamp"}
+    aliases = {k: v for k, v in aliases.items() if k and k != v and k in item and v not in item}
+    return {aliases.get(k, k): v for k, v in item.items()} if aliases else item
 
 
 def parse_body(spec: Spec, body: bytes, max_items: int) -> list[dict[str, Any]]:
@@ -322,15 +333,6 @@ def _frame(rows: list[dict[str, Any]], schema: dict[str, pl.DataType]) -> pl.Dat
     ).select([pl.col(k).cast(t) for k, t in schema.items()])
 
 
-def _known_request_ids(directory: Path, since: dt.date) -> set[str]:
-    """Every request id in the request log's files since `since` (a regex scan, no parsing)."""
-    out: set[str] = set()
-    for path in log_files(directory, since=since):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            out.update(_REQUEST_ID_IN_LINE.findall(f.read()))
-    return out
-
-
 def ingest_day(spec: Spec, directory: str | Path, day: dt.date | str) -> FeedbackDay:
     """The feedback about readings of `day` (event time in [day, day + 1)), resolved and
     newest-wins, plus the feedback *received* on `day` that names no usable reading."""
@@ -397,9 +399,9 @@ def ingest_day(spec: Spec, directory: str | Path, day: dt.date | str) -> Feedbac
             }
         )
     # Request ids received today that the request log does not know at all.
-    asked = {ln["request_id"] for ln in received_today if ln.get("request_id")}
+    asked = {ln["request_id"]: day.isoformat() for ln in received_today if ln.get("request_id")}
     if asked:
-        known = _known_request_ids(directory, day - dt.timedelta(days=RESOLVE_DAYS))
+        known = _request_days(directory, asked)
         for ln in received_today:
             rid = ln.get("request_id")
             if rid and rid not in known:
@@ -551,12 +553,15 @@ def scan_new(directory: str | Path, offsets: dict[str, int]) -> FeedbackScan:
 
 
 def _request_days(directory: Path, wanted: dict[str, str]) -> dict[str, set[str]]:
-    """Request id -> the days of its served readings, from the request log."""
+    """Request id -> the days of its served readings, from the request log: `wanted` maps
+    each id to the day its feedback arrived, and the log is read from the oldest of those
+    days less RESOLVE_DAYS, newest file first, until every id is found (a request's lines
+    are in one file: one write). A regex finds the ids; only their lines are parsed."""
     if not wanted:
         return {}
     oldest = min((dt.date.fromisoformat(d) for d in wanted.values() if d), default=dt.date.today())
     out: dict[str, set[str]] = {}
-    for path in log_files(directory, since=oldest - dt.timedelta(days=RESOLVE_DAYS)):
+    for path in reversed(log_files(directory, since=oldest - dt.timedelta(days=RESOLVE_DAYS))):
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 m = _REQUEST_ID_IN_LINE.search(line)
@@ -568,6 +573,8 @@ def _request_days(directory: Path, wanted: dict[str, str]) -> dict[str, set[str]
                     continue
                 if rec.get("route") in ("champion", "canary") and rec.get("event_time"):
                     out.setdefault(m.group(1), set()).add(rec["event_time"][:10])
+        if len(out) == len(wanted):
+            break
     return out
 
 

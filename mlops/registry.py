@@ -167,16 +167,19 @@ def delete_alias(tracking_uri: str, model_name: str, alias: str) -> None:
         client(tracking_uri).delete_registered_model_alias(model_name, alias)
 
 
-def version_tags(tracking_uri: str, model_name: str, version: int) -> dict[str, str]:
+def _model_version(tracking_uri: str, model_name: str, version: int) -> Any:
     from mlflow.exceptions import MlflowException
 
     try:
-        mv = client(tracking_uri).get_model_version(model_name, str(version))
+        return client(tracking_uri).get_model_version(model_name, str(version))
     except MlflowException as e:
         if not_found(e):
             raise RegistryError(f"model {model_name} has no version {version}") from None
         raise _unavailable(tracking_uri, f"{model_name} v{version}", e) from e
-    return dict(mv.tags)
+
+
+def version_tags(tracking_uri: str, model_name: str, version: int) -> dict[str, str]:
+    return dict(_model_version(tracking_uri, model_name, version).tags)
 
 
 def tag_version(tracking_uri: str, model_name: str, version: int, tags: dict[str, Any]) -> None:
@@ -327,14 +330,7 @@ def run_id_of(tags: dict[str, str], run_id: str | None = None) -> str | None:
 def version_lineage(tracking_uri: str, model_name: str, version: int) -> dict[str, Any]:
     """A version's whole lineage through MLflow: its tags and, when they name a digest, the
     data versions from its run's artifact (older versions: from their per-partition tags)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mv = client(tracking_uri).get_model_version(model_name, str(version))
-    except MlflowException as e:
-        if not_found(e):
-            raise RegistryError(f"model {model_name} has no version {version}") from None
-        raise _unavailable(tracking_uri, f"{model_name} v{version}", e) from e
+    mv = _model_version(tracking_uri, model_name, version)
     tags = dict(mv.tags)
     versions = legacy_data_versions(tags)
     if versions is None:

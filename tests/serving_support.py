@@ -149,3 +149,43 @@ def ready_client(s: Any, monkeypatch: Any):
     client.__enter__()
     wait(lambda: client.get("/health/ready").status_code == 200, 60, "the champion to load")
     return client
+
+
+class ThreadServer:
+    """`create_app` under uvicorn in a thread, as `mlops serve` runs it (its protocol too)."""
+
+    def __init__(self, s: Any):
+        import threading
+
+        import uvicorn
+
+        from deploy.services import free_port
+        from serving.app import create_app
+        from serving.timing import PROTOCOL
+
+        self.app = create_app(s)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", http=PROTOCOL
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ThreadServer:
+        import httpx
+
+        self.thread.start()
+
+        def ready() -> bool:
+            try:
+                return httpx.get(self.url + "/health/ready", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait(ready, 60, "the in-process server")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -481,3 +481,61 @@ def test_bandit_mode_routes_logs_its_decision_and_learns_from_feedback(world, mo
     routed = [ln for ln in lines if ln.get("status") == 200]
     assert len(routed) == 20 and all("bandit" in ln for ln in routed)
     assert {ln["model_version"] for ln in routed} == {champion, v2.version}
+
+
+NO_ENTITY_SPEC = """
+name: meter
+source: {path: incoming, format: csv, file_pattern: "m_{date}.csv", timestamp_column: ts,
+  start_date: 2026-05-01}
+schema:
+  columns:
+    - {name: ts, type: timestamp}
+    - {name: load, type: float}
+    - {name: y, type: int}
+labels: {kind: column, column: y, name: target, maturity: 0h, feedback: override}
+features:
+  lookback_days: 1
+  passthrough: [load]
+model:
+  candidates: [{estimator: logistic_regression}]
+"""
+
+
+def test_a_spec_with_column_labels_and_no_entity_takes_feedback_by_request_or_time(tmp_path):
+    """No entity key (one series, entity 'all'), column labels overridden by feedback: a
+    request id resolves through the log, a bare timestamp (the spec's `ts`) names a reading."""
+    (tmp_path / "meter.yaml").write_text(NO_ENTITY_SPEC)
+    spec = load_spec(tmp_path / "meter.yaml")
+    day = dt.datetime(2026, 5, 3)
+    log = feedback.InferenceLogWriter(tmp_path / "logs")
+    log.write(
+        [
+            {"request_id": "q1", "record": 0, "time": "2026-05-03T10:00:01+00:00",
+             "event_time": (day + dt.timedelta(hours=h)).isoformat(), "entity": "all",
+             "route": "champion", "model_version": 1, "status": 200,
+             "outputs": {"score": 0.4, "decision": 0}}
+            for h in (1,)
+        ]
+    )  # fmt: skip
+    log.close()
+    items = feedback.check_items(
+        spec,
+        [{"request_id": "q1", "label": 1}, {"ts": "2026-05-03T02:00:00", "label": 0}],
+    )
+    assert [it["entity"] for it in items] == [None, "all"]
+    writer = feedback.FeedbackWriter(tmp_path / "logs")
+    writer.append(items, "api")
+    writer.close()
+    got = feedback.ingest_day(spec, tmp_path / "logs", day.date())
+    assert got.rejected.height == 0
+    assert sorted(got.accepted.select("entity", "event_time", "label").iter_rows()) == [
+        ("all", day + dt.timedelta(hours=1), 1.0),
+        ("all", day + dt.timedelta(hours=2), 0.0),
+    ]
+    valid = pl.DataFrame(
+        {"ts": [day + dt.timedelta(hours=h) for h in (1, 2, 3)], "load": [1.0, 2.0, 3.0],
+         "y": [0, 1, 1]}
+    )  # fmt: skip
+    rows, info = labels.build_labels(spec, valid, day.date(), feedback=got.accepted)
+    assert rows["target"].to_list() == [1, 0, 1] and rows[labels.MATURE].all()
+    assert (info["feedback_overrides"], info["feedback_unmatched"]) == (2, 0)

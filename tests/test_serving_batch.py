@@ -28,7 +28,6 @@ from typing import Any
 import httpx
 import pytest
 
-from deploy.services import free_port
 from mlops import online
 from mlops.inference_log import log_files, read_lines
 from mlops.online_store import (
@@ -43,11 +42,10 @@ from mlops.online_store import (
     raw_row,
 )
 from mlops.spec import load_spec
-from serving.app import create_app
-from serving.settings import ServeSettings
 from tests.conftest import REPO, require_redis
 from tests.serving_support import (
     ServedWorld,
+    ThreadServer,
     reading,
     ready_client,
     samples,
@@ -327,40 +325,6 @@ def test_served_batch_equals_single_rows_with_one_store_read_and_append(world, m
 
 
 # 2. Admission ----------------------------------------------------------------------------------
-
-
-class ThreadServer:
-    """`create_app` under uvicorn in a thread, as `mlops serve` runs it (its protocol too)."""
-
-    def __init__(self, s: ServeSettings):
-        import uvicorn
-
-        from serving.timing import PROTOCOL
-
-        self.app = create_app(s)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", http=PROTOCOL
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ThreadServer:
-        self.thread.start()
-
-        def ready() -> bool:
-            try:
-                return httpx.get(self.url + "/health/ready", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait(ready, 60, "the in-process server")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 def test_admission_limit_answers_503_at_once_while_health_stays_200(world, monkeypatch):

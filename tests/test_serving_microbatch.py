@@ -32,11 +32,11 @@ import pytest
 
 from mlops.inference_log import log_files, read_lines
 from mlops.online_store import SQLiteOnlineStore, StoreUnavailable
-from serving.app import Service, create_app
+from serving.app import Service
 from serving.microbatch import Job, MicroBatcher
-from serving.settings import ServeSettings
 from tests.serving_support import (
     ServedWorld,
+    ThreadServer,
     reading,
     ready_client,
     samples,
@@ -269,41 +269,6 @@ def test_a_batch_the_store_fails_is_served_one_request_at_a_time(world, monkeypa
 
 
 # 3. The window -----------------------------------------------------------------------------------
-
-
-class ThreadServer:
-    """`create_app` under uvicorn in a thread, as `mlops serve` runs it (its protocol too)."""
-
-    def __init__(self, s: ServeSettings):
-        import uvicorn
-
-        from deploy.services import free_port
-        from serving.timing import PROTOCOL
-
-        self.app = create_app(s)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", http=PROTOCOL
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ThreadServer:
-        self.thread.start()
-
-        def ready() -> bool:
-            try:
-                return httpx.get(self.url + "/health/ready", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait(ready, 60, "the in-process server")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 def test_requests_queued_behind_a_busy_thread_go_together_up_to_the_max_size(world, monkeypatch):
