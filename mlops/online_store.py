@@ -31,7 +31,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -115,7 +115,12 @@ class OnlineStore(Protocol):
         want_state: bool = True,
     ) -> EntityState | None: ...
 
-    def read_states(self, spec_name: str, entities: list[str]) -> dict[str, StoredState]: ...
+    def read_states(
+        self,
+        spec_name: str,
+        entities: list[str],
+        known: Mapping[str, StoredState] | None = None,
+    ) -> dict[str, StoredState]: ...
 
     def append_rows(self, spec_name: str, appends: list[Append]) -> int: ...
 
@@ -229,8 +234,21 @@ def _decode_raw(spec_name: str, entity: str, payload: bytes | str) -> list[dict[
     return rows
 
 
-def _stored(spec_name: str, entity: str, payload: bytes | str, as_of_us: int) -> StoredState:
+def _stored(
+    spec_name: str,
+    entity: str,
+    payload: bytes | str,
+    as_of_us: int,
+    known: Mapping[str, StoredState] | None = None,
+) -> StoredState:
+    """The stored state, decoded; or `known[entity]` when its payload is the stored one byte
+    for byte (the same rows, so nothing to decode: a served reading's state is usually the one
+    this process wrote last)."""
     raw = payload if isinstance(payload, bytes) else payload.encode()
+    if known is not None:
+        hit = known.get(entity)
+        if hit is not None and hit.payload == raw and hit.as_of_us == as_of_us:
+            return hit
     return StoredState(entity, int(as_of_us), _decode_raw(spec_name, entity, raw), raw)
 
 
@@ -470,9 +488,15 @@ class SQLiteOnlineStore:
             for entity, as_of_us, payload in self._select(spec_name, entities)
         }
 
-    def read_states(self, spec_name: str, entities: list[str]) -> dict[str, StoredState]:
+    def read_states(
+        self,
+        spec_name: str,
+        entities: list[str],
+        known: Mapping[str, StoredState] | None = None,
+    ) -> dict[str, StoredState]:
+        """Every stored one's state; one in `known` with the same payload is not decoded."""
         return {
-            entity: _stored(spec_name, entity, payload, as_of_us)
+            entity: _stored(spec_name, entity, payload, as_of_us, known)
             for entity, as_of_us, payload in self._select(spec_name, entities)
         }
 
@@ -817,8 +841,14 @@ class RedisOnlineStore:
                 out[entity] = state
         return out
 
-    def read_states(self, spec_name: str, entities: list[str]) -> dict[str, StoredState]:
-        """One pipeline round trip for all entities."""
+    def read_states(
+        self,
+        spec_name: str,
+        entities: list[str],
+        known: Mapping[str, StoredState] | None = None,
+    ) -> dict[str, StoredState]:
+        """One pipeline round trip for all entities; one in `known` with the same payload is
+        not decoded."""
         wanted = list(dict.fromkeys(entities))
         pipe = self._redis().pipeline(transaction=False)
         for entity in wanted:
@@ -834,7 +864,7 @@ class RedisOnlineStore:
                 as_of_us = int(as_of)
             except ValueError as e:
                 raise _corrupt(spec_name, entity, f"as_of {as_of!r} is not an integer") from e
-            out[entity] = _stored(spec_name, entity, payload, as_of_us)
+            out[entity] = _stored(spec_name, entity, payload, as_of_us, known)
         return out
 
     def append_rows(self, spec_name: str, appends: list[Append]) -> int:

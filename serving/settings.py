@@ -60,6 +60,14 @@ class ServeSettings(BaseModel):
     # (bench/serve.py's c=64) are all admitted.
     threads: int = Field(1, ge=1, le=64)
     max_inflight: int = Field(64, ge=1)
+    # The queue's deadline, once more requests wait than the threads' next micro-batches
+    # take (threads x microbatch_max_size; fewer are a few clients waiting for each other's
+    # batch): an admitted /predict request that waited longer than this for a thread is
+    # answered 503 (overloaded, Retry-After) rather than served late, and one that would
+    # (the requests in progress times a request's recent cost on a thread) is refused at
+    # the door. So under overload the requests served waited at most this long, and the
+    # rest are refused in milliseconds. None: no deadline.
+    max_queue_ms: float | None = Field(50.0, gt=0)
     # Micro-batching (serving.microbatch): /predict requests that wait for a thread are
     # served together as one vectorized batch of at most microbatch_max_size requests; a
     # thread that finds fewer than the last batches held waits up to microbatch_max_wait_ms

@@ -401,6 +401,85 @@ def test_admission_limit_answers_503_at_once_while_health_stays_200(world, monke
     assert samples(final, "mlops_serving_inflight")[0].value == 0
 
 
+def test_under_a_standing_queue_late_requests_are_refused_not_served_late(world, monkeypatch):
+    """--max-queue-ms: once more requests wait than a batch takes (here 1), one that waited
+    past the deadline is answered 503 rather than served, and one that would wait past it
+    (the requests in progress times a request's recent cost) is refused at the door."""
+    monkeypatch.delenv("MLOPS_SERVE_TOKEN", raising=False)
+    s = settings(
+        world, "deadline", threads=1, max_inflight=10, max_queue_ms=50, microbatch_max_size=1
+    )
+    gate = threading.Event()
+    with ThreadServer(s) as srv:
+        service = srv.app.state.service
+        original = service.predict_batch
+
+        def blocked(*args: Any) -> Any:
+            gate.wait(30)
+            return original(*args)
+
+        service.predict_batch = blocked
+        answers: dict[str, httpx.Response] = {}
+
+        def post(name: str, minute: int) -> threading.Thread:
+            body = reading("M0002", AFTER + dt.timedelta(minutes=minute))
+
+            def send() -> None:
+                answers[name] = httpx.post(
+                    srv.url + "/predict", json=body, headers={"x-request-id": name}, timeout=30
+                )
+
+            t = threading.Thread(target=send)
+            t.start()
+            return t
+
+        def inflight() -> float:
+            text = httpx.get(srv.url + "/metrics", timeout=5).text
+            return samples(text, "mlops_serving_inflight")[0].value
+
+        # A runs (held); B, C and D queue behind it, past the deadline before it is done.
+        threads = [post("a", 1)]
+        wait(lambda: inflight() == 1, 10, "A on the thread")
+        threads += [post(n, k) for n, k in (("b", 2), ("c", 3), ("d", 4))]
+        wait(lambda: inflight() == 4, 10, "B, C and D queued")
+        time.sleep(0.2)
+        gate.set()
+        for t in threads:
+            t.join(30)
+        # E runs (held) and F waits alone (no standing queue: no deadline); G would wait
+        # behind them past the deadline (a request took >= 0.2 s): refused at the door.
+        gate.clear()
+        threads = [post("e", 5)]
+        wait(lambda: inflight() == 1, 10, "E on the thread")
+        threads += [post("f", 6)]
+        wait(lambda: inflight() == 2, 10, "F queued")
+        t = time.perf_counter()
+        threads[0].join(0)
+        post("g", 7).join(10)
+        door_s = time.perf_counter() - t
+        gate.set()
+        for t in threads:
+            t.join(30)
+        text = httpx.get(srv.url + "/metrics", timeout=5).text
+    status = {n: r.status_code for n, r in answers.items()}
+    assert status == {"a": 200, "b": 503, "c": 503, "d": 503, "e": 200, "f": 200, "g": 503}, {
+        n: r.text for n, r in answers.items()
+    }
+    for name in ("b", "c", "d"):
+        body = answers[name].json()
+        assert body["error"] == "overloaded" and body["request_id"] == name
+        assert "past --max-queue-ms 50" in body["message"] and "waited" in body["message"]
+        assert answers[name].headers["retry-after"] == "1"
+    g = answers["g"].json()
+    assert "in progress" in g["message"] and "past --max-queue-ms 50" in g["message"], g
+    assert door_s < 1.0, door_s  # at once, not after E and F
+    assert samples(text, "mlops_serving_shed_total", reason="deadline")[0].value == 3
+    assert samples(text, "mlops_serving_shed_total", reason="estimate")[0].value == 1
+    # The refused readings were never served: the next reading of M0002 follows F's state.
+    lines = read_lines(log_files(s.log_dir))[0]
+    assert sorted(ln["request_id"] for ln in lines if ln.get("status") == 200) == ["a", "e", "f"]
+
+
 # A user's own shape: column labels, no entity (every reading is the one series "all"), so
 # each reading of a batch is history for the next ones.
 NO_ENTITY_SPEC = """
