@@ -579,10 +579,12 @@ def features_online_stats(spec_arg: str) -> None:
 @click.option(
     "--max-queue-ms",
     type=click.FloatRange(min=0),
-    default=50.0,
+    default=0.0,
     show_default=True,
-    help="a /predict request that waited longer for a thread is answered 503 (overloaded, "
-    "Retry-After) rather than served late, and one that would is refused at once; 0: off",
+    help="the queue's deadline, once more requests wait than a micro-batch takes: a "
+    "/predict request that waited longer for a thread is answered 503 (overloaded, "
+    "Retry-After) rather than served late, and one that would is refused at once; "
+    "for clients that honour Retry-After; 0: off",
 )
 @click.option(
     "--microbatch-max-size",
