@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from catalog.jobs import labels_job_name
 from cli.main import main as cli
-from mlops import evaluation, feedback, labels, modeling, registry, training
+from mlops import evaluation, feedback, labels, model_evaluation, modeling, registry, training
 from mlops.lake import Lake, read_json
 from mlops.spec import SpecError, load_spec
 from orchestration.definitions import build_definitions
@@ -245,6 +245,66 @@ def test_feedback_round_trips_into_labels_and_realized_performance(world, served
     )
     metric = modeling.primary_metric(spec)
     assert doc["realized"] == pytest.approx(expected[metric])
+
+
+def test_feedback_that_contradicts_the_champion_requests_a_retraining(world, monkeypatch):
+    """The loop closed by the field: day 5 served, every technician's label the reverse of
+    the champion's ranking, through label_feedback -> labels -> model_performance; the
+    metric-decline sensor then requests a retraining of the champion, with its evidence."""
+    day5, logs = "2026-01-05", world.root / "logs_decline"
+    monkeypatch.setenv("MLOPS_INFERENCE_LOG_DIR", str(logs))
+    client = _client(world, monkeypatch, log_dir=logs)
+    try:
+        for m in range(1, 5):  # day 4's last readings: the states are a day old otherwise
+            r = reading(f"M000{m}", dt.datetime(2026, 1, 4, 23))
+            assert client.post("/predict", json=r).status_code == 200
+        served = []
+        for k in range(40):
+            when = dt.datetime(2026, 1, 5, 0, 30) + dt.timedelta(minutes=9 * k)
+            r = reading(f"M000{1 + k % 4}", when, vibration=1.0 + (k * 7 % 40) / 5)
+            resp = client.post("/predict", json=r)
+            assert resp.status_code == 200, resp.text
+            served.append(resp.json())
+        scores = sorted(out["predictions"][0]["score"] for out in served)
+        middle = scores[len(scores) // 2]
+        items = [
+            {
+                "request_id": out["request_id"],
+                "label": int(out["predictions"][0]["score"] < middle),  # the reverse
+            }
+            for out in served
+        ]
+        assert client.post("/feedback", json=items).status_code == 200
+    finally:
+        client.__exit__(None, None, None)
+    spec = load_spec(world.spec_path)
+    # The champion's evaluation on its test split (what its promotion gate records): the
+    # baseline its realized metric is held to.
+    world.lake.write(NAME, "training_set", training_frame(world.lake, DAYS), "0" * 16)
+    model_evaluation.save_evaluation(
+        world.lake, spec, model_evaluation.evaluate_version(spec, world.lake, world.uri, 1)
+    )
+    resources = {"lake": LakeResource(base_url=str(world.lake.base_url))}
+    instance = dg.DagsterInstance.ephemeral()
+    log_asset = world.defs.get_assets_def(dg.AssetKey([NAME, "inference_log"]))
+    assert dg.materialize(
+        [log_asset], partition_key=day5, resources=resources, instance=instance
+    ).success
+    job = world.defs.resolve_job_def(labels_job_name(spec))
+    assert job.execute_in_process(partition_key=day5, instance=instance, run_config=QUIET).success
+    doc = read_json(world.lake, NAME, "model_performance", day5)
+    assert doc["source"] == "served" and doc["rows_labelled"] == 40
+    assert doc["baseline"] is not None, doc
+    assert doc["realized"] < doc["baseline"] - spec.monitoring.metric_decline_tolerance, doc
+    sensor = world.defs.get_repository_def().get_sensor_def(f"{NAME}_metric_decline_sensor")
+    ctx = dg.build_sensor_context(
+        instance=instance, resources=resources, definitions=world.defs, sensor_name=sensor.name
+    )
+    data = sensor.evaluate_tick(ctx)
+    assert len(data.run_requests or []) == 1, data.skip_message
+    tags = data.run_requests[0].tags
+    assert any(v == "metric_decline" for v in tags.values()), tags
+    assert any(day5 in v for v in tags.values()), tags
 
 
 def test_unknown_request_ids_are_kept_with_their_reason_on_their_arrival_day(world, served):
