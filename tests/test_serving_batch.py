@@ -206,6 +206,55 @@ def test_a_rejected_reading_rejects_the_whole_batch_with_nothing_appended(tmp_pa
     assert store.get_state(NAME, "M2").as_of < late
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_worker_reuses_the_state_it_wrote_until_another_worker_changes_it(
+    kind, tmp_path, monkeypatch
+):
+    """Two workers (each its own OnlineFeatures and connection) serve one machine in turn.
+    A worker's next read of a state it wrote itself decodes nothing; once the other one
+    has appended, the payload differs and is decoded, so no reading is lost: every answer
+    equals a cacheless worker's over the same stored state."""
+    from mlops import online_store
+
+    rng = random.Random(11)
+    first = _open(kind, tmp_path, "shared")
+    first.write_states(NAME, _states(rng))
+    second = first if kind == "redis" else SQLiteOnlineStore(tmp_path / "shared.db")
+    a = online.OnlineFeatures(SPEC, first, fallback="reading_only")
+    b = online.OnlineFeatures(SPEC, second, fallback="reading_only")
+    plain = online.OnlineFeatures(SPEC, second, fallback="reading_only", cache_bytes=0)
+    decoded: list[str] = []
+    real = online_store._decode_raw
+
+    def counting(spec_name: str, entity: str, payload: Any) -> Any:
+        decoded.append(entity)
+        return real(spec_name, entity, payload)
+
+    monkeypatch.setattr(online_store, "_decode_raw", counting)
+    turns = ["a", "a", "a", "b", "a", "b", "b", "a"]
+    for k, who in enumerate(turns):
+        r = _reading(rng, "M1", T0 + dt.timedelta(minutes=5 * (k + 1)))
+        expected = plain.get("M1", dict(r), append=False)
+        decoded.clear()
+        got = (a if who == "a" else b).get("M1", r)
+        _same(got, expected)
+        # Decoded unless this worker wrote the stored state itself (a reuse).
+        wrote_last = k > 0 and turns[k - 1] == who
+        assert decoded == ([] if wrote_last else ["M1"]), (k, who, decoded)
+    assert len(a.cache.states) == 1 and a.cache.size == len(a.cache.states["M1"].payload)
+
+
+def test_the_state_cache_holds_at_most_its_bytes_least_recently_used_out():
+    cache = online.StateCache(limit=100)
+    states = [StoredState(f"E{k}", k, [], b"x" * 40) for k in range(4)]
+    cache.put(states[:2])
+    cache.put([states[0]])  # E0 used again: E1 is now the oldest
+    cache.put(states[2:3])
+    assert list(cache.states) == ["E0", "E2"] and cache.size == 80
+    cache.put([StoredState("big", 0, [], b"y" * 101)])  # larger than the cache: not kept
+    assert list(cache.states) == ["E0", "E2"] and cache.size == 80
+
+
 def test_one_read_and_one_append_per_batch_whatever_its_size(tmp_path):
     store = Counting(SQLiteOnlineStore(tmp_path / "s.db"))
     rng = random.Random(5)
