@@ -36,7 +36,6 @@ next to the servers).
     .venv/bin/python bench/serve.py [--machines 1000] [--duration 10] [--warmup 2]
         [--concurrency 1,8,64] [--rate 200] [--batch 100] [--batch-concurrency 4]
         [--microbatch-max-size 32] [--microbatch-max-wait-ms 2] [--max-inflight 64]
-        [--max-queue-ms 0]
         [--rounds 1] [--skip-mlflow] [--out bench/results/serve.json]
 """
 
@@ -393,7 +392,6 @@ def _start(servers: list[Server], root: Path, env: dict, spec_path: Path, versio
                 str(BIN / "mlops"), "serve", "--spec", str(spec_path), "--port", str(s.port),
                 "--workers", str(args.workers), "--poll-interval", "30",
                 "--log-dir", str(s.log_dir), "--max-inflight", str(args.max_inflight),
-                "--max-queue-ms", str(args.max_queue_ms),
                 "--microbatch-max-size", str(size), "--microbatch-max-wait-ms", str(wait),
             ]  # fmt: skip
             s.proc = processes.start(
@@ -568,12 +566,6 @@ def main() -> int:
         type=int,
         default=64,
         help="ours: admitted requests per worker (at least the connections, or some are shed)",
-    )
-    ap.add_argument(
-        "--max-queue-ms",
-        type=float,
-        default=0.0,
-        help="ours: the queue's deadline under a standing queue (0: none, the default)",
     )
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--skip-mlflow", action="store_true", help="no mlflow models serve")

@@ -577,16 +577,6 @@ def features_online_stats(spec_arg: str) -> None:
     "one more is answered 503 with Retry-After at once",
 )
 @click.option(
-    "--max-queue-ms",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="the queue's deadline, once more requests wait than a micro-batch takes: a "
-    "/predict request that waited longer for a thread is answered 503 (overloaded, "
-    "Retry-After) rather than served late, and one that would is refused at once; "
-    "for clients that honour Retry-After; 0: off",
-)
-@click.option(
     "--microbatch-max-size",
     type=click.IntRange(1, 1000),
     default=32,
@@ -621,7 +611,6 @@ def serve(
     load_retry_max: float,
     threads: int,
     max_inflight: int,
-    max_queue_ms: float,
     microbatch_max_size: int,
     microbatch_max_wait_ms: float,
 ) -> None:
@@ -655,7 +644,6 @@ def serve(
         load_retry_max_s=max(load_retry, load_retry_max),
         threads=threads,
         max_inflight=max_inflight,
-        max_queue_ms=max_queue_ms or None,
         microbatch_max_size=microbatch_max_size,
         microbatch_max_wait_ms=microbatch_max_wait_ms,
     )

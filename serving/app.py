@@ -22,9 +22,7 @@ logged on its own.
 Admission: at most `max_inflight` /predict requests per worker are admitted (running or
 waiting for a thread); one more is answered 503 at once, with `Retry-After` and a JSON
 error (`overloaded`), and counted (mlops_serving_shed_total), so the wait of an admitted
-request is bounded instead of growing with the load. The queue also has a deadline
-(`max_queue_ms`): a request that waited longer for a thread is answered 503 rather than
-served late, and one that would is refused at the door (serving.microbatch). /health/*, /metrics and /model are
+request is bounded instead of growing with the load. /health/*, /metrics and /model are
 never refused. Latency is measured from the request's arrival at the server
 (serving.timing), so the wait for the loop and for a thread count.
 """
@@ -146,8 +144,6 @@ class Service:
             settings.threads,
             settings.microbatch_max_size,
             settings.microbatch_max_wait_ms / 1000,
-            settings.max_queue_ms / 1000 if settings.max_queue_ms else None,
-            self.expire,
         )
 
     def _on_swap(self, alias: str, version: int) -> None:
@@ -520,23 +516,6 @@ class Service:
         except Exception:
             log.exception("could not log the failed request %s", request_id)
 
-    def expire(self, jobs: list[Job]) -> list[Response]:
-        """Requests that waited past the queue's deadline: 503 overloaded, not served."""
-        now = time.perf_counter()
-        out = []
-        for job in jobs:
-            job.extensions[STARTED] = now
-            self.metrics.shed.labels("deadline").inc()
-            waited = (now - job.t0) * 1000
-            out.append(
-                overloaded(
-                    job.request_id,
-                    f"the request waited {waited:.0f} ms for a thread, past --max-queue-ms "
-                    f"{self.settings.max_queue_ms:g}; retry after {RETRY_AFTER_S} s",
-                )
-            )
-        return out
-
     # On the event loop -------------------------------------------------------------------------
     async def accept(self, scope: dict[str, Any], receive: Any) -> Response:
         """A POST /predict (admitted by Guard): its query, request id and body, then its
@@ -761,8 +740,6 @@ class Guard:
         token = service.token
         self.expected = f"Bearer {token}".encode() if token else None
         self.limit = service.settings.max_inflight
-        queue_ms = service.settings.max_queue_ms
-        self.budget = queue_ms / 1000 if queue_ms else None
         self.inflight = 0  # admitted /predict requests: on the loop only, so no lock
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -811,25 +788,7 @@ class Guard:
                 observe(status[0])
             return
         if self.inflight >= self.limit:
-            await self.shed(
-                scope,
-                receive,
-                send,
-                "inflight",
-                f"{self.limit} requests are already in progress in this worker (--max-inflight)",
-            )
-            return
-        batcher = self.service.batcher
-        wait = self.inflight * batcher.per_request_s
-        if self.budget is not None and self.inflight > batcher.backlog and wait > self.budget:
-            await self.shed(
-                scope,
-                receive,
-                send,
-                "estimate",
-                f"the {self.inflight} requests in progress in this worker take about "
-                f"{wait * 1000:.0f} ms, past --max-queue-ms {self.budget * 1000:g}",
-            )
+            await self.shed(scope, receive, send)
             return
         self.inflight += 1
         metrics.inflight.inc()
@@ -847,23 +806,27 @@ class Guard:
             metrics.inflight.dec()
             observe(status[0])
 
-    async def shed(self, scope: dict, receive: Any, send: Any, reason: str, why: str) -> None:
+    async def shed(self, scope: dict, receive: Any, send: Any) -> None:
         """503 at once: nothing read, nothing logged, counted; not in the latency histogram
         (it measures the admitted requests)."""
-        self.service.metrics.shed.labels(reason).inc()
+        self.service.metrics.shed.inc()
         self.service.metrics.count_request(scope["path"], 503)
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if given and REQUEST_ID_RE.match(given) else uuid.uuid4().hex
-        resp = overloaded(rid, f"{why}; retry after {RETRY_AFTER_S} s")
+        resp = _json(
+            503,
+            {
+                "error": "overloaded",
+                "message": f"{self.limit} requests are already in progress in this worker "
+                f"(--max-inflight); retry after {RETRY_AFTER_S} s",
+                "detail": [],
+                "request_id": rid,
+            },
+            rid,
+        )
+        resp.headers["retry-after"] = str(RETRY_AFTER_S)
         await resp(scope, receive, send)
-
-
-def overloaded(request_id: str, message: str) -> Response:
-    """The answer of a request refused for load: 503, Retry-After."""
-    payload = {"error": "overloaded", "message": message, "detail": [], "request_id": request_id}
-    resp = _json(503, payload, request_id)
-    resp.headers["retry-after"] = str(RETRY_AFTER_S)
-    return resp
 
 
 def _ref(name: str) -> dict[str, str]:

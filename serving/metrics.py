@@ -133,13 +133,9 @@ class ServingMetrics:
         )
         self.shed = Counter(
             "mlops_serving_shed",
-            "Requests to /predict answered 503 with Retry-After because the worker is "
-            "overloaded (load shed), by reason: inflight (--max-inflight requests already in "
-            "progress; at once, not in the latency histograms), estimate (the queued work "
-            "would keep it past --max-queue-ms; at once, not in the histograms), deadline "
-            "(it waited past --max-queue-ms for a thread; in the histograms). None is in the "
-            "request log.",
-            ["reason"],
+            "Requests to /predict answered 503 at once, with Retry-After, because the worker "
+            "already had --max-inflight requests in progress (load shed; not in the latency "
+            "histograms, not in the request log).",
             registry=r,
         )
         self.inflight = Gauge(

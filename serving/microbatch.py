@@ -16,13 +16,6 @@ time when the feature step refuses it as a whole (a reading without state under 
 
 The event loop only queues a request and awaits its future; the threads take batches, and
 hand all of a batch's responses back to the loop in one callback.
-
-The queue has a deadline (`max_queue_s`): once more requests wait than the threads' next
-batches take, a request that waited longer than that for a thread is answered by `expire`
-(503, overloaded) instead of being served late, so under overload what is served has
-waited at most that long. `per_request_s` (how long a request
-of the recent batches took a thread) lets the admission limit refuse at the door a request
-that would wait longer than the deadline anyway (serving.app.Guard).
 """
 
 from __future__ import annotations
@@ -62,12 +55,8 @@ class MicroBatcher:
         threads: int,
         max_size: int,
         max_wait_s: float,
-        max_queue_s: float | None = None,
-        expire: Callable[[list[Job]], list[Any]] | None = None,
     ):
         self.serve = serve
-        self.max_queue_s = max_queue_s
-        self.expire = expire
         self.pool = pool
         self.threads = threads
         self.max_size = max_size
@@ -77,9 +66,6 @@ class MicroBatcher:
         self._draining = 0  # threads taking batches (on the pool)
         self._recent: deque[int] = deque([1], maxlen=2)  # the last batches' sizes
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Seconds of a thread per request in the recent batches (a moving average), read
-        # by the event loop's admission check.
-        self.per_request_s = 0.0
 
     @property
     def waiting(self) -> int:
@@ -112,49 +98,16 @@ class MicroBatcher:
         """On a pool thread: take batches until the queue is empty."""
         while True:
             with self._cond:
-                expired = self._expired()
                 batch = self._take()
-                if not batch and not expired:
+                if not batch:
                     self._draining -= 1
                     return
-            assert self._loop is not None
-            if expired:
-                try:
-                    late: list[Any] = self.expire(expired)  # type: ignore[misc]
-                except BaseException as e:
-                    late = [e] * len(expired)
-                self._loop.call_soon_threadsafe(_deliver, expired, late)
-            if not batch:
-                continue
-            t = time.perf_counter()
             try:
                 answers: list[Any] = self.serve(batch)
             except BaseException as e:  # serve answers errors itself; this is a bug
                 answers = [e] * len(batch)
-            took = (time.perf_counter() - t) / len(batch)
-            self.per_request_s = (
-                took if not self.per_request_s else 0.8 * self.per_request_s + 0.2 * took
-            )
+            assert self._loop is not None
             self._loop.call_soon_threadsafe(_deliver, batch, answers)
-
-    @property
-    def backlog(self) -> int:
-        """Requests that can wait without a deadline: as many as the threads' next batches
-        take at once. A few clients sending big requests wait for each other's batch, and
-        refusing them would not lighten the load; past this, the queue is standing."""
-        return self.max_size * self.threads
-
-    def _expired(self) -> list[Job]:
-        """The queued requests that have waited past the deadline, once the queue is longer
-        than the backlog (under the lock): they are at the front, the queue being in arrival
-        order."""
-        if self.max_queue_s is None or self.expire is None or len(self._queue) <= self.backlog:
-            return []
-        queue, out = self._queue, []
-        limit = time.perf_counter() - self.max_queue_s
-        while queue and queue[0].t0 < limit:
-            out.append(queue.popleft())
-        return out
 
     def _take(self) -> list[Job]:
         """The next batch (under the lock): what waits, up to max_size; if that is fewer

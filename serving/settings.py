@@ -60,17 +60,6 @@ class ServeSettings(BaseModel):
     # (bench/serve.py's c=64) are all admitted.
     threads: int = Field(1, ge=1, le=64)
     max_inflight: int = Field(64, ge=1)
-    # The queue's deadline, once more requests wait than the threads' next micro-batches
-    # take (threads x microbatch_max_size; fewer are a few clients waiting for each other's
-    # batch): an admitted /predict request that waited longer than this for a thread is
-    # answered 503 (overloaded, Retry-After) rather than served late, and one that would
-    # (the requests in progress times a request's recent cost on a thread) is refused at
-    # the door. So under overload the requests served waited at most this long, and the
-    # rest are refused in milliseconds. Off (None) by default: clients that resend a
-    # refused request at once rather than after Retry-After turn each refusal into more
-    # load (bench/serve.py, 64 such connections on a loaded 2-core machine: 326 req/s
-    # served instead of 924).
-    max_queue_ms: float | None = Field(None, gt=0)
     # Micro-batching (serving.microbatch): /predict requests that wait for a thread are
     # served together as one vectorized batch of at most microbatch_max_size requests; a
     # thread that finds fewer than the last batches held waits up to microbatch_max_wait_ms

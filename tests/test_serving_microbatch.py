@@ -401,38 +401,3 @@ def test_a_batch_never_exceeds_the_max_size_and_a_full_one_never_waits():
     assert full_s < wait_s / 2  # full batches go at once
     # The last one, alone after batches of three, waited for the window (from its arrival).
     assert wait_s * 0.9 <= short_s < wait_s * 3, short_s
-
-
-@pytest.mark.parametrize("queued", [3, 12])
-def test_the_queue_deadline_spares_a_few_clients_waiting_for_each_others_batch(queued):
-    """A deadline of 50 ms and batches of 4 that take 0.15 s each: 3 requests queued behind
-    the first are a few clients waiting for one batch, all served however long they wait;
-    12 are a standing queue, and every one past the deadline is expired, not served."""
-    served: list[str] = []
-
-    def serve(batch: list[Job]) -> list[str]:
-        time.sleep(0.15)
-        served.extend(j.request_id for j in batch)
-        return ["served"] * len(batch)
-
-    def expire(batch: list[Job]) -> list[str]:
-        return ["expired"] * len(batch)
-
-    async def run() -> list[str]:
-        with ThreadPoolExecutor(1) as pool:
-            batcher = MicroBatcher(serve, pool, 1, 4, 0.0, 0.05, expire)
-            first = asyncio.ensure_future(batcher.submit(_job("first")))
-            await asyncio.sleep(0.05)  # the first is on the thread
-            rest = [batcher.submit(_job(str(i))) for i in range(queued)]
-            return [await first, *await asyncio.gather(*rest)]
-
-    answers = asyncio.run(run())
-    if queued == 3:
-        assert answers == ["served"] * 4
-    else:  # every one past the deadline, once the queue stands
-        assert answers == ["served"] + ["expired"] * 12, answers
-        assert served == ["first"]
-
-
-def _job(rid: str) -> Job:
-    return Job(None, None, None, 5, rid, time.perf_counter(), {})
