@@ -401,3 +401,21 @@ def test_a_batch_never_exceeds_the_max_size_and_a_full_one_never_waits():
     assert full_s < wait_s / 2  # full batches go at once
     # The last one, alone after batches of three, waited for the window (from its arrival).
     assert wait_s * 0.9 <= short_s < wait_s * 3, short_s
+
+
+def test_request_ids_are_random_128_bit_hex_without_a_syscall_each(monkeypatch):
+    """os.urandom releases the GIL (a wait of up to 5 ms on a busy worker): it seeds the
+    generator once per process and thread, not once per id."""
+    import os
+
+    import serving.app as app_module
+
+    calls = []
+    real = os.urandom
+    monkeypatch.setattr(app_module.os, "urandom", lambda n: calls.append(n) or real(n))
+    monkeypatch.setattr(app_module._IDS, "pid", -1)  # as in a freshly forked worker
+    ids = [app_module.new_request_id() for _ in range(2000)]
+    assert len(calls) == 1
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert all(app_module.REQUEST_ID_RE.match(i) for i in ids)
