@@ -240,7 +240,6 @@ class OnlineFeatures:
         rows = [raw_row(state_row(spec, reading, self._columns)) for _, reading in readings]
         wanted = list(dict.fromkeys(e for e, _ in readings))
         stored = self.store.read_states(spec.name, wanted, known=self.cache.states)
-        self.cache.put(list(stored.values()))
         entities: dict[str, _Entity] = {}
         segments: list[list[dict[str, Any]]] = []
         where: list[tuple[int, int]] = []  # (segment, position) of each computed reading
@@ -303,6 +302,7 @@ class OnlineFeatures:
             )
             k += 1
         self.counts["served"] += k
+        written: dict[str, StoredState] = {}
         if append:
             appends = [
                 Append(
@@ -318,13 +318,13 @@ class OnlineFeatures:
             ]
             if appends:
                 self.store.append_rows(spec.name, appends)
-                # What this process wrote is what its next read most likely finds.
-                self.cache.put(
-                    [
-                        StoredState(a.entity, a.as_of_us, entities[a.entity].rows, a.payload)
-                        for a in appends
-                    ]
-                )
+                written = {
+                    a.entity: StoredState(a.entity, a.as_of_us, entities[a.entity].rows, a.payload)
+                    for a in appends
+                }
+        # Each entity's state as this process last saw it, what its next read most likely
+        # finds: what it wrote, else what it read.
+        self.cache.put([*written.values(), *(s for e, s in stored.items() if e not in written)])
         return items, columns  # type: ignore[return-value]
 
     def _fallback(self, st: _Entity, ts: int) -> tuple[str | None, str | None]:

@@ -81,32 +81,24 @@ JSON = "application/json"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 MAX_TOP = 100
 RETRY_AFTER_S = 1  # what a request refused by the admission limit is told to wait
-
-
-class _Ids(threading.local):
-    """A random generator per thread, seeded from os.urandom once per process and thread."""
-
-    pid = -1
-    rng: random.Random
-
-
-_IDS = _Ids()
+STARTED = "mlops.started"  # scope extension: perf_counter() when a thread took the request
+STORE_DOWN = "feature_store_unavailable"
+_dumps = __import__("json").JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_ids: tuple[int, random.Random | None] = (-1, None)  # (pid, generator) of new_request_id
 
 
 def new_request_id() -> str:
     """A random 128-bit id in hex, as uuid4().hex is. Not uuid4 itself: os.urandom releases
     the GIL, and on a busy worker the event loop then waits up to the switch interval (5 ms)
     to get it back from the predict thread; py-spy at twice a worker's capacity found the
-    loop spending more than half of its refusals' time there."""
-    ids = _IDS
-    if ids.pid != os.getpid():  # a new process (a forked one shares its parent's state)
-        ids.rng, ids.pid = random.Random(os.urandom(32)), os.getpid()
-    return f"{ids.rng.getrandbits(128):032x}"
-
-
-STARTED = "mlops.started"  # scope extension: perf_counter() when a thread took the request
-STORE_DOWN = "feature_store_unavailable"
-_dumps = __import__("json").JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+    loop spending more than half of its refusals' time there. One generator per process,
+    seeded from os.urandom (a forked worker seeds its own)."""
+    global _ids
+    pid, rng = _ids
+    if rng is None or pid != os.getpid():
+        rng = random.Random(os.urandom(32))
+        _ids = (os.getpid(), rng)
+    return f"{rng.getrandbits(128):032x}"
 
 
 class Service:

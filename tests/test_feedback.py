@@ -197,16 +197,20 @@ def ingested(world: World, served: dict[str, Any]) -> dg.ExecuteInProcessResult:
     mp = pytest.MonkeyPatch()
     mp.setenv("MLOPS_INFERENCE_LOG_DIR", str(world.logs))
     try:
-        resources = {"lake": LakeResource(base_url=str(world.lake.base_url))}
-        instance = dg.DagsterInstance.ephemeral()
-        log_asset = world.defs.get_assets_def(dg.AssetKey([NAME, "inference_log"]))
-        assert dg.materialize(
-            [log_asset], partition_key=DAY, resources=resources, instance=instance
-        ).success
-        job = world.defs.resolve_job_def(labels_job_name(load_spec(world.spec_path)))
-        return job.execute_in_process(partition_key=DAY, instance=instance, run_config=QUIET)
+        return _ingest(world, DAY, dg.DagsterInstance.ephemeral())
     finally:
         mp.undo()
+
+
+def _ingest(world: World, day: str, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+    """The day's request log (MLOPS_INFERENCE_LOG_DIR) into the lake, then the labels job."""
+    resources = {"lake": LakeResource(base_url=str(world.lake.base_url))}
+    log_asset = world.defs.get_assets_def(dg.AssetKey([NAME, "inference_log"]))
+    assert dg.materialize(
+        [log_asset], partition_key=day, resources=resources, instance=instance
+    ).success
+    job = world.defs.resolve_job_def(labels_job_name(load_spec(world.spec_path)))
+    return job.execute_in_process(partition_key=day, instance=instance, run_config=QUIET)
 
 
 def test_feedback_round_trips_into_labels_and_realized_performance(world, served, ingested):
@@ -284,21 +288,18 @@ def test_feedback_that_contradicts_the_champion_requests_a_retraining(world, mon
     model_evaluation.save_evaluation(
         world.lake, spec, model_evaluation.evaluate_version(spec, world.lake, world.uri, 1)
     )
-    resources = {"lake": LakeResource(base_url=str(world.lake.base_url))}
     instance = dg.DagsterInstance.ephemeral()
-    log_asset = world.defs.get_assets_def(dg.AssetKey([NAME, "inference_log"]))
-    assert dg.materialize(
-        [log_asset], partition_key=day5, resources=resources, instance=instance
-    ).success
-    job = world.defs.resolve_job_def(labels_job_name(spec))
-    assert job.execute_in_process(partition_key=day5, instance=instance, run_config=QUIET).success
+    assert _ingest(world, day5, instance).success
     doc = read_json(world.lake, NAME, "model_performance", day5)
     assert doc["source"] == "served" and doc["rows_labelled"] == 40
     assert doc["baseline"] is not None, doc
     assert doc["realized"] < doc["baseline"] - spec.monitoring.metric_decline_tolerance, doc
     sensor = world.defs.get_repository_def().get_sensor_def(f"{NAME}_metric_decline_sensor")
     ctx = dg.build_sensor_context(
-        instance=instance, resources=resources, definitions=world.defs, sensor_name=sensor.name
+        instance=instance,
+        resources={"lake": LakeResource(base_url=str(world.lake.base_url))},
+        definitions=world.defs,
+        sensor_name=sensor.name,
     )
     data = sensor.evaluate_tick(ctx)
     assert len(data.run_requests or []) == 1, data.skip_message

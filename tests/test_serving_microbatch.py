@@ -413,7 +413,7 @@ def test_request_ids_are_random_128_bit_hex_without_a_syscall_each(monkeypatch):
     calls = []
     real = os.urandom
     monkeypatch.setattr(app_module.os, "urandom", lambda n: calls.append(n) or real(n))
-    monkeypatch.setattr(app_module._IDS, "pid", -1)  # as in a freshly forked worker
+    monkeypatch.setattr(app_module, "_ids", (-1, None))  # as in a freshly forked worker
     ids = [app_module.new_request_id() for _ in range(2000)]
     assert len(calls) == 1
     assert len(set(ids)) == len(ids)
